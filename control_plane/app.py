@@ -1,0 +1,73 @@
+"""The application factory: routes, error handlers and the lifespan on one screen."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from control_plane import handlers
+from control_plane.auth import Authenticator
+from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
+from control_plane.errors import MlcpError
+from control_plane.routes import keys, models
+from control_plane.routes import health as health_routes
+from control_plane.settings import Settings
+from control_plane.state import STATE_KEY, AppState
+from db.embedded import EmbeddedPostgres
+from db.pool import create_pool
+
+logger = logging.getLogger(__name__)
+
+
+def announce_admin_key(secret: str) -> None:
+    """Print a generated admin key; it is shown this once and stored only as a hash."""
+    print(
+        "\n  mlcp: generated the admin API key (shown once, stored only as a hash):\n"
+        f"    {secret}\n"
+        "  Use it as:  curl -H 'Authorization: Key <key>' ...\n",
+        file=sys.stdout,
+        flush=True,
+    )
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
+        embedded: EmbeddedPostgres | None = None
+        if settings.database_url is not None:
+            dsn = settings.database_url.get_secret_value()
+        else:
+            embedded = EmbeddedPostgres(settings.data_dir)
+            dsn = await anyio.to_thread.run_sync(embedded.start)
+        try:
+            await migrate_database(dsn)
+            pool = await create_pool(dsn)
+            try:
+                secret = await bootstrap_admin_key(pool, settings)
+                if secret:
+                    announce_admin_key(secret)
+                await refresh_catalog(pool, settings)
+                state = AppState(settings, pool, Authenticator(pool, settings.auth_cache_s))
+                yield {STATE_KEY: state}
+            finally:
+                await pool.close()
+        finally:
+            if embedded is not None:
+                embedded.stop()
+
+    app = Starlette(
+        routes=[*health_routes.routes, *models.routes, *keys.routes],
+        exception_handlers={
+            MlcpError: handlers.on_mlcp_error,
+            HTTPException: handlers.on_http_exception,
+            Exception: handlers.on_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    return app

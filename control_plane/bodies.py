@@ -1,0 +1,54 @@
+"""Reading request bodies: size limit, content type, JSON decoding, all as clear errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from control_plane.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+# curl -d sends form encoding unless told otherwise; the Bytez walkthroughs rely on that working.
+_ACCEPTED_TYPES = ("application/json", "application/x-www-form-urlencoded", "text/plain")
+
+
+def _content_type_ok(value: str | None) -> bool:
+    if not value:
+        return True
+    media = value.split(";", 1)[0].strip().lower()
+    return media in _ACCEPTED_TYPES or media.endswith("+json")
+
+
+async def read_json(request: Request, max_bytes: int, *, empty: Any = None) -> Any:
+    """Decode the body as JSON; `empty` is returned for an empty body when not None."""
+    if not _content_type_ok(request.headers.get("content-type")):
+        raise UnsupportedMediaType()
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > max_bytes:
+                raise PayloadTooLarge(f"the request body must be at most {max_bytes} bytes")
+        except ValueError as exc:
+            raise BadRequest("invalid Content-Length header", code="invalid_request") from exc
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the request body must be at most {max_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        if empty is not None:
+            return empty
+        raise BadRequest("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest("the request body is not valid JSON") from exc
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; Python's decoder accepts them unless told otherwise.
+    raise ValueError(f"{name} is not valid JSON")

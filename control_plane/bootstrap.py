@@ -1,0 +1,56 @@
+"""Start-up steps that touch the database once: migrate, bootstrap the admin key, the catalog."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+from control_plane import auth
+from control_plane.catalog import discover, sync_catalog
+from control_plane.settings import Settings
+from db import queries
+from db.migrate import migrate
+from db.pool import Pool, connect
+
+logger = logging.getLogger(__name__)
+
+# Serializes bootstrap between control planes sharing a database.
+BOOTSTRAP_LOCK_KEY = 0x6D6C6371
+
+
+async def migrate_database(dsn: str) -> None:
+    conn = await connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def bootstrap_admin_key(pool: Pool, settings: Settings) -> str | None:
+    """Make sure an admin key exists; return a newly generated secret to show once, else None."""
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK_KEY)
+            if settings.admin_key is not None:
+                secret = settings.admin_key.get_secret_value()
+                if await queries.get_active_key_by_hash(conn, auth.hash_key(secret)) is None:
+                    try:
+                        await auth.create_key(conn, "bootstrap admin", "admin", secret)
+                    except asyncpg.UniqueViolationError:
+                        logger.warning("MLCP_ADMIN_KEY was revoked earlier; it stays revoked")
+                return None
+            if await queries.count_active_admin_keys(conn) > 0:
+                return None
+            secret, _ = await auth.create_key(conn, "bootstrap admin", "admin")
+            return secret
+
+
+async def refresh_catalog(pool: Pool, settings: Settings) -> None:
+    found = discover(
+        settings.model_dir_paths,
+        settings.resolved_hf_cache,
+        packaged=settings.include_packaged_models,
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await sync_catalog(conn, found)

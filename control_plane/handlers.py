@@ -1,0 +1,74 @@
+"""Glue every route handler shares: authentication, JSON bodies and the error envelope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from control_plane.auth import Principal
+from control_plane.bodies import read_json
+from control_plane.errors import InternalError, MethodNotAllowed, MlcpError, NotFound
+from control_plane.state import AppState, state_of
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Request, AppState, Principal], Awaitable[Response]]
+
+
+def error_response(exc: MlcpError) -> JSONResponse:
+    return JSONResponse(
+        {"error": exc.message, "code": exc.error_code},
+        status_code=exc.status_code,
+        headers=exc.headers(),
+    )
+
+
+def authed(need: str = "user") -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """Wrap a handler so it runs only for a key with at least scope `need`."""
+
+    def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            state = state_of(request)
+            principal = await state.auth.authenticate(request.headers, need)
+            return await handler(request, state, principal)
+
+        endpoint.__name__ = handler.__name__
+        endpoint.__doc__ = handler.__doc__
+        return endpoint
+
+    return wrap
+
+
+async def json_body(request: Request, state: AppState, *, empty: Any = None) -> Any:
+    return await read_json(request, state.settings.max_body_bytes, empty=empty)
+
+
+async def on_mlcp_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MlcpError)
+    return error_response(exc)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound("no such route"))
+    if exc.status_code == 405:
+        resp = error_response(MethodNotAllowed())
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+    err = MlcpError(exc.detail if isinstance(exc.detail, str) else None, code="http_error")
+    return JSONResponse(
+        {"error": err.message, "code": err.error_code}, status_code=exc.status_code
+    )
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    # Never echo the exception: messages can hold paths, SQL or secrets.
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(InternalError())

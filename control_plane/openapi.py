@@ -1,0 +1,165 @@
+"""The OpenAPI 3.1 document for every public route, built from one table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+_ERROR = {
+    "type": "object",
+    "required": ["error", "code"],
+    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+}
+_MODEL_ID = {"type": "string", "maxLength": 96, "pattern": r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$"}
+_TS = {"type": ["string", "null"], "format": "date-time"}
+_MODEL_BODY = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {"model": _MODEL_ID},
+    "additionalProperties": False,
+}
+_MODEL_ITEM = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "requiredRAM": {"type": ["number", "null"], "description": "GB, measured"},
+        "benchmarked": {"type": "boolean"},
+        "task": {"type": "string"},
+        "source": {"type": "string"},
+        "parameterBytes": {"type": ["integer", "null"]},
+    },
+}
+_KEY = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "name": {"type": "string"},
+        "prefix": {"type": "string"},
+        "scope": {"enum": ["admin", "user"]},
+        "created": _TS,
+        "revoked": _TS,
+        "key": {"type": "string", "description": "only when created"},
+    },
+}
+_STATUS = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "status": {"enum": ["STARTING", "RUNNING", "STOPPING", "STOPPED", "FAILED"]},
+        "concurrency": {"type": "integer"},
+        "inferences": {"type": "integer"},
+        "expirationPeriodSeconds": {"type": "integer"},
+        "expirationPeriodMinutes": {"type": "number"},
+        "expiresAt": _TS,
+        "created": _TS,
+        "modified": _TS,
+        "reason": {"type": ["string", "null"]},
+    },
+}
+
+# Extra schemas that later routes register (kept here so the document is in one place).
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": _ERROR,
+    "ModelBody": _MODEL_BODY,
+    "ModelItem": _MODEL_ITEM,
+    "Key": _KEY,
+    "InstanceStatus": _STATUS,
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    scope: str | None  # None: no auth
+    body: str | None = None
+    response: dict[str, Any] = field(default_factory=dict)
+    errors: tuple[int, ...] = ()
+    ok_status: int = 200
+    content_types: tuple[str, ...] = ("application/json",)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_AUTH_ERRORS = (400, 401, 413, 415, 422)
+
+OPERATIONS: list[Operation] = [
+    Operation("get", "/health", "The process is up", None, response={"type": "object"}),
+    Operation("get", "/ready", "The database is reachable", None,
+              response={"type": "object"}, errors=(503,)),
+    Operation("get", "/openapi.json", "This document", None, response={"type": "object"}),
+    Operation("get", "/model/list", "The catalog", "user",
+              response={"type": "array", "items": _ref("ModelItem")}, errors=(401,)),
+    Operation("post", "/model/list", "The catalog", "user",
+              response={"type": "array", "items": _ref("ModelItem")}, errors=(401,)),
+    Operation("post", "/admin/keys", "Create an API key (its secret is shown once)", "admin",
+              body="KeyCreate", response=_ref("Key"), errors=(*_AUTH_ERRORS, 403),
+              ok_status=201),
+    Operation("get", "/admin/keys", "List API keys (never their secrets)", "admin",
+              response={"type": "array", "items": _ref("Key")}, errors=(401, 403)),
+    Operation("delete", "/admin/keys/{key_id}", "Revoke an API key", "admin",
+              response=_ref("Key"), errors=(401, 403, 404)),
+]
+
+SCHEMAS["KeyCreate"] = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 100}, "scope": {"enum": ["admin", "user"]}},
+    "additionalProperties": False,
+}
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    out: dict[str, Any] = {"summary": op.summary, "operationId": f"{op.method}_{op.path}"}
+    if op.scope:
+        out["security"] = [{"ApiKey": []}, {"Bearer": []}, {"XApiKey": []}]
+        out["x-scope"] = op.scope
+    else:
+        out["security"] = []
+    if op.body:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(op.body)}},
+        }
+    if "{key_id}" in op.path:
+        out["parameters"] = [
+            {"name": "key_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+        ]
+    responses: dict[str, Any] = {
+        str(op.ok_status): {
+            "description": "OK",
+            "content": {ct: {"schema": op.response} for ct in op.content_types},
+        }
+    }
+    for status in sorted(set(op.errors)):
+        responses[str(status)] = {
+            "description": "Error",
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
+    out["responses"] = responses
+    return out
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "mlcp", "version": "0.1.0",
+                 "description": "Model lifecycle control plane (Bytez v1 contract)"},
+        "paths": paths,
+        "components": {
+            "schemas": dict(SCHEMAS),
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "Authorization",
+                           "description": "Authorization: Key <key>"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+                "XApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
+        },
+    }

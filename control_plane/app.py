@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import uuid
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -14,8 +15,13 @@ from starlette.exceptions import HTTPException
 from control_plane import handlers
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
+from control_plane.activity import Activity
 from control_plane.errors import MlcpError
-from control_plane.routes import keys, models
+from control_plane.proxy import new_session
+from control_plane.runtimes import build_runtime
+from control_plane.scheduler import build_scheduler
+from control_plane.supervisor import Supervisor
+from control_plane.routes import instances, keys, models
 from control_plane.routes import health as health_routes
 from control_plane.settings import Settings
 from control_plane.state import STATE_KEY, AppState
@@ -39,30 +45,46 @@ def announce_admin_key(secret: str) -> None:
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
-        embedded: EmbeddedPostgres | None = None
-        if settings.database_url is not None:
-            dsn = settings.database_url.get_secret_value()
-        else:
-            embedded = EmbeddedPostgres(settings.data_dir)
-            dsn = await anyio.to_thread.run_sync(embedded.start)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.database_url is not None:
+                dsn = settings.database_url.get_secret_value()
+            else:
+                embedded = EmbeddedPostgres(settings.data_dir)
+                dsn = await anyio.to_thread.run_sync(embedded.start)
+                stack.callback(embedded.stop)
             await migrate_database(dsn)
             pool = await create_pool(dsn)
-            try:
-                secret = await bootstrap_admin_key(pool, settings)
-                if secret:
-                    announce_admin_key(secret)
-                await refresh_catalog(pool, settings)
-                state = AppState(settings, pool, Authenticator(pool, settings.auth_cache_s))
-                yield {STATE_KEY: state}
-            finally:
-                await pool.close()
-        finally:
-            if embedded is not None:
-                embedded.stop()
+            stack.push_async_callback(pool.close)
+            secret = await bootstrap_admin_key(pool, settings)
+            if secret:
+                announce_admin_key(secret)
+            await refresh_catalog(pool, settings)
+
+            session = new_session()
+            stack.push_async_callback(session.close)
+            activity = Activity(node_id=uuid.uuid4().hex)
+            supervisor = Supervisor(
+                pool, build_runtime(settings), session, activity, settings.model_store,
+                max_queue=settings.max_queue,
+                start_timeout_s=settings.start_timeout_s,
+            )
+            stack.push_async_callback(supervisor.close)
+            state = AppState(
+                settings, pool, Authenticator(pool, settings.auth_cache_s), session, activity,
+                supervisor,
+            )
+            # Also on app.state, for tests and tooling that hold the app, not a request.
+            app.state.mlcp = state
+            await supervisor.refresh_routes()
+            scheduler = build_scheduler(state)
+            scheduler.start()
+            stack.callback(scheduler.shutdown, wait=False)
+            # Counters not yet flushed are written before the pool closes.
+            stack.push_async_callback(activity.flush, pool)
+            yield {STATE_KEY: state}
 
     app = Starlette(
-        routes=[*health_routes.routes, *models.routes, *keys.routes],
+        routes=[*health_routes.routes, *models.routes, *keys.routes, *instances.routes],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,
             HTTPException: handlers.on_http_exception,

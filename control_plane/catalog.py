@@ -56,8 +56,22 @@ def task_of(config: dict[str, object]) -> str:
     return "feature-extraction"
 
 
-def _read_config(folder: Path) -> dict[str, object] | None:
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, symlinks resolved, exists under `root` (itself already resolved).
+
+    Discovery never leaves the folders it was given: a symlink leading elsewhere is skipped,
+    while links within the root (the HF cache's snapshots → blobs) are followed.
+    """
+    try:
+        return path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
+
+
+def _read_config(folder: Path, root: Path) -> dict[str, object] | None:
     path = folder / "config.json"
+    if not _inside(folder, root) or not _inside(path, root):
+        return None
     try:
         if not path.is_file() or path.stat().st_size > _CONFIG_MAX_BYTES:
             return None
@@ -67,16 +81,22 @@ def _read_config(folder: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def _weights_bytes(folder: Path) -> int | None:
-    sizes = [p.stat().st_size for p in folder.glob("*.safetensors") if p.is_file()]
+def _weights_bytes(folder: Path, root: Path) -> int | None:
+    sizes = [
+        p.stat().st_size
+        for p in folder.glob("*.safetensors")
+        if p.is_file() and _inside(p, root)
+    ]
     return sum(sizes) if sizes else None
 
 
-def _hf_folder(name: str, folder: Path, kind: str) -> FoundModel | None:
-    config = _read_config(folder)
+def _hf_folder(name: str, folder: Path, kind: str, root: Path) -> FoundModel | None:
+    config = _read_config(folder, root)
     if config is None:
         return None
-    return FoundModel(name, task_of(config), kind, str(folder), None, _weights_bytes(folder))
+    return FoundModel(
+        name, task_of(config), kind, str(folder), None, _weights_bytes(folder, root)
+    )
 
 
 def scan_model_dir(root: Path) -> list[FoundModel]:
@@ -85,20 +105,30 @@ def scan_model_dir(root: Path) -> list[FoundModel]:
     if not root.is_dir():
         logger.warning("model folder %s does not exist", root)
         return found
-    for org in sorted(p for p in root.iterdir() if p.is_dir()):
-        for entry in sorted(org.iterdir()):
+    root = root.resolve()
+    try:
+        orgs = sorted(p for p in root.iterdir() if p.is_dir() and _inside(p, root))
+    except OSError as exc:
+        logger.warning("cannot read model folder %s: %s", root, type(exc).__name__)
+        return found
+    for org in orgs:
+        try:
+            entries = sorted(org.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
             if entry.is_dir():
                 name = f"{org.name}/{entry.name}"
-                model = _hf_folder(name, entry, "dir") if is_valid_model_id(name) else None
+                model = _hf_folder(name, entry, "dir", root) if is_valid_model_id(name) else None
                 if model:
                     found.append(model)
-            elif entry.suffix == ".gguf" and entry.is_file():
+            elif entry.suffix == ".gguf" and entry.is_file() and _inside(entry, root):
                 name = f"{org.name}/{entry.stem}"
                 if is_valid_model_id(name):
                     found.append(_gguf(name, entry))
     for entry in sorted(root.glob("*.gguf")):
         name = f"local/{entry.stem}"
-        if entry.is_file() and is_valid_model_id(name):
+        if entry.is_file() and _inside(entry, root) and is_valid_model_id(name):
             found.append(_gguf(name, entry))
     return found
 
@@ -114,6 +144,7 @@ def scan_hf_cache(cache: Path) -> list[FoundModel]:
     found: list[FoundModel] = []
     if not cache.is_dir():
         return found
+    cache = cache.resolve()
     for repo in sorted(cache.glob("models--*--*")):
         parts = repo.name.split("--")
         if len(parts) != 3:
@@ -122,7 +153,7 @@ def scan_hf_cache(cache: Path) -> list[FoundModel]:
         if not is_valid_model_id(name):
             continue
         snapshot = _cached_snapshot(repo)
-        model = _hf_folder(name, snapshot, "hf_cache") if snapshot else None
+        model = _hf_folder(name, snapshot, "hf_cache", cache) if snapshot else None
         if model:
             found.append(model)
     return found
@@ -134,7 +165,13 @@ def _cached_snapshot(repo: Path) -> Path | None:
         revision = ref.read_text("utf-8").strip() if ref.is_file() else ""
     except OSError:
         revision = ""
-    if revision and "/" not in revision and (repo / "snapshots" / revision).is_dir():
+    # A ref is a commit hash; "." or ".." would name the repo folder itself.
+    if (
+        revision
+        and "/" not in revision
+        and revision.strip(".")
+        and (repo / "snapshots" / revision).is_dir()
+    ):
         return repo / "snapshots" / revision
     snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
     return snapshots[-1] if snapshots else None

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from control_plane.errors import Invalid
-from db.rows import KeyRow, ModelRow
+from db.rows import InstanceEventRow, InstanceRow, KeyRow, ModelRow
 
 # Field names of the public contract.
 MODEL = "model"
@@ -24,7 +24,8 @@ TASK = "task"
 SOURCE = "source"
 PARAMETER_BYTES = "parameterBytes"
 
-_MODEL_ID_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
+# fullmatch, not `$`: `$` also matches before a trailing newline ("a/b\n" would pass).
+_MODEL_ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 MODEL_ID_MAX_LEN = 96
 BYTES_PER_GB = 1_000_000_000
 
@@ -57,7 +58,7 @@ def model_id_problem(value: object) -> str | None:
     for part in value.split("/"):
         if not part:
             return "must have a non-empty organisation and name"
-        if not _MODEL_ID_CHARS.match(part):
+        if not _MODEL_ID_CHARS.fullmatch(part):
             return "may only contain letters, digits, '.', '_' and '-'"
         if part[0] in "-." or part[-1] in "-.":
             return "parts must not start or end with '-' or '.'"
@@ -176,3 +177,88 @@ def render_key(row: KeyRow, secret: str | None = None) -> dict[str, Any]:
     if secret is not None:
         out["key"] = secret
     return out
+
+
+# -- instances ----------------------------------------------------------------------------------
+
+CONCURRENCY = "concurrency"
+EXPIRATION_S = "expirationPeriodSeconds"
+PROMPT = "prompt"
+PARAMS = "params"
+STREAM = "stream"
+MAX_CONCURRENCY = 64
+MAX_EXPIRATION_S = 2_592_000  # 30 days
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    model: str
+    concurrency: int
+    expiration_s: int
+
+
+def parse_load_request(body: object, default_expiration_s: int) -> LoadRequest:
+    obj = require_object(body)
+    reject_unknown(obj, frozenset({MODEL, CONCURRENCY, EXPIRATION_S}))
+    return LoadRequest(
+        parse_model_field(obj),
+        parse_int_field(obj, CONCURRENCY, default=1, lo=1, hi=MAX_CONCURRENCY),
+        parse_int_field(
+            obj, EXPIRATION_S, default=default_expiration_s, lo=1, hi=MAX_EXPIRATION_S
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    model: str
+    payload: dict[str, Any]  # what the agent receives: validated prompt and params
+    stream: bool
+
+
+def parse_run_request(body: object) -> RunRequest:
+    from instance_agent.protocol import ProtocolError, validate_params, validate_prompt
+
+    obj = require_object(body)
+    reject_unknown(obj, frozenset({MODEL, PROMPT, PARAMS, STREAM}))
+    model = parse_model_field(obj)
+    stream = obj.get(STREAM, False)
+    if not isinstance(stream, bool):
+        raise Invalid("'stream' must be true or false", code="invalid_field")
+    if PROMPT not in obj:
+        raise Invalid("'prompt' is required", code="invalid_prompt")
+    params = obj.get(PARAMS) or {}
+    try:
+        validate_prompt(obj[PROMPT])
+        validate_params(params)
+    except ProtocolError as exc:
+        raise Invalid(exc.message, code=exc.code) from exc
+    return RunRequest(model, {PROMPT: obj[PROMPT], PARAMS: params}, stream)
+
+
+def render_status(
+    row: InstanceRow, *, pending_inferences: int = 0, pending_last_end: datetime | None = None,
+    in_flight: int = 0,
+) -> dict[str, Any]:
+    """The Bytez status object, with this node's not-yet-flushed counters folded in."""
+    expires = row.expires_at
+    if pending_last_end is not None:
+        expires = max(expires, pending_last_end + timedelta(seconds=row.expiration_s))
+    return {
+        MODEL: row.model,
+        "status": row.state,
+        CONCURRENCY: row.concurrency,
+        "inferences": row.inferences + pending_inferences,
+        EXPIRATION_S: row.expiration_s,
+        "expirationPeriodMinutes": round(row.expiration_s / 60, 3),
+        "expiresAt": iso(expires) if row.state in ("STARTING", "RUNNING") else None,
+        "created": iso(row.created_at),
+        "modified": iso(row.modified_at),
+        "reason": row.reason,
+        "inFlight": in_flight,
+        "runtime": row.runtime,
+    }
+
+
+def render_event(ev: InstanceEventRow) -> dict[str, Any]:
+    return {"from": ev.from_state, "to": ev.to_state, "reason": ev.reason, "at": iso(ev.at)}

@@ -32,11 +32,17 @@ class Settings(BaseSettings):
     hf_cache_dir: Path | None = None
     include_packaged_models: bool = True
     catalog_refresh_s: float = Field(default=60.0, gt=0)
+    # Requests an instance holds waiting beyond `concurrency`; more get 503 + Retry-After at once.
+    max_queue: int = Field(default=8, ge=0, le=1024)
+    # Fixed limit for an instance to become healthy; unset, it grows with the model's size.
+    start_timeout_s: float | None = Field(default=None, gt=0)
+    # The command that runs an instance agent (JSON list); tests point it at a fake agent.
+    agent_command: list[str] | None = None
 
     @property
     def model_dir_paths(self) -> list[Path]:
         parts = self.model_dirs.replace(",", ":").split(":")
-        return [Path(p).expanduser() for p in parts if p.strip()]
+        return [Path(p.strip()).expanduser() for p in parts if p.strip()]
 
     @property
     def resolved_hf_cache(self) -> Path:

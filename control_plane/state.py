@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+import aiohttp
 from starlette.requests import Request
 
+from control_plane.activity import Activity
 from control_plane.auth import Authenticator
 from control_plane.settings import Settings
+from control_plane.supervisor import Supervisor
 from db.pool import Pool
-
-if TYPE_CHECKING:
-    pass
 
 STATE_KEY = "mlcp"
 
@@ -22,7 +21,9 @@ class AppState:
     settings: Settings
     pool: Pool
     auth: Authenticator
-    extras: dict[str, object] = field(default_factory=dict)
+    session: aiohttp.ClientSession
+    activity: Activity
+    supervisor: Supervisor
 
 
 def state_of(request: Request) -> AppState:

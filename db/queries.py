@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from functools import cache
 from importlib import resources
 from typing import Any, Protocol
+from uuid import UUID
 
-from db.rows import AuthKeyRow, KeyRow, ModelRow
+from db.rows import (
+    AuthKeyRow,
+    InstanceEventRow,
+    InstanceRow,
+    KeyRow,
+    ModelJobRow,
+    ModelProfileRow,
+    ModelRow,
+)
 
 _BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -99,3 +109,210 @@ async def list_models(db: Executor) -> list[ModelRow]:
 async def get_model(db: Executor, name: str) -> ModelRow | None:
     row = await db.fetchrow(sql("get_model"), name)
     return ModelRow.of(row) if row else None
+
+
+# -- instances ----------------------------------------------------------------------------------
+
+
+def _instance(row: Any) -> InstanceRow | None:
+    return InstanceRow.of(row) if row else None
+
+
+async def insert_instance(
+    db: Executor, model: str, concurrency: int, expiration_s: int, runtime: str, owner: int | None
+) -> InstanceRow | None:
+    """A new STARTING instance, or None when the model already has a live one."""
+    return _instance(
+        await db.fetchrow(sql("insert_instance"), model, concurrency, expiration_s, runtime, owner)
+    )
+
+
+async def update_live_instance_settings(
+    db: Executor, model: str, concurrency: int, expiration_s: int
+) -> InstanceRow | None:
+    return _instance(
+        await db.fetchrow(sql("update_live_instance_settings"), model, concurrency, expiration_s)
+    )
+
+
+async def transition_instance(
+    db: Executor, instance_id: int, to: str, reason: str, allowed_from: Sequence[str]
+) -> InstanceRow | None:
+    """Move an instance to `to` if it is in one of `allowed_from`; None when it was not."""
+    return _instance(
+        await db.fetchrow(sql("transition_instance"), instance_id, to, reason, list(allowed_from))
+    )
+
+
+async def mark_running(
+    db: Executor, instance_id: int, endpoint: str, handle: str
+) -> InstanceRow | None:
+    return _instance(await db.fetchrow(sql("mark_running"), instance_id, endpoint, handle))
+
+
+async def set_instance_handle(
+    db: Executor, instance_id: int, handle: str, endpoint: str | None
+) -> InstanceRow | None:
+    return _instance(await db.fetchrow(sql("set_instance_handle"), instance_id, handle, endpoint))
+
+
+async def get_instance(db: Executor, instance_id: int) -> InstanceRow | None:
+    return _instance(await db.fetchrow(sql("get_instance"), instance_id))
+
+
+async def latest_instance_for_model(db: Executor, model: str) -> InstanceRow | None:
+    return _instance(await db.fetchrow(sql("latest_instance_for_model"), model))
+
+
+async def live_instances(db: Executor) -> list[InstanceRow]:
+    return [InstanceRow.of(r) for r in await db.fetch(sql("live_instances"))]
+
+
+async def list_instances(db: Executor) -> list[InstanceRow]:
+    return [InstanceRow.of(r) for r in await db.fetch(sql("list_instances"))]
+
+
+async def instance_events(db: Executor, instance_id: int) -> list[InstanceEventRow]:
+    return [InstanceEventRow.of(r) for r in await db.fetch(sql("instance_events"), instance_id)]
+
+
+async def record_activity(
+    db: Executor,
+    instance_id: int,
+    new_inferences: int,
+    last_end: datetime | None,
+    in_flight: int,
+    node_id: str,
+) -> None:
+    await db.execute(
+        sql("record_activity"), instance_id, new_inferences, last_end, in_flight, node_id
+    )
+
+
+async def claim_expired_instances(
+    db: Executor, now: datetime, stale_after_s: float
+) -> list[InstanceRow]:
+    return [
+        InstanceRow.of(r)
+        for r in await db.fetch(sql("claim_expired_instances"), now, stale_after_s)
+    ]
+
+
+async def record_observed_memory(db: Executor, instance_id: int, mem_bytes: int) -> None:
+    await db.execute(sql("record_observed_memory"), instance_id, mem_bytes)
+
+
+# -- jobs and profiles --------------------------------------------------------------------------
+
+LIVE_JOB_STATES = ("queued", "benchmarking")
+
+
+def _job(row: Any) -> ModelJobRow | None:
+    return ModelJobRow.of(row) if row else None
+
+
+async def enqueue_model_job(db: Executor, model: str) -> ModelJobRow | None:
+    """Queue a job for `model`; None when a live job already exists."""
+    return _job(await db.fetchrow(sql("enqueue_model_job"), model))
+
+
+async def insert_failed_model_job(
+    db: Executor, model: str, error_code: str, reason: str
+) -> ModelJobRow:
+    return ModelJobRow.of(
+        await db.fetchrow(sql("insert_failed_model_job"), model, error_code, reason)
+    )
+
+
+async def latest_model_job(
+    db: Executor, model: str, states: Sequence[str]
+) -> ModelJobRow | None:
+    return _job(await db.fetchrow(sql("latest_model_job"), model, list(states)))
+
+
+async def claim_model_job(
+    db: Executor, worker_id: str, token: UUID, stale_after_s: float
+) -> ModelJobRow | None:
+    return _job(await db.fetchrow(sql("claim_model_job"), worker_id, token, stale_after_s))
+
+
+async def heartbeat_model_job(db: Executor, job_id: int, token: UUID) -> bool:
+    return await db.fetchval(sql("heartbeat_model_job"), job_id, token) is not None
+
+
+async def finish_model_job(
+    db: Executor,
+    job_id: int,
+    token: UUID,
+    state: str,
+    error_code: str | None = None,
+    reason: str | None = None,
+) -> ModelJobRow | None:
+    """Finish a job held under `token`; None when the lease was lost (the result is refused)."""
+    return _job(
+        await db.fetchrow(sql("finish_model_job"), job_id, token, state, error_code, reason)
+    )
+
+
+async def retry_model_job(
+    db: Executor, job_id: int, token: UUID, error_code: str, reason: str, delay_s: float
+) -> ModelJobRow | None:
+    return _job(
+        await db.fetchrow(sql("retry_model_job"), job_id, token, error_code, reason, delay_s)
+    )
+
+
+async def release_model_job(db: Executor, job_id: int, token: UUID) -> bool:
+    return await db.fetchval(sql("release_model_job"), job_id, token) is not None
+
+
+async def upsert_model_profile(
+    db: Executor,
+    model: str,
+    device_kind: str,
+    required_ram_bytes: int,
+    peak_gpu_bytes: int | None,
+    load_s: float,
+    phases: list[dict[str, Any]],
+    job_id: int | None,
+) -> None:
+    await db.execute(
+        sql("upsert_model_profile"),
+        model,
+        device_kind,
+        required_ram_bytes,
+        peak_gpu_bytes,
+        load_s,
+        phases,
+        job_id,
+    )
+
+
+async def set_model_measured(db: Executor, model: str, required_ram_bytes: int) -> None:
+    await db.execute(sql("set_model_measured"), model, required_ram_bytes)
+
+
+async def get_model_profile(
+    db: Executor, model: str, device_kind: str
+) -> ModelProfileRow | None:
+    row = await db.fetchrow(sql("get_model_profile"), model, device_kind)
+    return ModelProfileRow.of(row) if row else None
+
+
+async def record_model_observation(
+    db: Executor,
+    model: str,
+    device_kind: str,
+    concurrency: int,
+    peak_rss_bytes: int,
+    peak_gpu_bytes: int | None,
+) -> None:
+    """Note the memory a running instance reached (called from the instance health poll)."""
+    await db.execute(
+        sql("record_model_observation"),
+        model,
+        device_kind,
+        concurrency,
+        peak_rss_bytes,
+        peak_gpu_bytes,
+    )

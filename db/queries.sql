@@ -57,3 +57,228 @@ SELECT name, task, source_kind, source_path, gguf_file, param_bytes, required_ra
        benchmarked_at, present
 FROM models
 WHERE name = $1;
+
+-- instances ------------------------------------------------------------------------------------
+
+-- name: insert_instance
+INSERT INTO instances (model, state, reason, concurrency, expiration_s, runtime, owner_key_id,
+                       expires_at)
+VALUES ($1, 'STARTING', 'load requested', $2, $3, $4, $5, now() + make_interval(secs => $3::integer))
+ON CONFLICT (model) WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') DO NOTHING
+RETURNING *;
+
+-- name: update_live_instance_settings
+UPDATE instances
+SET concurrency = $2,
+    expiration_s = $3,
+    expires_at = greatest(last_used_at, now()) + make_interval(secs => $3::integer),
+    modified_at = now()
+WHERE model = $1 AND state IN ('STARTING', 'RUNNING')
+RETURNING *;
+
+-- name: transition_instance
+WITH moved AS (
+    UPDATE instances
+    SET state = $2, reason = $3, modified_at = now()
+    WHERE id = $1 AND state = ANY($4::text[])
+    RETURNING *
+), prior AS (
+    SELECT state FROM instances WHERE id = $1
+), event AS (
+    INSERT INTO instance_events (instance_id, from_state, to_state, reason)
+    SELECT moved.id, (SELECT state FROM prior), $2, $3 FROM moved
+)
+SELECT * FROM moved;
+
+-- name: mark_running
+WITH moved AS (
+    UPDATE instances
+    SET state = 'RUNNING', reason = 'healthy', endpoint = $2, handle = $3,
+        last_used_at = now(), expires_at = now() + make_interval(secs => expiration_s),
+        modified_at = now()
+    WHERE id = $1 AND state = 'STARTING'
+    RETURNING *
+), event AS (
+    INSERT INTO instance_events (instance_id, from_state, to_state, reason)
+    SELECT id, 'STARTING', 'RUNNING', 'healthy' FROM moved
+)
+SELECT * FROM moved;
+
+-- name: set_instance_handle
+UPDATE instances SET handle = $2, endpoint = $3, modified_at = now()
+WHERE id = $1
+RETURNING *;
+
+-- name: get_instance
+SELECT * FROM instances WHERE id = $1;
+
+-- name: latest_instance_for_model
+SELECT * FROM instances WHERE model = $1 ORDER BY id DESC LIMIT 1;
+
+-- name: live_instances
+SELECT * FROM instances WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') ORDER BY id;
+
+-- name: list_instances
+SELECT * FROM instances
+WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') OR modified_at > now() - interval '1 hour'
+ORDER BY id DESC
+LIMIT 1000;
+
+-- name: instance_events
+SELECT from_state, to_state, reason, at FROM instance_events
+WHERE instance_id = $1 ORDER BY id;
+
+-- name: record_activity
+-- One flush of a control plane's in-memory counters for one instance ($2 new inferences,
+-- $3 end time of the last finished request or null, $4 requests in flight now, $5 node).
+WITH bumped AS (
+    UPDATE instances
+    SET inferences = inferences + $2,
+        last_used_at = CASE WHEN $3::timestamptz IS NULL THEN last_used_at
+                            ELSE greatest(last_used_at, $3::timestamptz) END,
+        expires_at = CASE WHEN $3::timestamptz IS NULL THEN expires_at
+                          ELSE greatest(expires_at, $3::timestamptz + make_interval(secs => expiration_s)) END,
+        modified_at = CASE WHEN $2 > 0 THEN now() ELSE modified_at END
+    WHERE id = $1
+    RETURNING id
+)
+INSERT INTO instance_activity (instance_id, node_id, in_flight, updated_at)
+SELECT id, $5, $4, now() FROM bumped
+ON CONFLICT (instance_id, node_id) DO UPDATE
+SET in_flight = EXCLUDED.in_flight, updated_at = EXCLUDED.updated_at;
+
+-- name: claim_expired_instances
+-- Expired RUNNING instances that no live control plane reports busy move to STOPPING; a
+-- node's in-flight report older than $2 seconds counts as dead.
+WITH due AS (
+    SELECT i.id FROM instances i
+    WHERE i.state = 'RUNNING' AND i.expires_at <= $1
+      AND NOT EXISTS (
+          SELECT 1 FROM instance_activity a
+          WHERE a.instance_id = i.id AND a.in_flight > 0
+            AND a.updated_at > now() - make_interval(secs => $2::double precision)
+      )
+    ORDER BY i.expires_at
+    LIMIT 500
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE instances i
+    SET state = 'STOPPING',
+        reason = 'expired after ' || i.expiration_s || ' s without requests',
+        modified_at = now()
+    FROM due WHERE i.id = due.id
+    RETURNING i.*
+), event AS (
+    INSERT INTO instance_events (instance_id, from_state, to_state, reason)
+    SELECT id, 'RUNNING', 'STOPPING', reason FROM moved
+)
+SELECT * FROM moved;
+
+-- name: record_observed_memory
+UPDATE instances SET observed_mem_bytes = greatest(coalesce(observed_mem_bytes, 0), $2)
+WHERE id = $1;
+
+-- jobs and profiles ----------------------------------------------------------------------------
+
+-- name: enqueue_model_job
+-- Queue a job unless one is live; concurrent callers collapse onto one row. No row comes back
+-- when another transaction's live job won; the caller then reads that one.
+INSERT INTO model_jobs (model) VALUES ($1)
+ON CONFLICT (model) WHERE state IN ('queued', 'benchmarking') DO NOTHING
+RETURNING *;
+
+-- name: insert_failed_model_job
+-- A request that fails before any work (unknown model while offline) is recorded as a job too.
+INSERT INTO model_jobs (model, state, error_code, reason, started_at, finished_at)
+VALUES ($1, 'failed', $2, $3, now(), now())
+RETURNING *;
+
+-- name: latest_model_job
+SELECT * FROM model_jobs
+WHERE model = $1 AND state = ANY($2::text[])
+ORDER BY id DESC
+LIMIT 1;
+
+-- name: claim_model_job
+-- The oldest due job, or one whose worker stopped heartbeating $3 seconds ago; the new lease
+-- token ($2) fences off the previous holder.
+UPDATE model_jobs
+SET state = 'benchmarking', lease_token = $2, worker_id = $1, heartbeat_at = now(),
+    attempts = attempts + 1, started_at = coalesce(started_at, now()), modified_at = now()
+WHERE id = (
+    SELECT id FROM model_jobs
+    WHERE (state = 'queued' AND run_after <= now())
+       OR (state = 'benchmarking'
+           AND heartbeat_at < now() - make_interval(secs => $3::double precision))
+    ORDER BY run_after, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING *;
+
+-- name: heartbeat_model_job
+UPDATE model_jobs SET heartbeat_at = now()
+WHERE id = $1 AND lease_token = $2 AND state = 'benchmarking'
+RETURNING id;
+
+-- name: finish_model_job
+-- 'available' or 'failed' for good; no row when the lease was taken over (a late result).
+UPDATE model_jobs
+SET state = $3, error_code = $4, reason = $5, finished_at = now(), lease_token = NULL,
+    heartbeat_at = NULL, modified_at = now()
+WHERE id = $1 AND lease_token = $2 AND state = 'benchmarking'
+RETURNING *;
+
+-- name: retry_model_job
+UPDATE model_jobs
+SET state = 'queued', error_code = $3, reason = $4,
+    run_after = now() + make_interval(secs => $5::double precision),
+    lease_token = NULL, heartbeat_at = NULL, worker_id = NULL, modified_at = now()
+WHERE id = $1 AND lease_token = $2 AND state = 'benchmarking'
+RETURNING *;
+
+-- name: release_model_job
+-- A worker shutting down hands its job back without spending an attempt.
+UPDATE model_jobs
+SET state = 'queued', attempts = greatest(attempts - 1, 0), lease_token = NULL,
+    heartbeat_at = NULL, worker_id = NULL, modified_at = now()
+WHERE id = $1 AND lease_token = $2 AND state = 'benchmarking'
+RETURNING id;
+
+-- name: upsert_model_profile
+INSERT INTO model_profiles (model, device_kind, required_ram_bytes, peak_gpu_bytes, load_s,
+                            phases, job_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (model, device_kind) DO UPDATE
+SET required_ram_bytes = EXCLUDED.required_ram_bytes,
+    peak_gpu_bytes = EXCLUDED.peak_gpu_bytes,
+    load_s = EXCLUDED.load_s,
+    phases = EXCLUDED.phases,
+    job_id = EXCLUDED.job_id,
+    measured_at = now();
+
+-- name: set_model_measured
+UPDATE models SET required_ram_bytes = $2, benchmarked_at = now(), updated_at = now()
+WHERE name = $1;
+
+-- name: get_model_profile
+SELECT * FROM model_profiles WHERE model = $1 AND device_kind = $2;
+
+-- name: record_model_observation
+-- Keep the highest memory a running instance reached at this concurrency; a peak at concurrency
+-- 1 above the catalog figure raises the figure, so profiles are corrected over time.
+WITH seen AS (
+    INSERT INTO model_observations (model, device_kind, concurrency, peak_rss_bytes,
+                                    peak_gpu_bytes)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (model, device_kind, concurrency) DO UPDATE
+    SET peak_rss_bytes = greatest(model_observations.peak_rss_bytes, EXCLUDED.peak_rss_bytes),
+        peak_gpu_bytes = greatest(model_observations.peak_gpu_bytes, EXCLUDED.peak_gpu_bytes),
+        observed_at = now()
+    RETURNING *
+)
+UPDATE models m
+SET required_ram_bytes = seen.peak_rss_bytes, updated_at = now()
+FROM seen
+WHERE m.name = seen.model AND seen.concurrency = 1
+  AND m.required_ram_bytes IS NOT NULL AND seen.peak_rss_bytes > m.required_ram_bytes;

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,79 @@ class ModelRow:
             r["benchmarked_at"],
             r["present"],
         )
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: int
+    model: str
+    state: str
+    reason: str | None
+    concurrency: int
+    expiration_s: int
+    runtime: str
+    generation: int
+    endpoint: str | None
+    handle: str | None
+    owner_key_id: int | None
+    inferences: int
+    last_used_at: datetime
+    expires_at: datetime
+    observed_mem_bytes: int | None
+    created_at: datetime
+    modified_at: datetime
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> InstanceRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class InstanceEventRow:
+    from_state: str | None
+    to_state: str
+    reason: str | None
+    at: datetime
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> InstanceEventRow:
+        return cls(r["from_state"], r["to_state"], r["reason"], r["at"])
+
+
+@dataclass(frozen=True)
+class ModelJobRow:
+    id: int
+    model: str
+    state: str
+    error_code: str | None
+    reason: str | None
+    attempts: int
+    max_attempts: int
+    run_after: datetime
+    lease_token: UUID | None
+    worker_id: str | None
+    heartbeat_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    created_at: datetime
+    modified_at: datetime
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> ModelJobRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ModelProfileRow:
+    model: str
+    device_kind: str
+    required_ram_bytes: int
+    peak_gpu_bytes: int | None
+    load_s: float
+    phases: list[dict[str, Any]]
+    job_id: int | None
+    measured_at: datetime
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> ModelProfileRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})

@@ -1,0 +1,14 @@
+"""Ways to run an instance agent, one module each, behind the `Runtime` protocol."""
+
+from __future__ import annotations
+
+from control_plane.runtimes.base import Runtime
+from control_plane.runtimes.process import ProcessRuntime
+from control_plane.settings import Settings
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """The runtime MLCP_RUNTIME names."""
+    if settings.runtime == "process":
+        return ProcessRuntime(settings.data_dir / "logs", command=settings.agent_command)
+    raise ValueError(f"runtime {settings.runtime!r} is not available")

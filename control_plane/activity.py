@@ -1,0 +1,81 @@
+"""Per-instance request counters kept in memory and flushed to PostgreSQL off the request path.
+
+A synchronous UPDATE per request costs ~0.47 ms here, about the whole proxy budget, so `begin`
+and `end` only touch a dict; `flush` (run every few hundred ms, and by the reaper before it
+decides) writes inferences, the sliding expiry and this node's in-flight count in one statement
+per changed instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from db import queries
+from db.queries import Executor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Counter:
+    in_flight: int = 0
+    new_inferences: int = 0
+    last_end: datetime | None = None
+    reported_in_flight: int = 0
+    dirty: bool = False
+
+
+class Activity:
+    """Request counters of this control plane (`node_id`) for every instance it proxies to."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._counters: dict[int, Counter] = {}
+
+    def begin(self, instance_id: int) -> None:
+        c = self._counters.setdefault(instance_id, Counter())
+        c.in_flight += 1
+        c.dirty = True
+
+    def end(self, instance_id: int, *, completed: bool) -> None:
+        c = self._counters.setdefault(instance_id, Counter())
+        c.in_flight = max(0, c.in_flight - 1)
+        if completed:
+            c.new_inferences += 1
+        c.last_end = datetime.now(UTC)
+        c.dirty = True
+
+    def in_flight(self, instance_id: int) -> int:
+        c = self._counters.get(instance_id)
+        return c.in_flight if c else 0
+
+    def pending(self, instance_id: int) -> tuple[int, datetime | None]:
+        """Inferences and last end time not yet flushed (so status answers are exact)."""
+        c = self._counters.get(instance_id)
+        return (c.new_inferences, c.last_end) if c else (0, None)
+
+    def forget(self, instance_id: int) -> None:
+        self._counters.pop(instance_id, None)
+
+    async def flush(self, db: Executor) -> None:
+        """Write every changed counter; busy instances are re-reported as a heartbeat."""
+        for instance_id, c in list(self._counters.items()):
+            if not c.dirty and c.in_flight == 0:
+                continue
+            new, last_end, in_flight = c.new_inferences, c.last_end, c.in_flight
+            c.new_inferences, c.last_end, c.dirty = 0, None, False
+            try:
+                await queries.record_activity(
+                    db, instance_id, new, last_end, in_flight, self.node_id
+                )
+            except Exception:
+                # Put the numbers back so the next flush carries them.
+                c.new_inferences += new
+                c.last_end = max(filter(None, (c.last_end, last_end)), default=None)
+                c.dirty = True
+                raise
+            c.reported_in_flight = in_flight
+            if in_flight == 0 and not c.dirty:
+                del self._counters[instance_id]

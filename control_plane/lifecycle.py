@@ -1,0 +1,60 @@
+"""Instance lifecycle: the states, which transitions are allowed, and expiry arithmetic.
+
+    STARTING → RUNNING → STOPPING → STOPPED
+        └──────────┴─────────┴──→ FAILED (with a reason)
+
+Pure functions only; db/queries.sql applies each transition as one conditional UPDATE.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+
+class State(StrEnum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+
+
+LIVE = (State.STARTING, State.RUNNING, State.STOPPING)
+
+# to-state → the states it may be entered from.
+ALLOWED_FROM: dict[State, tuple[State, ...]] = {
+    State.STARTING: (),
+    State.RUNNING: (State.STARTING,),
+    State.STOPPING: (State.STARTING, State.RUNNING),
+    State.STOPPED: (State.STOPPING,),
+    State.FAILED: (State.STARTING, State.RUNNING, State.STOPPING),
+}
+
+
+def allowed_from(to: State) -> list[str]:
+    return [s.value for s in ALLOWED_FROM[to]]
+
+
+def can_transition(current: State, to: State) -> bool:
+    return current in ALLOWED_FROM[to]
+
+
+def expires_at(last_used_at: datetime, expiration_s: int) -> datetime:
+    """Sliding expiry: measured from the end of the last request."""
+    return last_used_at + timedelta(seconds=expiration_s)
+
+
+def is_due(expiry: datetime, in_flight: int, now: datetime) -> bool:
+    """Whether an instance should be reaped now: expired and nothing in flight."""
+    return in_flight == 0 and expiry <= now
+
+
+def health_timeout_s(param_bytes: int | None) -> float:
+    """How long an instance may take to become healthy: grows with the model's size.
+
+    Measured here: a fresh agent importing transformers and loading GPT-2 took ~8 s, SmolLM2 from
+    safetensors ~3 s after import; allow generously for slow disks and 2 shared cores.
+    """
+    gb = (param_bytes or 0) / 1e9
+    return 60.0 + 60.0 * gb

@@ -1,0 +1,79 @@
+"""The Runtime protocol every way of running an instance implements (process, docker, …)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from control_plane.errors import MlcpError
+
+
+class RuntimeError_(MlcpError):
+    """The runtime could not start the instance."""
+
+    status_code = 503
+    code = "runtime_failed"
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything a runtime needs to start one instance agent."""
+
+    instance_id: int
+    generation: int
+    model: str
+    model_dir: Path
+    gguf_file: str | None
+    concurrency: int
+    max_queue: int
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A started (not necessarily healthy) instance: where it listens and how to find it again."""
+
+    handle: str
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class Exited:
+    """Why an instance is no longer running."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listed:
+    """An instance the runtime knows about, identified by the labels it was started with."""
+
+    instance_id: int
+    generation: int
+    handle: str
+    endpoint: str | None
+
+
+class Runtime(Protocol):
+    name: str
+
+    async def start(self, spec: InstanceSpec) -> Launched:
+        """Launch the agent; return at once, before it is healthy."""
+        ...
+
+    async def exited(self, handle: str) -> Exited | None:
+        """None while the instance runs; why it ended otherwise."""
+        ...
+
+    async def stop(self, handle: str, grace_s: float) -> None:
+        """Terminate, wait up to `grace_s`, then kill; return once it is really gone."""
+        ...
+
+    async def list(self) -> list[Listed]:
+        """Every instance this runtime is running on this host with mlcp's labels."""
+        ...
+
+    async def logs(self, handle: str, tail_lines: int) -> str:
+        """The instance's last log lines."""
+        ...

@@ -1,0 +1,57 @@
+"""APScheduler wiring only: which coroutine runs how often. The coroutines live elsewhere and
+tests call them directly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from control_plane.bootstrap import refresh_catalog
+from control_plane.reaper import REAP_INTERVAL_S, reap
+from control_plane.state import AppState
+
+logger = logging.getLogger(__name__)
+# APScheduler logs every run at INFO and every skipped overlap at WARNING; at 4-5 runs a second
+# both are noise.
+logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+FLUSH_INTERVAL_S = 0.2
+CHECK_INTERVAL_S = 2.0
+ROUTES_INTERVAL_S = 1.0
+
+
+def _guarded(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        try:
+            await job()
+        except Exception:
+            # A failed pass (database restarting, say) is retried at the next interval.
+            logger.exception("scheduled job %s failed", name)
+
+    return run
+
+
+def build_scheduler(state: AppState) -> AsyncIOScheduler:
+    scheduler = AsyncIOScheduler(timezone=UTC)
+    sup, act, pool = state.supervisor, state.activity, state.pool
+
+    def every(seconds: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
+        scheduler.add_job(
+            _guarded(name, job),
+            "interval",
+            seconds=seconds,
+            id=name,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+
+    every(FLUSH_INTERVAL_S, "flush-activity", lambda: act.flush(pool))
+    every(REAP_INTERVAL_S, "reaper", lambda: reap(pool, sup, act, datetime.now(UTC)))
+    every(CHECK_INTERVAL_S, "instance-check", sup.check)
+    every(ROUTES_INTERVAL_S, "routes", sup.refresh_routes)
+    every(state.settings.catalog_refresh_s, "catalog", lambda: refresh_catalog(pool, state.settings))
+    return scheduler

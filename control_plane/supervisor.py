@@ -1,0 +1,309 @@
+"""Starts, watches and stops instances; keeps the table of where each running model listens.
+
+Every state change goes through one conditional UPDATE (db/queries.sql), so two control planes
+sharing a database never both start or both stop one instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from control_plane.activity import Activity
+from control_plane.errors import Conflict, MlcpError, NotFound
+from control_plane.lifecycle import State, allowed_from, health_timeout_s
+from control_plane.model_store import prepare_model
+from control_plane.runtimes.base import InstanceSpec, Launched, Runtime
+from db import queries
+from db.pool import Pool
+from db.rows import InstanceRow, ModelRow
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_S = 5.0
+HEALTH_POLL_S = 0.1
+HEALTH_REQUEST_TIMEOUT_S = 3.0
+# A running instance that misses this many health checks in a row is declared hung.
+MAX_MISSED_HEALTH = 3
+
+
+class StartFailed(MlcpError):
+    """The instance did not start."""
+
+    status_code = 502
+    code = "instance_failed"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a RUNNING instance of a model listens."""
+
+    instance_id: int
+    model: str
+    endpoint: str
+
+
+class Supervisor:
+    def __init__(
+        self,
+        pool: Pool,
+        runtime: Runtime,
+        session: aiohttp.ClientSession,
+        activity: Activity,
+        model_store: Path,
+        *,
+        max_queue: int = 8,
+        start_timeout_s: float | None = None,
+    ) -> None:
+        self.start_timeout_s = start_timeout_s
+        self.pool = pool
+        self.runtime = runtime
+        self.session = session
+        self.activity = activity
+        self.model_store = model_store
+        self.max_queue = max_queue
+        self._routes: dict[str, Route] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._missed: dict[int, int] = {}
+        self._started_here: set[int] = set()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def route(self, model: str) -> Route | None:
+        return self._routes.get(model)
+
+    async def refresh_routes(self) -> None:
+        """Reload the routing table from the database (instances other nodes started too)."""
+        rows = await queries.live_instances(self.pool)
+        self._routes = {
+            r.model: Route(r.id, r.model, r.endpoint)
+            for r in rows
+            if r.state == State.RUNNING and r.endpoint
+        }
+
+    def _set_route(self, row: InstanceRow) -> None:
+        if row.state == State.RUNNING and row.endpoint:
+            self._routes[row.model] = Route(row.id, row.model, row.endpoint)
+        elif (current := self._routes.get(row.model)) and current.instance_id == row.id:
+            del self._routes[row.model]
+
+    # -- load ------------------------------------------------------------------------------
+
+    async def load(
+        self, model: ModelRow, concurrency: int, expiration_s: int, owner: int | None
+    ) -> InstanceRow:
+        """Start an instance of `model`, or update the live one's settings (idempotent)."""
+        row = await queries.insert_instance(
+            self.pool, model.name, concurrency, expiration_s, self.runtime.name, owner
+        )
+        if row is not None:
+            self._spawn(self._start(row, model))
+            return row
+        row = await queries.update_live_instance_settings(
+            self.pool, model.name, concurrency, expiration_s
+        )
+        if row is None:
+            raise Conflict(
+                "the model's instance is stopping; load it again in a moment",
+                code="instance_stopping",
+                retry_after_s=2,
+            )
+        if row.state == State.RUNNING and row.endpoint:
+            await self._push_concurrency(row)
+        return row
+
+    async def _push_concurrency(self, row: InstanceRow) -> None:
+        try:
+            async with self.session.put(
+                row.endpoint + "/config",
+                json={"concurrency": row.concurrency},
+                timeout=aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S),
+            ) as resp:
+                if resp.status >= 400:
+                    logger.warning("instance %s refused the new concurrency", row.id)
+        except (aiohttp.ClientError, TimeoutError):
+            logger.warning("could not reach instance %s to change its concurrency", row.id)
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start(self, row: InstanceRow, model: ModelRow) -> None:
+        launched: Launched | None = None
+        try:
+            target = await prepare_model(model, self.model_store)
+            spec = InstanceSpec(
+                instance_id=row.id,
+                generation=row.generation,
+                model=row.model,
+                model_dir=target.model_dir,
+                gguf_file=target.gguf_file,
+                concurrency=row.concurrency,
+                max_queue=self.max_queue,
+            )
+            launched = await self.runtime.start(spec)
+            self._started_here.add(row.id)
+            await queries.set_instance_handle(self.pool, row.id, launched.handle, launched.endpoint)
+            await self._wait_healthy(
+                launched, self.start_timeout_s or health_timeout_s(model.param_bytes)
+            )
+            running = await queries.mark_running(
+                self.pool, row.id, launched.endpoint, launched.handle
+            )
+            if running is None:
+                # Deleted (or failed) while starting: nothing may be left running.
+                await self.runtime.stop(launched.handle, STOP_GRACE_S)
+                await self._finish_stop(row.id)
+                return
+            self._set_route(running)
+            logger.info("instance %s of %s is running", row.id, row.model)
+        except asyncio.CancelledError:
+            if launched is not None:
+                await self.runtime.stop(launched.handle, STOP_GRACE_S)
+            raise
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, MlcpError) else "could not start the instance"
+            if not isinstance(exc, MlcpError):
+                logger.exception("starting instance %s failed", row.id)
+            if launched is not None:
+                await self.runtime.stop(launched.handle, STOP_GRACE_S)
+            await self._fail(row.id, reason)
+
+    async def _wait_healthy(self, launched: Launched, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
+        while True:
+            exited = await self.runtime.exited(launched.handle)
+            if exited is not None:
+                raise StartFailed(exited.reason)
+            try:
+                async with self.session.get(launched.endpoint + "/health", timeout=timeout) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise StartFailed(f"the instance did not become healthy within {timeout_s:.0f} s")
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    # -- stop ------------------------------------------------------------------------------
+
+    async def delete(self, model: str) -> InstanceRow:
+        """Stop the model's live instance (user request)."""
+        row = await queries.latest_instance_for_model(self.pool, model)
+        if row is None:
+            raise NotFound(f"model {model} has no instance", code="not_loaded")
+        if row.state in (State.STARTING, State.RUNNING):
+            stopped = await self.stop(row, "deleted by request")
+            return stopped or row
+        return row
+
+    async def stop(self, row: InstanceRow, reason: str) -> InstanceRow | None:
+        moving = await queries.transition_instance(
+            self.pool, row.id, State.STOPPING, reason, allowed_from(State.STOPPING)
+        )
+        if moving is None:
+            return await queries.get_instance(self.pool, row.id)
+        return await self.finish_stopping(moving)
+
+    async def finish_stopping(self, row: InstanceRow) -> InstanceRow | None:
+        """Stop the runtime instance of a STOPPING row and mark it STOPPED once it is gone."""
+        self._set_route(row)
+        if row.handle:
+            await self.runtime.stop(row.handle, STOP_GRACE_S)
+        return await self._finish_stop(row.id, row.reason)
+
+    async def _finish_stop(self, instance_id: int, reason: str | None = None) -> InstanceRow | None:
+        self.activity.forget(instance_id)
+        self._started_here.discard(instance_id)
+        done = await queries.transition_instance(
+            self.pool, instance_id, State.STOPPED, reason or "stopped", allowed_from(State.STOPPED)
+        )
+        return done or await queries.get_instance(self.pool, instance_id)
+
+    async def _fail(self, instance_id: int, reason: str) -> None:
+        row = await queries.transition_instance(
+            self.pool, instance_id, State.FAILED, reason, allowed_from(State.FAILED)
+        )
+        self.activity.forget(instance_id)
+        self._started_here.discard(instance_id)
+        self._missed.pop(instance_id, None)
+        if row is not None:
+            self._set_route(row)
+            logger.warning("instance %s of %s failed: %s", row.id, row.model, reason)
+
+    async def fail_and_stop(self, row: InstanceRow, reason: str) -> None:
+        """Mark an instance FAILED and make sure nothing of it keeps running."""
+        await self._fail(row.id, reason)
+        if row.handle:
+            await self.runtime.stop(row.handle, STOP_GRACE_S)
+
+    # -- watch -----------------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """One pass over RUNNING instances: crashed → FAILED, hung → FAILED and killed."""
+        rows = await queries.live_instances(self.pool)
+        for row in rows:
+            if row.state != State.RUNNING or not row.handle or not row.endpoint:
+                continue
+            exited = await self.runtime.exited(row.handle)
+            if exited is not None:
+                await self.fail_and_stop(row, exited.reason)
+                continue
+            await self._probe(row)
+        await self.refresh_routes()
+
+    async def _probe(self, row: InstanceRow) -> None:
+        assert row.endpoint is not None
+        try:
+            async with self.session.get(
+                row.endpoint + "/health",
+                timeout=aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S),
+            ) as resp:
+                body = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            body = None
+        if body is None:
+            missed = self._missed.get(row.id, 0) + 1
+            self._missed[row.id] = missed
+            if missed >= MAX_MISSED_HEALTH:
+                await self.fail_and_stop(
+                    row, f"the instance stopped answering health checks ({missed} missed)"
+                )
+            return
+        self._missed.pop(row.id, None)
+        memory = body.get("memory") if isinstance(body, dict) else None
+        peak = memory.get("peakRssBytes") if isinstance(memory, dict) else None
+        if isinstance(peak, int) and peak > 0:
+            await queries.record_observed_memory(self.pool, row.id, peak)
+
+    async def instance_failed_during_request(self, instance_id: int) -> None:
+        """A proxied request lost its connection: check that instance now, not at the next pass."""
+        row = await queries.get_instance(self.pool, instance_id)
+        if row is None or row.state != State.RUNNING or not row.handle:
+            return
+        for _ in range(10):
+            exited = await self.runtime.exited(row.handle)
+            if exited is not None:
+                await self.fail_and_stop(row, exited.reason)
+                return
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        """Cancel start-ups in progress and stop the instances this control plane started."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for instance_id in list(self._started_here):
+            row = await queries.get_instance(self.pool, instance_id)
+            if row is not None and row.state in (State.STARTING, State.RUNNING):
+                await self.stop(row, "the control plane shut down")

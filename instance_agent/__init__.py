@@ -1,0 +1,1 @@
+"""The instance agent: one process per loaded model, serving /health, /run and /stream."""

@@ -1,0 +1,181 @@
+"""Shared fixtures: a real PostgreSQL, a migrated template database cloned per test, and the
+control plane served by a real uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import uvicorn
+
+from control_plane.app import create_app
+from control_plane.settings import Settings
+from db.migrate import migrate
+
+ADMIN_KEY = "mlcp_test-admin-key-0123456789abcdefghijklmnop"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _replace_db(dsn: str, name: str) -> str:
+    """The same server URL pointing at database `name` (works for socket and TCP URLs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server URL: MLCP_TEST_DATABASE_URL if given, else an embedded server."""
+    url = os.environ.get("MLCP_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def template_db(pg_dsn: str) -> str:
+    name = f"mlcp_tpl_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(_replace_db(pg_dsn, name))
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return name
+
+
+@pytest.fixture
+async def db_dsn(pg_dsn: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh database cloned from the migrated template, dropped after the test."""
+    name = f"mlcp_t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await admin.close()
+    yield _replace_db(pg_dsn, name)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    from db.pool import create_pool
+
+    pool = await create_pool(db_dsn, max_size=4)
+    yield pool
+    await pool.close()
+
+
+def make_settings(db_dsn: str, data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": db_dsn,
+        "data_dir": data_dir,
+        "admin_key": ADMIN_KEY,
+        "port": 0,
+        "hf_cache_dir": data_dir / "hf-cache",
+        "include_packaged_models": True,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Api:
+    """A control plane served by uvicorn on loopback, and a client session for it."""
+
+    base: str
+    session: aiohttp.ClientSession
+    settings: Settings
+
+    def headers(self, key: str | None = ADMIN_KEY) -> dict[str, str]:
+        return {"Authorization": f"Key {key}"} if key else {}
+
+    async def call(
+        self, method: str, path: str, body: Any = None, *, key: str | None = ADMIN_KEY,
+        headers: dict[str, str] | None = None, data: bytes | str | None = None,
+    ) -> tuple[int, Any]:
+        hdrs = self.headers(key)
+        hdrs.update(headers or {})
+        kwargs: dict[str, Any] = {"headers": hdrs}
+        if data is not None:
+            kwargs["data"] = data
+        elif body is not None:
+            kwargs["json"] = body
+        async with self.session.request(method, self.base + path, **kwargs) as resp:
+            text = await resp.text()
+            try:
+                import json
+
+                payload: Any = json.loads(text)
+            except ValueError:
+                payload = text
+            return resp.status, payload
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[str]:
+    """Run create_app(settings) on a real uvicorn server; yield its base URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    for _ in range(400):
+        if server.started:
+            break
+        if task.done():
+            task.result()
+            raise RuntimeError("server exited during start-up")
+        await asyncio.sleep(0.025)
+    else:
+        raise RuntimeError("server did not start within 10 s")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+def settings(db_dsn: str, tmp_path: Path) -> Settings:
+    return make_settings(db_dsn, tmp_path / "data")
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[Api]:
+    async with serve(settings) as base, aiohttp.ClientSession() as session:
+        yield Api(base, session, settings)

@@ -1,0 +1,3 @@
+async def test_health(api):
+    status, body = await api.call("GET", "/health", key=None)
+    assert status == 200

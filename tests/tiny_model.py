@@ -1,0 +1,135 @@
+"""Tiny local models for tests: built in-process in about a second, never downloaded.
+
+`build_tiny_model` writes a 2-layer GPT-2 with a byte-level BPE tokenizer trained on a built-in
+corpus, saved as safetensors. `build_pickle_only_model` and `build_remote_code_model` write the
+kinds of directory a loader must refuse or treat with suspicion.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+EOS_TOKEN = "<|endoftext|>"
+REMOTE_CODE_MARKER = "REMOTE_CODE_RAN"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CONTEXT_TOKENS = 256
+
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A model serves text to people who ask for it.
+What is the capital of France? Paris is the capital of France. Berlin is the capital of Germany.
+The control plane starts an instance, proxies requests to it, and stops it when nobody uses it.
+Tokens are generated one at a time; a batch lets several requests share each step of the model.
+She sells sea shells by the sea shore. How much wood would a woodchuck chuck if it could?
+Once upon a time there was a small language model that wanted to learn every word in English.
+It read books, letters, newspapers and recipes: bread, butter, salt, sugar, flour and water.
+Numbers matter too: one, two, three, four, five, six, seven, eight, nine, ten, 2024, 3.14.
+Hello world! Good morning, good evening, good night. Thank you very much, you are welcome.
+Café, naïve, résumé, jalapeño, über, smörgåsbord: some words carry accents and other marks.
+"""
+
+
+def _train_tokenizer() -> object:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [line for line in _CORPUS.splitlines() if line.strip()]
+    core.train_from_iterator(lines * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        model_max_length=CONTEXT_TOKENS,
+    )
+
+
+def build_tiny_model(dest: Path, *, chat_template: bool = True) -> Path:
+    """Write a tiny deterministic GPT-2 and its tokenizer to `dest` (safetensors); return `dest`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _train_tokenizer()
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE  # type: ignore[attr-defined]
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)  # type: ignore[attr-defined]
+    config = GPT2Config(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        n_positions=CONTEXT_TOKENS,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    torch.manual_seed(1234)
+    model = GPT2LMHeadModel(config)
+    model.eval()
+    dest.mkdir(parents=True, exist_ok=True)
+    # transformers 5 always writes safetensors.
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)  # type: ignore[attr-defined]
+    return dest
+
+
+def build_pickle_only_model(dest: Path) -> Path:
+    """Write a tiny model whose weights are only a pickle `pytorch_model.bin`; return `dest`."""
+    import torch
+    from safetensors.torch import load_file
+
+    build_tiny_model(dest)
+    weights = dest / "model.safetensors"
+    torch.save(load_file(str(weights)), dest / "pytorch_model.bin")
+    weights.unlink()
+    return dest
+
+
+def build_remote_code_model(dest: Path) -> Path:
+    """Write a tiny model whose config asks for custom code that would leave a marker file.
+
+    The marker is `dest / REMOTE_CODE_MARKER`; a safe loader never creates it.
+    """
+    build_tiny_model(dest)
+    marker = (dest / REMOTE_CODE_MARKER).resolve()
+    code = (
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('remote code ran')\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel\n"
+        "class EvilConfig(GPT2Config):\n"
+        "    model_type = 'gpt2'\n"
+        "class EvilModel(GPT2LMHeadModel):\n"
+        "    config_class = EvilConfig\n"
+    )
+    (dest / "evil.py").write_text(code)
+    config_path = dest / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    config_path.write_text(json.dumps(config, indent=2))
+    tokenizer_config_path = dest / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_path.read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil.EvilConfig", None]}
+    tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2))
+    return dest
+
+
+def copy_model(source: Path, dest: Path) -> Path:
+    """Copy a built model directory, so a test may alter its copy."""
+    shutil.copytree(source, dest)
+    return dest

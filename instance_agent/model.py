@@ -248,12 +248,13 @@ class TransformersEngine:
     def _generation_config(self, rows: Sequence[Row], max_new_tokens: int) -> GenerationConfig:
         params = rows[0].params
         # Every knob is set explicitly so a model's own generation_config.json cannot turn a
-        # greedy request into a sampled one; greedy gets neutral values to avoid warnings.
-        sampling: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+        # greedy request into a sampled one; greedy gets the values GenerationConfig.validate()
+        # treats as unset, so it does not warn about sampling flags.
+        sampling: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
         if params.do_sample:
             sampling = {"temperature": params.temperature, "top_p": params.top_p}
             sampling["top_k"] = params.top_k
-        return GenerationConfig(
+        return GenerationConfig(  # type: ignore[no-untyped-call]
             max_new_tokens=max_new_tokens,
             do_sample=params.do_sample,
             repetition_penalty=params.repetition_penalty,
@@ -279,7 +280,7 @@ def load_engine(
     """
     _check_weights(model_dir, gguf_file)
     resolved = _resolve_device(device)
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     torch.set_num_threads(_cpu_threads())
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if gguf_file is not None:
@@ -289,7 +290,7 @@ def load_engine(
         weights: dict[str, Any] = {"dtype": _dtype_for(resolved)}
         if gguf_file is None:
             weights["use_safetensors"] = True
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **common, **weights)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, **common, **weights)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         raise LoadFailed(f"{type(exc).__name__}: {exc}") from exc
     model.to(resolved)
@@ -311,7 +312,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         return out_dir
     if not gguf_path.is_file():
         raise LoadFailed(f"GGUF file {gguf_path} does not exist")
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     torch.set_num_threads(_cpu_threads())
     source = {
         "gguf_file": gguf_path.name,
@@ -323,7 +324,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **source)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, **source, quantization_config=GgufConfig(dequantize=True)
         )
         model.save_pretrained(staging)

@@ -145,13 +145,16 @@ class Api:
             return resp.status, payload
 
 
+# base URL → the app served there, so tests can reach its state (app.state.mlcp).
+SERVED_APPS: dict[str, Any] = {}
+
+
 @contextlib.asynccontextmanager
 async def serve(settings: Settings) -> AsyncIterator[str]:
     """Run create_app(settings) on a real uvicorn server; yield its base URL."""
     port = free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     for _ in range(400):
@@ -163,9 +166,12 @@ async def serve(settings: Settings) -> AsyncIterator[str]:
         await asyncio.sleep(0.025)
     else:
         raise RuntimeError("server did not start within 10 s")
+    base = f"http://127.0.0.1:{port}"
+    SERVED_APPS[base] = app
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield base
     finally:
+        SERVED_APPS.pop(base, None)
         server.should_exit = True
         await asyncio.wait_for(task, 15)
 

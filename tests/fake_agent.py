@@ -79,6 +79,11 @@ def busy() -> Response:
     )
 
 
+async def disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(fake: Fake, name: str, exit_after_s: float | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -128,7 +133,15 @@ def create_app(fake: Fake, name: str, exit_after_s: float | None = None) -> Star
             return busy()
         try:
             started = time.perf_counter()
-            await asyncio.sleep(fake.delay_s * max(1, fake.tokens) if fake.mode == "slow" else fake.delay_s)
+            delay = fake.delay_s * max(1, fake.tokens) if fake.mode == "slow" else fake.delay_s
+            # Like the real agent, stop working for a caller that went away.
+            sleeper = asyncio.ensure_future(asyncio.sleep(delay))
+            gone = asyncio.ensure_future(disconnected(request))
+            await asyncio.wait((sleeper, gone), return_when=asyncio.FIRST_COMPLETED)
+            sleeper.cancel()
+            gone.cancel()
+            if not sleeper.done() or sleeper.cancelled():
+                return Response(status_code=499)
             if fake.mode == "garbage":
                 return Response("<<garbage>>", media_type="application/json")
             output = f"echo: {body.get('prompt')}"

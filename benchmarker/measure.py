@@ -1,0 +1,356 @@
+"""Measure a model in an isolated child: the real instance agent, real generations, peak memory.
+
+The child is started with the same command line and environment as a `process` instance, so the
+figure is what an instance of the model will reach. Memory is read after real generations: a
+memory-mapped model shows ~0.21x its parameter bytes after loading but ~1.26x once it has
+generated (DESIGN.md). The peak is the larger of this process's 20 ms samples of the child's
+whole process tree and the child's own kernel high-water mark (`peakRssBytes` on /health).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import psutil
+
+from benchmarker import (
+    BenchmarkError,
+    LoadFailed,
+    NeedsRemoteCode,
+    OutOfMemory,
+    UnsafeWeights,
+)
+from benchmarker.estimate import Phase, Profile, cumulative
+from control_plane.runtimes.base import InstanceSpec
+from control_plane.runtimes.process import LOAD_FAILED_MARK, agent_command, free_loopback_port
+
+logger = logging.getLogger(__name__)
+
+CONCURRENCIES = (1, 2, 4)
+MAX_NEW_TOKENS = 24
+# A chat-sized prompt: long enough that attention and the KV cache are exercised.
+PROMPT = (
+    "You are a helpful assistant. Explain in a few sentences why the sky is blue, how a "
+    "rainbow forms after rain, and what a language model does when it answers a question."
+)
+SAMPLE_INTERVAL_S = 0.02
+# Listing a process tree scans /proc; the tree only changes at start-up, so refresh it rarely.
+TREE_REFRESH_S = 0.5
+LOAD_TIMEOUT_S = 900.0
+RUN_TIMEOUT_S = 600.0
+STOP_GRACE_S = 5.0
+HEALTH_POLL_S = 0.1
+_HTTP_TIMEOUT = aiohttp.ClientTimeout(total=RUN_TIMEOUT_S, connect=5.0)
+_PATH = re.compile(r"(?:/[\w.@+,=-]+)+/?")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to measure: a catalogued model's files, loaded the way an instance loads them."""
+
+    model: str
+    model_dir: Path
+    gguf_file: str | None = None
+    device: str = "cpu"
+
+
+def device_kind(device: str) -> str:
+    """The profile key of a device: 'cpu' or 'cuda' (all CUDA devices of a host are alike)."""
+    return "cuda" if device.startswith("cuda") else device
+
+
+def agent_env() -> dict[str, str]:
+    """The environment a `process` instance gets (kept in step with runtimes/process.py)."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def scrub_paths(text: str) -> str:
+    """Replace absolute paths by their last component: failure reasons reach API users."""
+    return _PATH.sub(lambda m: Path(m.group(0)).name or "/", text)
+
+
+def classify_exit(model: str, returncode: int | None, log_tail: list[str]) -> BenchmarkError:
+    """Why the agent stopped before serving, as the failure kind a job records."""
+    reason = ""
+    for line in reversed(log_tail):
+        if LOAD_FAILED_MARK in line:
+            reason = line.split(LOAD_FAILED_MARK, 1)[1].strip()
+            break
+    text = reason.lower()
+    if "pickle" in text:
+        return UnsafeWeights()
+    if (
+        "trust_remote_code" in text
+        or "remote code" in text
+        or "does not recognize this architecture" in text
+    ):
+        return NeedsRemoteCode(
+            f"Model {model} needs remote code: its architecture is not built into transformers, "
+            "and mlcp never runs code shipped with a model"
+        )
+    if "memoryerror" in text or "out of memory" in text or "cannot allocate memory" in text:
+        return OutOfMemory(f"Out of memory while loading {model}")
+    if returncode == -signal.SIGKILL:
+        # Nobody here sent SIGKILL yet; on Linux that is the kernel's OOM killer.
+        return OutOfMemory(f"Out of memory: the process loading {model} was killed by the system")
+    if reason:
+        return LoadFailed(f"Load error: {scrub_paths(reason)[:400]}")
+    return LoadFailed(f"Load error: the instance agent exited with code {returncode}")
+
+
+class GpuReader:
+    """GPU memory used by a set of processes, through NVML; absent when there is no GPU."""
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+
+    @classmethod
+    def open(cls) -> GpuReader | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            if pynvml.nvmlDeviceGetCount() == 0:
+                return None
+        except Exception:
+            return None
+        return cls(pynvml)
+
+    def used_bytes(self, pids: set[int]) -> int | None:
+        total = 0
+        try:
+            for index in range(self._nvml.nvmlDeviceGetCount()):
+                handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+                for info in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if info.pid in pids and info.usedGpuMemory is not None:
+                        total += int(info.usedGpuMemory)
+        except Exception:
+            return None
+        return total
+
+
+class TreeSampler:
+    """Samples the resident memory of a process and all its descendants on a thread."""
+
+    def __init__(self, pid: int, gpu: GpuReader | None) -> None:
+        self._root = psutil.Process(pid)
+        self._gpu = gpu
+        self._procs: list[psutil.Process] = [self._root]
+        self._refreshed = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mlcp-bench-sampler", daemon=True)
+        self.peak_rss_bytes = 0
+        self.peak_gpu_bytes: int | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+    def sample(self) -> None:
+        """Take one reading now."""
+        now = time.monotonic()
+        if now - self._refreshed >= TREE_REFRESH_S:
+            with contextlib.suppress(psutil.Error):
+                self._procs = [self._root, *self._root.children(recursive=True)]
+            self._refreshed = now
+        rss = 0
+        for proc in self._procs:
+            with contextlib.suppress(psutil.Error):
+                rss += int(proc.memory_info().rss)
+        gpu = self._gpu.used_bytes({p.pid for p in self._procs}) if self._gpu else None
+        with self._lock:
+            self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+            if gpu is not None:
+                self.peak_gpu_bytes = max(self.peak_gpu_bytes or 0, gpu)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
+            self.sample()
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the worker is killed outright (SIGKILL, OOM),
+    # the kernel kills the measuring agent too instead of leaving it serving forever.
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _tail(log: IO[bytes], lines: int = 40) -> list[str]:
+    log.seek(0)
+    text = log.read().decode("utf-8", "replace")
+    return list(deque(text.splitlines(), maxlen=lines))
+
+
+class Child:
+    """The measuring agent process: started in its own session, stopped with its whole group."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: IO[bytes], base_url: str) -> None:
+        self.proc = proc
+        self.log = log
+        self.base_url = base_url
+
+    @classmethod
+    async def start(cls, target: Target, concurrency: int) -> Child:
+        port = free_loopback_port()
+        spec = InstanceSpec(
+            instance_id=0,
+            generation=0,
+            model=target.model,
+            model_dir=target.model_dir,
+            gguf_file=target.gguf_file,
+            concurrency=concurrency,
+            max_queue=concurrency,
+            device=target.device,
+        )
+        log = tempfile.TemporaryFile()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *agent_command(spec, port),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=agent_env(),
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        except OSError as exc:
+            log.close()
+            raise LoadFailed(f"Load error: could not start the instance agent ({exc.strerror})")
+        return cls(proc, log, f"http://127.0.0.1:{port}")
+
+    def failure(self, model: str) -> BenchmarkError:
+        return classify_exit(model, self.proc.returncode, _tail(self.log))
+
+    async def stop(self) -> None:
+        """SIGTERM the group, wait, then SIGKILL; the log is closed afterwards."""
+        try:
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(self.proc.wait(), STOP_GRACE_S)
+                except TimeoutError:
+                    pass
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), STOP_GRACE_S)
+        finally:
+            self.log.close()
+
+
+async def _wait_ready(http: aiohttp.ClientSession, child: Child, model: str) -> dict[str, Any]:
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if child.proc.returncode is not None:
+            raise child.failure(model)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with http.get(
+                child.base_url + "/health", timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                if resp.status == 200:
+                    body: dict[str, Any] = await resp.json()
+                    return body
+        await asyncio.sleep(HEALTH_POLL_S)
+    raise LoadFailed(f"Load error: {model} did not load within {LOAD_TIMEOUT_S:.0f} s")
+
+
+async def _health(http: aiohttp.ClientSession, child: Child) -> dict[str, Any]:
+    async with http.get(child.base_url + "/health") as resp:
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+async def _generate(http: aiohttp.ClientSession, child: Child, model: str, n: int) -> int:
+    body = {"prompt": f"{PROMPT} ({n})", "params": {"max_new_tokens": MAX_NEW_TOKENS}}
+    try:
+        async with http.post(child.base_url + "/run", json=body) as resp:
+            payload: dict[str, Any] = await resp.json(content_type=None)
+            if resp.status != 200:
+                await asyncio.sleep(0.2)  # let a dying agent finish exiting, to say why
+                if child.proc.returncode is not None:
+                    raise child.failure(model)
+                code = payload.get("code", resp.status) if isinstance(payload, dict) else ""
+                raise LoadFailed(f"Load error: generation failed ({code})")
+            return int(payload.get("tokens_generated", 0))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        await asyncio.sleep(0.2)
+        if child.proc.returncode is not None:
+            raise child.failure(model) from exc
+        raise LoadFailed(f"Load error: generation failed ({type(exc).__name__})") from exc
+
+
+def _reported_peak(health: dict[str, Any]) -> tuple[int, int | None]:
+    memory = health.get("memory") or {}
+    rss = memory.get("peakRssBytes")
+    gpu = memory.get("peakGpuBytes")
+    return (int(rss) if isinstance(rss, int) else 0, int(gpu) if isinstance(gpu, int) else None)
+
+
+async def measure(target: Target, concurrencies: tuple[int, ...] = CONCURRENCIES) -> Profile:
+    """Load `target` in a fresh agent, generate at each concurrency in turn, return the profile.
+
+    Raises a `BenchmarkError` subclass saying why the model cannot run. Cancelling stops the
+    child (and its whole process group) before the cancellation propagates.
+    """
+    child = await Child.start(target, max(concurrencies))
+    sampler = TreeSampler(child.proc.pid, GpuReader.open())
+    sampler.start()
+    try:
+        async with aiohttp.ClientSession(timeout=_HTTP_TIMEOUT) as http:
+            ready = await _wait_ready(http, child, target.model)
+            sampler.sample()
+            loaded_rss = max(sampler.peak_rss_bytes, _reported_peak(ready)[0])
+            phases: list[Phase] = []
+            for concurrency in sorted(concurrencies):
+                started = time.monotonic()
+                tokens = await asyncio.gather(
+                    *(_generate(http, child, target.model, i) for i in range(concurrency))
+                )
+                seconds = time.monotonic() - started
+                sampler.sample()
+                reported_rss, reported_gpu = _reported_peak(await _health(http, child))
+                gpu_peaks = [g for g in (sampler.peak_gpu_bytes, reported_gpu) if g is not None]
+                phases.append(
+                    Phase(
+                        concurrency=concurrency,
+                        peak_rss_bytes=max(sampler.peak_rss_bytes, reported_rss),
+                        peak_gpu_bytes=max(gpu_peaks) if gpu_peaks else None,
+                        tokens=sum(tokens),
+                        seconds=seconds,
+                    )
+                )
+            load_s = float(ready.get("loadSeconds") or 0.0)
+    finally:
+        sampler.stop()
+        await asyncio.shield(child.stop())
+    logger.info(
+        "measured %s: %.0f MB at concurrency 1, load %.1f s",
+        target.model,
+        phases[0].peak_rss_bytes / 1e6,
+        load_s,
+    )
+    return Profile(device_kind(target.device), load_s, loaded_rss, cumulative(phases))

@@ -1,0 +1,172 @@
+"""Command line: `serve` one model over HTTP, or `convert` a GGUF file into a safetensors dir.
+
+Exit codes: 0 after a clean stop, 2 for bad arguments, 3 when the model cannot be loaded (or
+converted); stderr then holds one line `mlcp-agent: load failed: <reason>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from instance_agent.app import AgentConfig, agent_state, create_app
+from instance_agent.protocol import DEFAULT_MAX_NEW_TOKENS_CAP
+
+EXIT_LOAD_FAILED = 3
+# Streams still open this long after SIGTERM are cancelled; generation itself is aborted at
+# once, so in practice every response has ended well before.
+_GRACEFUL_SHUTDOWN_S = 2
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 10, not {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m instance_agent", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="load one model and serve it over HTTP")
+    serve.add_argument("--model-dir", type=Path, required=True, help="model directory")
+    serve.add_argument("--gguf-file", help="a .gguf file inside --model-dir to load instead")
+    serve.add_argument("--model-name", required=True, help="the name /health reports")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--concurrency", type=_positive, default=1, help="requests per batch")
+    serve.add_argument("--max-queue", type=_non_negative, default=0, help="requests that wait")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    serve.add_argument("--max-new-tokens-cap", type=_positive, default=DEFAULT_MAX_NEW_TOKENS_CAP)
+    serve.add_argument(
+        "--step-delay-s",
+        type=_seconds,
+        default=0.0,
+        help="testing aid: sleep this long at every decoding step",
+    )
+
+    convert = commands.add_parser("convert", help="dequantize a GGUF file into a model dir")
+    convert.add_argument("--gguf-file", type=Path, required=True)
+    convert.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def _fatal(what: str, reason: str) -> None:
+    print(f"mlcp-agent: {what}: {' '.join(reason.split())}", file=sys.stderr, flush=True)
+
+
+class _AgentServer(uvicorn.Server):
+    """A uvicorn server that also aborts generation the moment a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit_signal: threading.Event) -> None:
+        super().__init__(config)
+        self._on_exit_signal = on_exit_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit_signal.set()
+        super().handle_exit(sig, frame)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve one model until stopped; return the exit code."""
+    config = AgentConfig(
+        model_dir=args.model_dir,
+        model_name=args.model_name,
+        gguf_file=args.gguf_file,
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+        device=args.device,
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        step_delay_s=args.step_delay_s,
+    )
+    load_failed = threading.Event()
+    exit_signal = threading.Event()
+    server: _AgentServer | None = None
+
+    def on_load_failed(reason: str) -> None:
+        _fatal("load failed", reason)
+        load_failed.set()
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_load_failed=on_load_failed)
+    state = agent_state(app)
+    server = _AgentServer(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            access_log=False,
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        ),
+        exit_signal,
+    )
+
+    def abort_on_exit_signal() -> None:
+        exit_signal.wait()
+        state.begin_shutdown()
+
+    # Aborting generation at SIGTERM frees the open streams at once instead of after the graceful
+    # timeout. It runs on its own thread because the signal handler interrupts the event loop's
+    # thread, which may hold the batcher's lock at that moment.
+    threading.Thread(target=abort_on_exit_signal, name="mlcp-exit-watch", daemon=True).start()
+    server.run()
+    if load_failed.is_set():
+        return EXIT_LOAD_FAILED
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Convert a GGUF file into a safetensors model directory; print the directory."""
+    from instance_agent import model
+    from instance_agent.protocol import LoadFailed
+
+    try:
+        out_dir = model.convert_gguf(args.gguf_file.resolve(), args.out.resolve())
+    except LoadFailed as exc:
+        _fatal("convert failed", exc.message)
+        return EXIT_LOAD_FAILED
+    print(out_dir, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "convert":
+        return convert(args)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The loader thread may still be inside torch; don't let interpreter teardown wait on it.
+    os._exit(code)

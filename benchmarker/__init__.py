@@ -11,8 +11,7 @@ Exception tree::
     ├── UnsafeWeights (unsafe_weights)
     ├── NeedsRemoteCode (remote_code)
     ├── OutOfMemory (out_of_memory)
-    ├── LoadFailed (load_error, retried)
-    └── LeaseLost (lease_lost: another worker owns the job now; nothing is written)
+    └── LoadFailed (load_error, retried)
 """
 
 from __future__ import annotations
@@ -60,9 +59,3 @@ class LoadFailed(BenchmarkError):
 
     code = "load_error"
     retryable = True
-
-
-class LeaseLost(BenchmarkError):
-    """Another worker took the job over; this worker's result is refused."""
-
-    code = "lease_lost"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -74,11 +75,13 @@ def ram_for_concurrency(profile: Profile, concurrency: int) -> int:
     points = [(p.concurrency, p.peak_rss_bytes) for p in profile.phases]
     if not points:
         raise ValueError("a profile needs at least one phase")
-    if concurrency <= points[0][0] or len(points) == 1:
-        return with_margin(points[0][1] if concurrency <= points[0][0] else points[-1][1])
-    for (c0, m0), (c1, m1) in zip(points, points[1:], strict=False):
+    if concurrency <= points[0][0]:
+        return with_margin(points[0][1])
+    for (c0, m0), (c1, m1) in itertools.pairwise(points):
         if concurrency <= c1:
             return with_margin(round(m0 + (m1 - m0) * (concurrency - c0) / (c1 - c0)))
+    if len(points) == 1:
+        return with_margin(points[0][1])
     (c0, m0), (c1, m1) = points[-2], points[-1]
     slope = max(0.0, (m1 - m0) / (c1 - c0))
     return with_margin(round(m1 + slope * (concurrency - c1)))

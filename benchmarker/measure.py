@@ -213,7 +213,7 @@ class Child:
         self.base_url = base_url
 
     @classmethod
-    async def start(cls, target: Target, concurrency: int) -> Child:
+    async def start(cls, target: Target, concurrency: int, command: list[str] | None) -> Child:
         port = free_loopback_port()
         spec = InstanceSpec(
             instance_id=0,
@@ -228,7 +228,7 @@ class Child:
         log = tempfile.TemporaryFile()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *agent_command(spec, port),
+                *agent_command(spec, port, command),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -238,7 +238,9 @@ class Child:
             )
         except OSError as exc:
             log.close()
-            raise LoadFailed(f"Load error: could not start the instance agent ({exc.strerror})")
+            raise LoadFailed(
+                f"Load error: could not start the instance agent ({exc.strerror})"
+            ) from exc
         return cls(proc, log, f"http://127.0.0.1:{port}")
 
     def failure(self, model: str) -> BenchmarkError:
@@ -310,13 +312,19 @@ def _reported_peak(health: dict[str, Any]) -> tuple[int, int | None]:
     return (int(rss) if isinstance(rss, int) else 0, int(gpu) if isinstance(gpu, int) else None)
 
 
-async def measure(target: Target, concurrencies: tuple[int, ...] = CONCURRENCIES) -> Profile:
+async def measure(
+    target: Target,
+    *,
+    concurrencies: tuple[int, ...] = CONCURRENCIES,
+    command: list[str] | None = None,
+) -> Profile:
     """Load `target` in a fresh agent, generate at each concurrency in turn, return the profile.
 
+    `command` replaces `python -m instance_agent` as instances do (Settings.agent_command).
     Raises a `BenchmarkError` subclass saying why the model cannot run. Cancelling stops the
     child (and its whole process group) before the cancellation propagates.
     """
-    child = await Child.start(target, max(concurrencies))
+    child = await Child.start(target, max(concurrencies), command)
     sampler = TreeSampler(child.proc.pid, GpuReader.open())
     sampler.start()
     try:

@@ -29,18 +29,22 @@ def read_small_json(path: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def check_model_folder(folder: Path, model: str) -> None:
-    """Raise when the folder must not be loaded: it needs remote code or holds only pickles."""
-    config = read_small_json(folder / "config.json")
-    if config is None:
-        raise ModelNotFound(f"Model {model} has no readable config.json")
+def check_remote_code(folder: Path, model: str) -> None:
+    """Raise NeedsRemoteCode when the folder's configs point at Python code shipped with it."""
     for name in _CODE_POINTERS:
-        data = config if name == "config.json" else read_small_json(folder / name)
+        data = read_small_json(folder / name)
         if data is not None and "auto_map" in data:
             raise NeedsRemoteCode(
                 f"Model {model} needs remote code ({name} has auto_map); "
                 "mlcp never runs code shipped with a model"
             )
+
+
+def check_model_folder(folder: Path, model: str) -> None:
+    """Raise when the folder must not be loaded: it needs remote code or holds only pickles."""
+    if read_small_json(folder / "config.json") is None:
+        raise ModelNotFound(f"Model {model} has no readable config.json")
+    check_remote_code(folder, model)
     files = [p for p in folder.iterdir() if p.is_file()]
     if any(p.suffix == ".safetensors" for p in files):
         return

@@ -12,6 +12,7 @@ import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
+from benchmarker.worker import background_worker
 from control_plane import handlers
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
@@ -21,7 +22,7 @@ from control_plane.proxy import new_session
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
 from control_plane.supervisor import Supervisor
-from control_plane.routes import instances, keys, models
+from control_plane.routes import instances, jobs, keys, models
 from control_plane.routes import health as health_routes
 from control_plane.settings import Settings
 from control_plane.state import STATE_KEY, AppState
@@ -81,13 +82,17 @@ def create_app(settings: Settings) -> Starlette:
             stack.callback(scheduler.shutdown, wait=False)
             # Counters not yet flushed are written before the pool closes.
             stack.push_async_callback(activity.flush, pool)
+            # Stops first on the way out: finishes or hands back its job while the pool is open.
+            await stack.enter_async_context(background_worker(pool, settings))
             yield {STATE_KEY: state}
 
     app = Starlette(
-        routes=[*health_routes.routes, *models.routes, *keys.routes, *instances.routes],
+        routes=[*health_routes.routes, *models.routes, *keys.routes, *instances.routes,
+                *jobs.routes],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,
             HTTPException: handlers.on_http_exception,
+            **handlers.DATABASE_HANDLERS,
             Exception: handlers.on_unexpected,
         },
         lifespan=lifespan,

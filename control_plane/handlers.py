@@ -12,8 +12,16 @@ from starlette.responses import JSONResponse, Response
 
 from control_plane.auth import Principal
 from control_plane.bodies import read_json
-from control_plane.errors import InternalError, MethodNotAllowed, MlcpError, NotFound
+from control_plane.errors import (
+    InternalError,
+    MethodNotAllowed,
+    MlcpError,
+    NotFound,
+    ServiceUnavailable,
+)
 from control_plane.state import AppState, state_of
+from db import DatabaseUnavailable
+from db.pool import LOST_CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,24 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     return JSONResponse(
         {"error": err.message, "code": err.error_code}, status_code=exc.status_code
     )
+
+
+async def on_database_unavailable(request: Request, exc: Exception) -> Response:
+    # A database outage is a dependency down (DESIGN: 503 + Retry-After), not a bug worth a 500.
+    logger.warning(
+        "database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__
+    )
+    return error_response(
+        ServiceUnavailable(
+            "the database is unreachable", code="database_unavailable", retry_after_s=2
+        )
+    )
+
+
+# Handlers for every exception that means "the database is unavailable", for create_app.
+DATABASE_HANDLERS = {
+    cls: on_database_unavailable for cls in (DatabaseUnavailable, *LOST_CONNECTION_ERRORS)
+}
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:

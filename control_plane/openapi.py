@@ -94,8 +94,11 @@ OPERATIONS: list[Operation] = [
     Operation("get", "/openapi.json", "This document", None, response={"type": "object"}),
     Operation("get", "/model/list", "The catalog", "user",
               response={"type": "array", "items": _ref("ModelItem")}, errors=(401,)),
-    Operation("post", "/model/list", "The catalog", "user",
-              response={"type": "array", "items": _ref("ModelItem")}, errors=(401,)),
+    Operation("post", "/model/list", "The catalog, optionally of one task", "user",
+              body="ModelListBody", response={"type": "array", "items": _ref("ModelItem")},
+              errors=_AUTH_ERRORS),
+    Operation("post", "/model/job", "Request a model: queue its benchmark or report its job",
+              "user", body="ModelBody", response=_ref("ModelJob"), errors=_AUTH_ERRORS),
     Operation("post", "/admin/keys", "Create an API key (its secret is shown once)", "admin",
               body="KeyCreate", response=_ref("Key"), errors=(*_AUTH_ERRORS, 403),
               ok_status=201),
@@ -105,6 +108,29 @@ OPERATIONS: list[Operation] = [
               response=_ref("Key"), errors=(401, 403, 404)),
 ]
 
+# Bodies that may be left out: an empty POST means "all defaults".
+_OPTIONAL_BODIES = frozenset({"ModelListBody", "KeyCreate"})
+SCHEMAS["ModelListBody"] = {
+    "type": "object",
+    "properties": {"task": {"type": "string", "maxLength": 64}},
+    "additionalProperties": False,
+}
+SCHEMAS["ModelJob"] = {
+    "type": "object",
+    "required": ["model", "success", "message", "startTime", "endTime", "modified"],
+    "properties": {
+        "model": {"type": "string"},
+        "success": {"type": "boolean", "description": "false when the job failed"},
+        "message": {
+            "type": "string",
+            "description": "'Model is already queued' while queued or benchmarking, "
+            "'Model available' once measured, otherwise why the job failed",
+        },
+        "startTime": _TS,
+        "endTime": _TS,
+        "modified": _TS,
+    },
+}
 SCHEMAS["KeyCreate"] = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 100}, "scope": {"enum": ["admin", "user"]}},
@@ -121,7 +147,7 @@ def _operation(op: Operation) -> dict[str, Any]:
         out["security"] = []
     if op.body:
         out["requestBody"] = {
-            "required": True,
+            "required": op.body not in _OPTIONAL_BODIES,
             "content": {"application/json": {"schema": _ref(op.body)}},
         }
     if "{key_id}" in op.path:

@@ -125,6 +125,19 @@ def parse_model_request(body: object) -> ModelRequest:
     return ModelRequest(parse_model_field(obj))
 
 
+LIST_REQUEST_FIELDS = frozenset({TASK})
+
+
+def parse_list_request(body: object) -> str | None:
+    """The optional `task` filter of POST /model/list; the body is checked like any other."""
+    obj = require_object(body)
+    reject_unknown(obj, LIST_REQUEST_FIELDS)
+    task = obj.get(TASK)
+    if task is not None and (not isinstance(task, str) or not 1 <= len(task) <= 64):
+        raise Invalid("'task' must be a task name such as 'text-generation'", code="invalid_field")
+    return task
+
+
 def required_ram_gb(mem_bytes: int | None) -> float | None:
     return None if mem_bytes is None else mem_bytes / BYTES_PER_GB
 

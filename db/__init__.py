@@ -3,6 +3,7 @@
 Exception tree::
 
     DatabaseError
+    ├── DatabaseUnavailable
     ├── MigrationError
     └── EmbeddedServerError
 """
@@ -10,6 +11,10 @@ Exception tree::
 
 class DatabaseError(Exception):
     """The database could not do what was asked."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached now (down, restarting, full or gone); try again later."""
 
 
 class MigrationError(DatabaseError):

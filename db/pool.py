@@ -7,15 +7,45 @@ from typing import Any
 
 import asyncpg
 
+from db import DatabaseUnavailable
+
 # A query that takes longer than this is a bug or an overloaded server; fail it rather than hang.
 COMMAND_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 
 Pool = asyncpg.Pool
 
+# Raised while opening a connection when the server is down, restarting, full or refusing, or
+# the database is gone: an outage to wait out, never a bug of ours.
+_CONNECT_FAILURES: tuple[type[Exception], ...] = (
+    OSError,  # refused, socket missing, reset, connect timeout
+    asyncpg.PostgresConnectionError,  # 08xxx
+    asyncpg.OperatorInterventionError,  # 57xxx: shutting down, starting up
+    asyncpg.InsufficientResourcesError,  # 53xxx: too many connections
+    asyncpg.InvalidCatalogNameError,  # 3D000: the database was dropped
+    asyncpg.ObjectNotInPrerequisiteStateError,  # 55000: not accepting connections
+)
+# Raised on an open connection when the server goes away under a query.
+LOST_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+)
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _connect_or_unavailable(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect for the pool, with outages translated to DatabaseUnavailable."""
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+    except _CONNECT_FAILURES as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to the database: {type(exc).__name__}"
+        ) from exc
+    return conn
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
@@ -28,13 +58,14 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Poo
         timeout=CONNECT_TIMEOUT_S,
         server_settings={"timezone": "UTC", "application_name": "mlcp"},
         init=_init_connection,
+        connect=_connect_or_unavailable,
     )
     return pool
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
     """Open a single connection (migrations, CLI commands)."""
-    conn: Any = await asyncpg.connect(
+    conn: Any = await _connect_or_unavailable(
         dsn, timeout=CONNECT_TIMEOUT_S, server_settings={"timezone": "UTC"}
     )
     await _init_connection(conn)

@@ -316,3 +316,7 @@ async def record_model_observation(
         peak_rss_bytes,
         peak_gpu_bytes,
     )
+
+
+async def lock_model_requests(db: Executor, model: str) -> None:
+    await db.execute(sql("lock_model_requests"), model)

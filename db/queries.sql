@@ -282,3 +282,7 @@ SET required_ram_bytes = seen.peak_rss_bytes, updated_at = now()
 FROM seen
 WHERE m.name = seen.model AND seen.concurrency = 1
   AND m.required_ram_bytes IS NOT NULL AND seen.peak_rss_bytes > m.required_ram_bytes;
+
+-- name: lock_model_requests
+-- Serializes /model/job decisions for one model (across control planes) until the transaction ends.
+SELECT pg_advisory_xact_lock(hashtextextended('mlcp:model_job:' || $1, 0));

@@ -50,6 +50,7 @@ from instance_agent.protocol import (
     validate_run_body,
 )
 from instance_agent.streaming import EventChannel, Failed, Finished, Row, TextChunk
+from instance_agent.weights import check_model_dir
 
 if TYPE_CHECKING:
     from instance_agent.model import TransformersEngine
@@ -93,6 +94,8 @@ class AgentState:
         """Load the model (blocking; runs on the loader thread) and start the batcher."""
         started = time.monotonic()
         try:
+            # Refuse a bad directory before spending seconds importing torch.
+            check_model_dir(self.config.model_dir, self.config.gguf_file)
             from instance_agent import model
 
             engine = model.load_engine(

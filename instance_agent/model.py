@@ -31,36 +31,18 @@ from transformers.utils import logging as transformers_logging
 
 from instance_agent.protocol import InvalidPrompt, LoadFailed, Prompt
 from instance_agent.streaming import Row
+from instance_agent.weights import check_model_dir
 
 logger = logging.getLogger(__name__)
 
 # A model's own config may claim an effectively unbounded context (tokenizers default to 1e30).
 _FALLBACK_CONTEXT_TOKENS = 2048
 _MEMORY_SAMPLE_EVERY_STEPS = 16
-_PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def _cpu_threads() -> int:
     # Respects CPU affinity and cgroup-pinned sets, unlike os.cpu_count().
     return max(1, len(os.sched_getaffinity(0)))
-
-
-def _check_weights(model_dir: Path, gguf_file: str | None) -> None:
-    if not model_dir.is_dir():
-        raise LoadFailed(f"model directory {model_dir} does not exist")
-    if gguf_file is not None:
-        if not (model_dir / gguf_file).is_file():
-            raise LoadFailed(f"GGUF file {gguf_file} is not in {model_dir}")
-        return
-    if any(model_dir.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_WEIGHT_SUFFIXES)
-    if pickles:
-        raise LoadFailed(
-            f"{model_dir} holds only pickle weights ({', '.join(pickles)}); refusing to load "
-            "them because unpickling can run arbitrary code: provide safetensors weights"
-        )
-    raise LoadFailed(f"{model_dir} holds no safetensors weights")
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -278,7 +260,7 @@ def load_engine(
     Never runs code shipped with the model: `trust_remote_code` is always False, and pickle
     weights are refused before transformers sees them.
     """
-    _check_weights(model_dir, gguf_file)
+    check_model_dir(model_dir, gguf_file)
     resolved = _resolve_device(device)
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     torch.set_num_threads(_cpu_threads())

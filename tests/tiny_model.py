@@ -50,7 +50,7 @@ def _train_tokenizer() -> object:
     )
     lines = [line for line in _CORPUS.splitlines() if line.strip()]
     core.train_from_iterator(lines * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
@@ -81,7 +81,6 @@ def build_tiny_model(dest: Path, *, chat_template: bool = True) -> Path:
     )
     torch.manual_seed(1234)
     model = GPT2LMHeadModel(config)
-    model.eval()
     dest.mkdir(parents=True, exist_ok=True)
     # transformers 5 always writes safetensors.
     model.save_pretrained(dest)

@@ -92,6 +92,8 @@ async def status(request: Request, state: AppState, principal: Principal) -> Res
     body = parse_model_request(await json_body(request, state))
     row = await _latest(state, body.model)
     out = _status(state, row)
+    if principal.is_admin:
+        out["endpoint"] = row.endpoint
     out["history"] = [render_event(e) for e in await queries.instance_events(state.pool, row.id)]
     return JSONResponse(out)
 

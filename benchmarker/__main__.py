@@ -1,0 +1,88 @@
+"""`python -m benchmarker worker`: a standalone benchmark worker, to scale measuring out.
+
+It reads the same MLCP_* settings as the control plane and works on the same queue: the
+embedded PostgreSQL under MLCP_DATA_DIR, or MLCP_DATABASE_URL. SIGTERM or Ctrl-C stops it after
+the current job, or hands that job back to the queue if it takes longer than the deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from benchmarker.worker import SHUTDOWN_DEADLINE_S, ModelBenchmark, Worker
+from control_plane.bootstrap import migrate_database
+from control_plane.settings import Settings
+from db import DatabaseError
+from db.embedded import EmbeddedPostgres
+from db.pool import create_pool
+
+logger = logging.getLogger("benchmarker")
+
+
+async def _serve(settings: Settings, device: str, once: bool) -> int:
+    embedded: EmbeddedPostgres | None = None
+    if settings.database_url is not None:
+        dsn = settings.database_url.get_secret_value()
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+    try:
+        await migrate_database(dsn)
+        pool = await create_pool(dsn, max_size=4)
+        try:
+            worker = Worker(pool, ModelBenchmark(pool, settings, device=device))
+            if once:
+                job = await worker.run_once()
+                return 0 if job is not None else 1
+            await _run_until_signalled(worker)
+        finally:
+            await pool.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+async def _run_until_signalled(worker: Worker) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logger.info("benchmark worker %s waiting for jobs", worker.worker_id)
+    task = asyncio.create_task(worker.run(stop), name="mlcp-benchmark-worker")
+    stopping = asyncio.create_task(stop.wait(), name="mlcp-worker-stop")
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), SHUTDOWN_DEADLINE_S)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        stopping.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarker", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    worker = sub.add_parser("worker", help="claim and measure model jobs until stopped")
+    worker.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (as instances run)")
+    worker.add_argument("--once", action="store_true", help="process one due job, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(_serve(Settings(), args.device, args.once))
+    except DatabaseError as exc:
+        print(f"mlcp-benchmarker: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import sys
 import uuid
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -19,6 +20,7 @@ from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refre
 from control_plane.activity import Activity
 from control_plane.errors import MlcpError
 from control_plane.proxy import new_session
+from control_plane.reconciler import reconcile
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
 from control_plane.supervisor import Supervisor
@@ -26,6 +28,7 @@ from control_plane.routes import instances, jobs, keys, models
 from control_plane.routes import health as health_routes
 from control_plane.settings import Settings
 from control_plane.state import STATE_KEY, AppState
+from db import queries
 from db.embedded import EmbeddedPostgres
 from db.pool import create_pool
 
@@ -65,9 +68,11 @@ def create_app(settings: Settings) -> Starlette:
             stack.push_async_callback(session.close)
             activity = Activity(node_id=uuid.uuid4().hex)
             supervisor = Supervisor(
-                pool, build_runtime(settings), session, activity, settings.model_store,
+                pool, build_runtime(settings, await queries.cluster_id(pool)), session, activity,
+                settings.model_store,
                 max_queue=settings.max_queue,
                 start_timeout_s=settings.start_timeout_s,
+                stop_on_exit=settings.stop_instances_on_exit,
             )
             stack.push_async_callback(supervisor.close)
             state = AppState(
@@ -76,7 +81,7 @@ def create_app(settings: Settings) -> Starlette:
             )
             # Also on app.state, for tests and tooling that hold the app, not a request.
             app.state.mlcp = state
-            await supervisor.refresh_routes()
+            await reconcile(supervisor, datetime.now(UTC))
             scheduler = build_scheduler(state)
             scheduler.start()
             stack.callback(scheduler.shutdown, wait=False)

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=8, ge=0, le=1024)
     # Fixed limit for an instance to become healthy; unset, it grows with the model's size.
     start_timeout_s: float | None = Field(default=None, gt=0)
+    # Stop running instances when the control plane exits. Off: a restart is not a stop, the next
+    # start adopts them (reconciliation).
+    stop_instances_on_exit: bool = False
     # The command that runs an instance agent (JSON list); tests point it at a fake agent.
     agent_command: list[str] | None = None
 

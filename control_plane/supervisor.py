@@ -19,7 +19,7 @@ from control_plane.activity import Activity
 from control_plane.errors import Conflict, MlcpError, NotFound
 from control_plane.lifecycle import State, allowed_from, health_timeout_s
 from control_plane.model_store import prepare_model
-from control_plane.runtimes.base import InstanceSpec, Launched, Runtime
+from control_plane.runtimes.base import InstanceSpec, Launched, Listed, Runtime
 from db import queries
 from db.pool import Pool
 from db.rows import InstanceRow, ModelRow
@@ -60,8 +60,11 @@ class Supervisor:
         *,
         max_queue: int = 8,
         start_timeout_s: float | None = None,
+        stop_on_exit: bool = False,
     ) -> None:
         self.start_timeout_s = start_timeout_s
+        self.stop_on_exit = stop_on_exit
+        self._starting: set[int] = set()
         self.pool = pool
         self.runtime = runtime
         self.session = session
@@ -137,6 +140,7 @@ class Supervisor:
 
     async def _start(self, row: InstanceRow, model: ModelRow) -> None:
         launched: Launched | None = None
+        self._starting.add(row.id)
         try:
             target = await prepare_model(model, self.model_store)
             spec = InstanceSpec(
@@ -175,6 +179,8 @@ class Supervisor:
             if launched is not None:
                 await self.runtime.stop(launched.handle, STOP_GRACE_S)
             await self._fail(row.id, reason)
+        finally:
+            self._starting.discard(row.id)
 
     async def _wait_healthy(self, launched: Launched, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -296,13 +302,48 @@ class Supervisor:
                 return
             await asyncio.sleep(0.05)
 
+    def starting_here(self) -> set[int]:
+        """Instances this control plane is starting right now."""
+        return set(self._starting)
+
+    async def adopt(self, row: InstanceRow, found: Listed) -> None:
+        """Take over an instance found running (after a restart): RUNNING keeps its expiry."""
+        if row.handle != found.handle or (found.endpoint and row.endpoint != found.endpoint):
+            updated = await queries.set_instance_handle(
+                self.pool, row.id, found.handle, found.endpoint or row.endpoint
+            )
+            row = updated or row
+        if row.state == State.STARTING and row.endpoint:
+            self._spawn(self._finish_start(row, Launched(found.handle, row.endpoint)))
+        else:
+            self._set_route(row)
+
+    async def _finish_start(self, row: InstanceRow, launched: Launched) -> None:
+        self._starting.add(row.id)
+        try:
+            await self._wait_healthy(launched, self.start_timeout_s or health_timeout_s(None))
+            running = await queries.mark_running(
+                self.pool, row.id, launched.endpoint, launched.handle
+            )
+            if running is not None:
+                self._set_route(running)
+        except MlcpError as exc:
+            await self.fail_and_stop(row, exc.message)
+        finally:
+            self._starting.discard(row.id)
+
     async def close(self) -> None:
-        """Cancel start-ups in progress and stop the instances this control plane started."""
+        """Cancel start-ups in progress; stop running instances only if configured to.
+
+        By default a control-plane restart is not a stop: the next start adopts the instances.
+        """
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if not self.stop_on_exit:
+            return
         for instance_id in list(self._started_here):
             row = await queries.get_instance(self.pool, instance_id)
             if row is not None and row.state in (State.STARTING, State.RUNNING):

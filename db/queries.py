@@ -320,3 +320,8 @@ async def record_model_observation(
 
 async def lock_model_requests(db: Executor, model: str) -> None:
     await db.execute(sql("lock_model_requests"), model)
+
+
+async def cluster_id(db: Executor) -> str:
+    """This deployment's identity (labels its instances)."""
+    return str(await db.fetchval(sql("cluster_id")))

@@ -286,3 +286,6 @@ WHERE m.name = seen.model AND seen.concurrency = 1
 -- name: lock_model_requests
 -- Serializes /model/job decisions for one model (across control planes) until the transaction ends.
 SELECT pg_advisory_xact_lock(hashtextextended('mlcp:model_job:' || $1, 0));
+
+-- name: cluster_id
+SELECT id FROM cluster;

@@ -132,3 +132,11 @@ CREATE TABLE model_observations (
     observed_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (model, device_kind, concurrency)
 );
+
+-- The deployment's identity: instances are labelled with it, so two mlcp deployments on one host
+-- (or two test databases) never adopt or remove each other's instances.
+CREATE TABLE cluster (
+    id          text PRIMARY KEY,
+    singleton   boolean NOT NULL DEFAULT true UNIQUE CHECK (singleton),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);

@@ -82,7 +82,14 @@ async def db_dsn(pg_dsn: str, template_db: str) -> AsyncIterator[str]:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     finally:
         await admin.close()
-    yield _replace_db(pg_dsn, name)
+    dsn = _replace_db(pg_dsn, name)
+    # Each clone is its own deployment, so its instances never mix with another test's.
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE cluster SET id = $1", uuid.uuid4().hex[:12])
+    finally:
+        await conn.close()
+    yield dsn
     admin = await asyncpg.connect(pg_dsn)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -107,6 +114,8 @@ def make_settings(db_dsn: str, data_dir: Path, **overrides: Any) -> Settings:
         "port": 0,
         "hf_cache_dir": data_dir / "hf-cache",
         "include_packaged_models": True,
+        # Tests must not leave instances behind; restart tests turn this off.
+        "stop_instances_on_exit": True,
     }
     values.update(overrides)
     return Settings(**values)

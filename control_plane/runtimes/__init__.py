@@ -7,8 +7,10 @@ from control_plane.runtimes.process import ProcessRuntime
 from control_plane.settings import Settings
 
 
-def build_runtime(settings: Settings) -> Runtime:
-    """The runtime MLCP_RUNTIME names."""
+def build_runtime(settings: Settings, cluster: str) -> Runtime:
+    """The runtime MLCP_RUNTIME names, labelling instances with this deployment's `cluster` id."""
     if settings.runtime == "process":
-        return ProcessRuntime(settings.data_dir / "logs", command=settings.agent_command)
+        return ProcessRuntime(
+            settings.data_dir / "logs", cluster=cluster, command=settings.agent_command
+        )
     raise ValueError(f"runtime {settings.runtime!r} is not available")

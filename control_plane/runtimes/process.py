@@ -20,6 +20,7 @@ import psutil
 
 from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed, RuntimeError_
 
+# <cluster>:<instance id>:<generation>
 LABEL_ENV = "MLCP_INSTANCE"
 LOAD_FAILED_MARK = "mlcp-agent: load failed:"
 
@@ -74,9 +75,15 @@ class ProcessRuntime:
     name = "process"
 
     def __init__(
-        self, log_dir: Path, *, command: list[str] | None = None, env: dict[str, str] | None = None
+        self,
+        log_dir: Path,
+        *,
+        cluster: str,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.log_dir = log_dir
+        self.cluster = cluster
         self._command = command
         self._env = env or {}
         self._procs: dict[int, asyncio.subprocess.Process] = {}
@@ -89,7 +96,7 @@ class ProcessRuntime:
         port = free_loopback_port()
         env = dict(os.environ)
         env.update(self._env)
-        env[LABEL_ENV] = f"{spec.instance_id}:{spec.generation}"
+        env[LABEL_ENV] = f"{self.cluster}:{spec.instance_id}:{spec.generation}"
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         log_file = self.log_dir / f"instance-{spec.instance_id}-{spec.generation}.log"
@@ -163,12 +170,15 @@ class ProcessRuntime:
                 label = (p.info.get("environ") or {}).get(LABEL_ENV)
                 if not label or p.status() == psutil.STATUS_ZOMBIE:
                     continue
-                instance_id, _, generation = label.partition(":")
+                cluster, instance_id, generation = label.split(":")
+                # Only process-group leaders: an agent's own children inherit its environment.
+                if cluster != self.cluster or os.getpgid(p.pid) != p.pid:
+                    continue
                 cmd = p.info.get("cmdline") or []
                 port = cmd[cmd.index("--port") + 1] if "--port" in cmd else None
                 endpoint = f"http://127.0.0.1:{port}" if port else None
                 found.append(Listed(int(instance_id), int(generation), str(p.pid), endpoint))
-            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, IndexError):
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, ValueError, IndexError):
                 continue
         return found
 

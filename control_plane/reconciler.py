@@ -1,0 +1,98 @@
+"""Reconciliation: make the database and what the runtime really runs agree.
+
+Run at start-up and periodically. Instances that run with a matching row and generation are
+adopted (their expiry untouched, so a control-plane restart is not a stop); rows whose instance
+is gone become FAILED with the reason; labelled instances without a live row are stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from control_plane.lifecycle import State
+from control_plane.runtimes.base import Listed
+from control_plane.supervisor import STOP_GRACE_S, Supervisor
+from db import queries
+from db.rows import InstanceRow
+
+logger = logging.getLogger(__name__)
+
+RECONCILE_INTERVAL_S = 10.0
+GONE_REASON = "the instance's process or container is gone (found by reconciliation)"
+
+
+@dataclass
+class Plan:
+    adopt: list[tuple[InstanceRow, Listed]] = field(default_factory=list)
+    fail: list[tuple[InstanceRow, str]] = field(default_factory=list)
+    finish_stop: list[tuple[InstanceRow, Listed | None]] = field(default_factory=list)
+    remove: list[Listed] = field(default_factory=list)
+
+
+def plan(
+    rows: list[InstanceRow],
+    listed: list[Listed],
+    *,
+    starting_here: set[int],
+    now: datetime,
+    starting_grace_s: float,
+) -> Plan:
+    """Decide what to do with every live row and every labelled instance (pure)."""
+    out = Plan()
+    by_id: dict[int, Listed] = {}
+    for item in listed:
+        if item.instance_id in by_id:
+            out.remove.append(item)  # a duplicate can only be a leftover
+        else:
+            by_id[item.instance_id] = item
+    for row in rows:
+        found = by_id.pop(row.id, None)
+        if found is not None and found.generation != row.generation:
+            out.remove.append(found)
+            found = None
+        if row.state == State.STOPPING:
+            out.finish_stop.append((row, found))
+        elif found is not None:
+            if row.id not in starting_here:
+                out.adopt.append((row, found))
+        elif row.id in starting_here:
+            continue
+        elif row.state == State.STARTING and now - row.created_at < timedelta(
+            seconds=starting_grace_s
+        ):
+            continue  # perhaps another control plane is launching it right now
+        else:
+            out.fail.append((row, GONE_REASON))
+    out.remove.extend(by_id.values())
+    return out
+
+
+async def reconcile(supervisor: Supervisor, now: datetime, starting_grace_s: float = 60.0) -> Plan:
+    """One pass: list the runtime first, then the rows, so a launch in between is never an orphan."""
+    listed = await supervisor.runtime.list()
+    rows = await queries.live_instances(supervisor.pool)
+    decided = plan(
+        rows,
+        listed,
+        starting_here=supervisor.starting_here(),
+        now=now,
+        starting_grace_s=starting_grace_s,
+    )
+    for row, found in decided.adopt:
+        await supervisor.adopt(row, found)
+    for row, reason in decided.fail:
+        await supervisor.fail_and_stop(row, reason)
+    for row, found in decided.finish_stop:
+        if found is None:
+            row = InstanceRow(**{**row.__dict__, "handle": None})
+        await supervisor.finish_stopping(row)
+    if decided.remove:
+        logger.warning("stopping %d instance(s) that have no live row", len(decided.remove))
+        await asyncio.gather(
+            *(supervisor.runtime.stop(item.handle, STOP_GRACE_S) for item in decided.remove)
+        )
+    await supervisor.refresh_routes()
+    return decided

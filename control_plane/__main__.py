@@ -57,8 +57,8 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     async def work(conn: Any) -> int:
         if args.keys_cmd == "create":
             secret, key_id = await auth.create_key(conn, args.name, args.scope)
-            row = next(k for k in await queries.list_keys(conn) if k.id == key_id)
-            print(json.dumps(render_key(row, secret), indent=2))
+            created = next(k for k in await queries.list_keys(conn) if k.id == key_id)
+            print(json.dumps(render_key(created, secret), indent=2))
             return 0
         if args.keys_cmd == "list":
             print(json.dumps([render_key(k) for k in await queries.list_keys(conn)], indent=2))
@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = build_parser().parse_args(argv)
     settings = Settings()
     run: Callable[[Settings, argparse.Namespace], int] = getattr(args, "run", _serve)

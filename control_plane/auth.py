@@ -104,7 +104,9 @@ class Authenticator:
         return principal
 
 
-async def create_key(db: Executor, name: str, scope: str, secret: str | None = None) -> tuple[str, int]:
+async def create_key(
+    db: Executor, name: str, scope: str, secret: str | None = None
+) -> tuple[str, int]:
     """Store a new key (or the given secret) and return (secret, id); the secret is not kept."""
     secret = secret or generate_key()
     row = await queries.insert_key(db, name, display_prefix(secret), hash_key(secret), scope)

@@ -83,9 +83,7 @@ def _read_config(folder: Path, root: Path) -> dict[str, object] | None:
 
 def _weights_bytes(folder: Path, root: Path) -> int | None:
     sizes = [
-        p.stat().st_size
-        for p in folder.glob("*.safetensors")
-        if p.is_file() and _inside(p, root)
+        p.stat().st_size for p in folder.glob("*.safetensors") if p.is_file() and _inside(p, root)
     ]
     return sum(sizes) if sizes else None
 
@@ -94,9 +92,7 @@ def _hf_folder(name: str, folder: Path, kind: str, root: Path) -> FoundModel | N
     config = _read_config(folder, root)
     if config is None:
         return None
-    return FoundModel(
-        name, task_of(config), kind, str(folder), None, _weights_bytes(folder, root)
-    )
+    return FoundModel(name, task_of(config), kind, str(folder), None, _weights_bytes(folder, root))
 
 
 def scan_model_dir(root: Path) -> list[FoundModel]:

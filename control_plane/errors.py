@@ -31,7 +31,11 @@ class MlcpError(Exception):
     code: ClassVar[str] = "internal_error"
 
     def __init__(
-        self, message: str | None = None, *, code: str | None = None, retry_after_s: int | None = None
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         self.message = message or (type(self).__doc__ or "error").strip()
         self.error_code = code or self.code

@@ -71,9 +71,7 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
             resp.headers.update(exc.headers)
         return resp
     err = MlcpError(exc.detail if isinstance(exc.detail, str) else None, code="http_error")
-    return JSONResponse(
-        {"error": err.message, "code": err.error_code}, status_code=exc.status_code
-    )
+    return JSONResponse({"error": err.message, "code": err.error_code}, status_code=exc.status_code)
 
 
 async def on_database_unavailable(request: Request, exc: Exception) -> Response:

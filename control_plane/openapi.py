@@ -55,6 +55,18 @@ _STATUS = {
         "created": _TS,
         "modified": _TS,
         "reason": {"type": ["string", "null"]},
+        "inFlight": {"type": "integer"},
+        "runtime": {"type": "string"},
+        "endpoint": {"type": ["string", "null"], "description": "admin keys only"},
+        "history": {
+            "type": "array",
+            "description": "/model/status only",
+            "items": {
+                "type": "object",
+                "properties": {"from": {"type": ["string", "null"]}, "to": {"type": "string"},
+                               "reason": {"type": ["string", "null"]}, "at": _TS},
+            },
+        },
     },
 }
 
@@ -108,6 +120,82 @@ OPERATIONS: list[Operation] = [
               response=_ref("Key"), errors=(401, 403, 404)),
 ]
 
+# Instances: /model/load, /model/status, /model/run, /model/instances, /model/delete.
+_INSTANCE_LIST = {"type": "array", "items": _ref("InstanceStatus")}
+OPERATIONS += [
+    Operation("post", "/model/load", "Start an instance of a model (or retune the live one)",
+              "user", body="LoadBody", response=_ref("LoadAnswer"),
+              errors=(*_AUTH_ERRORS, 404, 409, 503)),
+    Operation("post", "/model/status", "The model's latest instance: state, reason, history",
+              "user", body="ModelBody", response=_ref("InstanceStatus"),
+              errors=(*_AUTH_ERRORS, 404)),
+    Operation("post", "/model/run",
+              "Run the model: JSON, or with stream=true raw text chunks (text/plain) or "
+              "server-sent events (Accept: text/event-stream)",
+              "user", body="RunBody", response=_ref("RunAnswer"),
+              errors=(*_AUTH_ERRORS, 409, 429, 502, 503, 504)),
+    Operation("get", "/model/instances", "Every live instance", "user",
+              response=_INSTANCE_LIST, errors=(401,)),
+    Operation("post", "/model/instances", "Every live instance", "user",
+              response=_INSTANCE_LIST, errors=(401,)),
+    Operation("post", "/model/delete", "Stop the model's instance; answers its final status",
+              "user", body="ModelBody", response=_ref("InstanceStatus"),
+              errors=(*_AUTH_ERRORS, 404, 409)),
+]
+SCHEMAS["LoadBody"] = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {
+        "model": _MODEL_ID,
+        "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
+        "expirationPeriodSeconds": {"type": "integer", "minimum": 1, "maximum": 2_592_000},
+    },
+    "additionalProperties": False,
+}
+SCHEMAS["LoadAnswer"] = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "status": {"const": "started"},
+        "concurrency": {"type": "integer"},
+        "expirationPeriodSeconds": {"type": "integer"},
+        "instanceStatus": {"type": "string"},
+    },
+}
+SCHEMAS["RunBody"] = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        "model": _MODEL_ID,
+        "prompt": {
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                    },
+                },
+            ]
+        },
+        "params": {"type": "object"},
+        "stream": {"type": "boolean", "default": False},
+    },
+    "additionalProperties": False,
+}
+SCHEMAS["RunAnswer"] = {
+    "type": "object",
+    "properties": {
+        "output": {"type": "string"},
+        "error": {"type": "null"},
+        "tokens_generated": {"type": ["integer", "null"]},
+        "time_seconds": {"type": ["number", "null"]},
+        "tokens_per_second": {"type": ["number", "null"]},
+    },
+}
+
 # Bodies that may be left out: an empty POST means "all defaults".
 _OPTIONAL_BODIES = frozenset({"ModelListBody", "KeyCreate"})
 SCHEMAS["ModelListBody"] = {
@@ -133,7 +221,10 @@ SCHEMAS["ModelJob"] = {
 }
 SCHEMAS["KeyCreate"] = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 100}, "scope": {"enum": ["admin", "user"]}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 100},
+        "scope": {"enum": ["admin", "user"]},
+    },
     "additionalProperties": False,
 }
 

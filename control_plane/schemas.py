@@ -91,9 +91,7 @@ def parse_model_field(body: dict[str, Any]) -> str:
     return value
 
 
-def parse_int_field(
-    body: dict[str, Any], field: str, *, default: int, lo: int, hi: int
-) -> int:
+def parse_int_field(body: dict[str, Any], field: str, *, default: int, lo: int, hi: int) -> int:
     """An integer field within [lo, hi]; booleans, floats with fractions, NaN are refused."""
     value = body.get(field, default)
     if value is None:
@@ -216,9 +214,7 @@ def parse_load_request(body: object, default_expiration_s: int) -> LoadRequest:
     return LoadRequest(
         parse_model_field(obj),
         parse_int_field(obj, CONCURRENCY, default=1, lo=1, hi=MAX_CONCURRENCY),
-        parse_int_field(
-            obj, EXPIRATION_S, default=default_expiration_s, lo=1, hi=MAX_EXPIRATION_S
-        ),
+        parse_int_field(obj, EXPIRATION_S, default=default_expiration_s, lo=1, hi=MAX_EXPIRATION_S),
     )
 
 
@@ -250,7 +246,10 @@ def parse_run_request(body: object) -> RunRequest:
 
 
 def render_status(
-    row: InstanceRow, *, pending_inferences: int = 0, pending_last_end: datetime | None = None,
+    row: InstanceRow,
+    *,
+    pending_inferences: int = 0,
+    pending_last_end: datetime | None = None,
     in_flight: int = 0,
 ) -> dict[str, Any]:
     """The Bytez status object, with this node's not-yet-flushed counters folded in."""

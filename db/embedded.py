@@ -29,9 +29,9 @@ class EmbeddedPostgres:
             with warnings.catch_warnings():
                 # platformdirs warns when XDG_RUNTIME_DIR is unset (every CI box); harmless.
                 warnings.simplefilter("ignore")
-                import pgserver
+                from pgserver.postgres_server import get_server
 
-                server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+                server = get_server(self.pgdata, cleanup_mode="stop")
         except Exception as exc:
             raise EmbeddedServerError(
                 f"could not start the embedded PostgreSQL under {self.pgdata}: "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 
@@ -13,7 +13,7 @@ from db import DatabaseUnavailable
 COMMAND_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 
-Pool = asyncpg.Pool
+Pool: TypeAlias = asyncpg.Pool
 
 # Raised while opening a connection when the server is down, restarting, full or refusing, or
 # the database is gone: an outage to wait out, never a bug of ours.
@@ -42,9 +42,7 @@ async def _connect_or_unavailable(*args: Any, **kwargs: Any) -> asyncpg.Connecti
     try:
         conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
     except _CONNECT_FAILURES as exc:
-        raise DatabaseUnavailable(
-            f"cannot connect to the database: {type(exc).__name__}"
-        ) from exc
+        raise DatabaseUnavailable(f"cannot connect to the database: {type(exc).__name__}") from exc
     return conn
 
 
@@ -65,8 +63,8 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Poo
 
 async def connect(dsn: str) -> asyncpg.Connection:
     """Open a single connection (migrations, CLI commands)."""
-    conn: Any = await _connect_or_unavailable(
+    conn = await _connect_or_unavailable(
         dsn, timeout=CONNECT_TIMEOUT_S, server_settings={"timezone": "UTC"}
     )
     await _init_connection(conn)
-    return conn  # type: ignore[no-any-return]
+    return conn

@@ -129,7 +129,7 @@ class AgentState:
         self._on_load_failed(" ".join(reason.split()))
 
     def begin_shutdown(self) -> None:
-        """Abort generation at once; called from the signal handler, so it never blocks."""
+        """Abort generation at once; never blocks, so a signal watcher may call it."""
         self._shutting_down = True
         if self.batcher is not None:
             self.batcher.stop(timeout_s=0)

@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 
 from instance_agent.protocol import MemoryReading
 

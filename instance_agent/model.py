@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from instance_agent.protocol import InvalidPrompt, LoadFailed, Prompt
+from instance_agent.protocol import GenerationParams, InvalidPrompt, LoadFailed, Prompt
 from instance_agent.streaming import Row
 from instance_agent.weights import check_model_dir
 
@@ -46,7 +46,10 @@ def _cpu_threads() -> int:
 
 
 def _resolve_device(device: str) -> torch.device:
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise LoadFailed(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise LoadFailed(f"device {device} was asked for but CUDA is not available")
     if resolved.type not in ("cpu", "cuda"):
@@ -163,7 +166,8 @@ class TransformersEngine:
         self._tokenizer_lock = threading.Lock()
         self._eos_ids = _eos_ids(model, tokenizer)
         pad_id = tokenizer.pad_token_id
-        self._pad_id: int = pad_id if isinstance(pad_id, int) else self._eos_ids[0]
+        fallback_pad_id = self._eos_ids[0] if self._eos_ids else 0
+        self._pad_id: int = pad_id if isinstance(pad_id, int) else fallback_pad_id
         self.context_tokens = _context_tokens(model, tokenizer)
         self.device = str(device)
 
@@ -214,7 +218,7 @@ class TransformersEngine:
         processors = LogitsProcessorList()
         if any(row.min_new_tokens > 0 for row in rows):
             processors.append(_MinNewTokens(rows, width, self._eos_ids))
-        config = self._generation_config(rows, max(row.max_new_tokens for row in rows))
+        config = self._generation_config(rows[0].params, max(row.max_new_tokens for row in rows))
         start = time.monotonic()
         for row in rows:
             row.start(self.decode, start)
@@ -227,8 +231,21 @@ class TransformersEngine:
                 logits_processor=processors,
             )
 
-    def _generation_config(self, rows: Sequence[Row], max_new_tokens: int) -> GenerationConfig:
-        params = rows[0].params
+    def warm_up(self) -> None:
+        """Generate a couple of tokens once, before the first request.
+
+        The first generate() pays one-time allocation costs, and a model that loads but cannot
+        generate should fail its load rather than its first request.
+        """
+        ids = torch.tensor([[self._pad_id]], dtype=torch.long, device=self._device)
+        with torch.inference_mode():
+            self._model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=self._generation_config(GenerationParams(), 2),
+            )
+
+    def _generation_config(self, params: GenerationParams, max_new_tokens: int) -> GenerationConfig:
         # Every knob is set explicitly so a model's own generation_config.json cannot turn a
         # greedy request into a sampled one; greedy gets the values GenerationConfig.validate()
         # treats as unset, so it does not warn about sampling flags.
@@ -241,7 +258,7 @@ class TransformersEngine:
             do_sample=params.do_sample,
             repetition_penalty=params.repetition_penalty,
             pad_token_id=self._pad_id,
-            eos_token_id=self._eos_ids,
+            eos_token_id=self._eos_ids or None,
             num_beams=1,
             **sampling,
         )
@@ -279,9 +296,14 @@ def load_engine(
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return TransformersEngine(
+    engine = TransformersEngine(
         model, tokenizer, resolved, step_delay_s=step_delay_s, on_step=on_step
     )
+    try:
+        engine.warm_up()
+    except Exception as exc:
+        raise LoadFailed(f"the model cannot generate: {type(exc).__name__}: {exc}") from exc
+    return engine
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:

@@ -27,8 +27,9 @@ async def ready(request: Request) -> Response:
     except (OSError, TimeoutError, Exception):
         # Any failure to answer SELECT 1 means "not ready"; the cause is in the pool's own logs.
         return error_response(
-            ServiceUnavailable("the database is unreachable", code="database_unavailable",
-                               retry_after_s=2)
+            ServiceUnavailable(
+                "the database is unreachable", code="database_unavailable", retry_after_s=2
+            )
         )
     return JSONResponse({"status": "ready", "database": "ok"})
 

@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from control_plane import proxy
 from control_plane.auth import Principal
@@ -21,7 +22,6 @@ from control_plane.errors import (
     BadGateway,
     Conflict,
     Invalid,
-    MlcpError,
     NotFound,
     ServiceUnavailable,
 )
@@ -138,11 +138,53 @@ async def _route_or_error(state: AppState, model: str) -> InstanceRoute:
     raise Conflict(f"model {model}'s instance failed: {row.reason}", code="instance_failed")
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+# The event loop keeps only weak references to tasks; these must outlive the request.
+_failure_reports: set[asyncio.Task[Any]] = set()
+
+
+def _report_failure(state: AppState, route: InstanceRoute) -> None:
+    """Let the supervisor check the instance that failed a request, without making it wait."""
+    task = asyncio.ensure_future(state.supervisor.instance_failed_during_request(route.instance_id))
+    _failure_reports.add(task)
+    task.add_done_callback(_failure_reports.discard)
+
+
+class _CancelOnDisconnect:
+    """Cancels the running task when the client disconnects inside the block; then says so.
+
+    One watcher task per request. Running the upstream call as a second task and waiting on both
+    with asyncio.wait cost 23 us per request against 12 us for this (uvloop, 2 cores here), and
+    it is the shape asyncio.timeout() uses: cancel the task, then take the cancellation back.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._active = True
+        self.disconnected = False
+
+    def __enter__(self) -> _CancelOnDisconnect:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = asyncio.ensure_future(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self._active:
+            self.disconnected = True
+            self._task.cancel()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        self._active = False
+        self._watcher.cancel()
+        # Swallow only our own cancellation, never one asked for by someone else too.
+        return (
+            self.disconnected
+            and self._task.uncancel() == 0
+            and exc_type is asyncio.CancelledError
+        )
 
 
 @authed("user")
@@ -154,21 +196,17 @@ async def run(request: Request, state: AppState, principal: Principal) -> Respon
         return await _stream(request, state, route, body.payload)
     state.activity.begin(route.instance_id)
     completed = False
-    upstream = asyncio.ensure_future(proxy.run(state.session, route.endpoint, body.payload))
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait((upstream, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not upstream.done():
-            # The client left: cancelling closes the upstream connection, which stops generation.
-            upstream.cancel()
-            with contextlib.suppress(asyncio.CancelledError, MlcpError):
-                await upstream
+        answer = None
+        # The client left: cancelling closes the upstream connection, which stops generation.
+        with _CancelOnDisconnect(request.receive) as guard:
+            try:
+                answer = await proxy.run(state.session, route.endpoint, body.payload)
+            except proxy.InstanceGone:
+                _report_failure(state, route)
+                raise
+        if guard.disconnected:
             return Response(status_code=499)
-        try:
-            answer = upstream.result()
-        except proxy.InstanceGone:
-            asyncio.ensure_future(state.supervisor.instance_failed_during_request(route.instance_id))
-            raise
         if not isinstance(answer, dict) or not isinstance(answer.get("output"), str):
             raise BadGateway("the model instance sent an invalid answer", code="instance_error")
         completed = True
@@ -182,8 +220,11 @@ async def run(request: Request, state: AppState, principal: Principal) -> Respon
             }
         )
     finally:
-        watcher.cancel()
         state.activity.end(route.instance_id, completed=completed)
+
+
+# What one agent read becomes: the text that arrived, and the last event when the stream ended.
+Piece = tuple[str, dict[str, Any] | None]
 
 
 async def _stream(
@@ -195,60 +236,99 @@ async def _stream(
     except BaseException as exc:
         state.activity.end(route.instance_id, completed=False)
         if isinstance(exc, proxy.InstanceGone):
-            asyncio.ensure_future(state.supervisor.instance_failed_during_request(route.instance_id))
+            _report_failure(state, route)
         raise
-    sse = "text/event-stream" in request.headers.get("accept", "")
+    pieces = relay(state, route, upstream)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return EventSourceResponse(_as_sse(pieces))
+    return _TextStream(pieces)
 
-    async def relay() -> AsyncIterator[dict[str, Any]]:
-        """Agent events, ending with a 'done' or an 'error' event; closes upstream always."""
-        completed = False
-        try:
-            async for event in proxy.events(upstream):
+
+async def relay(
+    state: AppState, route: InstanceRoute, upstream: aiohttp.ClientResponse
+) -> AsyncGenerator[Piece, None]:
+    """A piece per agent read; the last one carries 'done' or an error. Closes upstream always."""
+    completed = False
+    try:
+        async for batch in proxy.event_batches(upstream):
+            texts: list[str] = []
+            for event in batch:
                 if "text" in event:
-                    yield event
+                    texts.append(str(event["text"]))
                 elif event.get("done"):
                     completed = True
-                    yield event
+                    yield "".join(texts), event
                     return
                 elif "error" in event:
-                    yield {"error": str(event["error"]), "code": str(event.get("code", "error"))}
+                    error = {"error": str(event["error"]), "code": str(event.get("code", "error"))}
+                    yield "".join(texts), error
                     return
-            yield {"error": STREAM_FAILED, "code": "instance_failed"}
-            asyncio.ensure_future(state.supervisor.instance_failed_during_request(route.instance_id))
-        except (aiohttp.ClientError, TimeoutError):
-            yield {"error": STREAM_FAILED, "code": "instance_failed"}
-            asyncio.ensure_future(state.supervisor.instance_failed_during_request(route.instance_id))
-        finally:
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
-            state.activity.end(route.instance_id, completed=completed)
-
-    if sse:
-        return EventSourceResponse(_as_sse(relay()))
-    return StreamingResponse(_as_text(relay()), media_type="text/plain; charset=utf-8")
+            if texts:
+                yield "".join(texts), None
+        yield "", {"error": STREAM_FAILED, "code": "instance_failed"}
+        _report_failure(state, route)
+    except (aiohttp.ClientError, TimeoutError):
+        yield "", {"error": STREAM_FAILED, "code": "instance_failed"}
+        _report_failure(state, route)
+    finally:
+        if completed:
+            upstream.release()
+        else:
+            upstream.close()
+        state.activity.end(route.instance_id, completed=completed)
 
 
-async def _as_text(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
-    """Raw text chunks; a failure ends the stream with a last line saying so."""
-    async for event in events:
-        if "text" in event:
-            yield str(event["text"])
-        elif "error" in event:
-            yield f"\n[error: {event['code']}] {event['error']}\n"
+class _TextStream(Response):
+    """Raw text chunks, one per agent read; a failure ends the stream with a line saying so.
+
+    Plain ASGI rather than StreamingResponse over a generator: one layer per chunk instead of
+    two, one disconnect watcher instead of an anyio task group, and the generator is closed here,
+    not whenever it is collected.
+    """
+
+    media_type = "text/plain; charset=utf-8"
+
+    def __init__(self, pieces: AsyncGenerator[Piece, None]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers()
+        self._pieces = pieces
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with contextlib.aclosing(self._pieces) as pieces:
+            with _CancelOnDisconnect(receive):
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                )
+                async for text, last in pieces:
+                    if last is not None and "error" in last:
+                        text += f"\n[error: {last['code']}] {last['error']}\n"
+                    if last is None and not text:
+                        continue
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": text.encode(),
+                            "more_body": last is None,
+                        }
+                    )
+                    if last is not None:
+                        return
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _as_sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, str]]:
+async def _as_sse(pieces: AsyncGenerator[Piece, None]) -> AsyncIterator[dict[str, str]]:
     """Server-sent events: `data` per text chunk, then a `done` event with stats, or `error`."""
-    async for event in events:
-        if "text" in event:
-            yield {"data": str(event["text"])}
-        elif event.get("done"):
-            stats = {k: v for k, v in event.items() if k != "done"}
+    async for text, last in pieces:
+        if text:
+            yield {"data": text}
+        if last is None:
+            continue
+        if last.get("done"):
+            stats = {k: v for k, v in last.items() if k != "done"}
             yield {"event": "done", "data": json.dumps(stats)}
         else:
-            yield {"event": "error", "data": json.dumps(event)}
+            yield {"event": "error", "data": json.dumps(last)}
 
 
 routes = [

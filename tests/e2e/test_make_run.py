@@ -97,7 +97,9 @@ def start(data_dir: Path, logs: Path, tag: str) -> Server:
             pass
         if time.monotonic() > deadline:
             stop(server)
-            pytest.fail(f"server still not healthy after {START_DEADLINE_S} s:\n{server.err()[-4000:]}")
+            pytest.fail(
+                f"server still not healthy after {START_DEADLINE_S} s:\n{server.err()[-4000:]}"
+            )
         time.sleep(0.1)
 
 

@@ -43,8 +43,13 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(models_root: Path) -> TransformersEngine:
-    return load_engine(build_tiny_model(models_root / "tiny"))
+def tiny_dir(models_root: Path) -> Path:
+    return build_tiny_model(models_root / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir: Path) -> TransformersEngine:
+    return load_engine(tiny_dir)
 
 
 def generate(
@@ -134,3 +139,18 @@ def test_converting_a_missing_gguf_fails_cleanly(models_root: Path) -> None:
     with pytest.raises(LoadFailed, match="does not exist"):
         convert_gguf(models_root / "absent.gguf", models_root / "converted")
     assert not (models_root / "converted").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta"])
+def test_an_unusable_device_is_refused(tiny_dir: Path, device: str) -> None:
+    with pytest.raises(LoadFailed, match="device"):
+        load_engine(tiny_dir, device=device)
+
+
+def test_cuda_without_a_gpu_is_refused(tiny_dir: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(LoadFailed, match="CUDA is not available"):
+        load_engine(tiny_dir, device="cuda")

@@ -138,7 +138,9 @@ async def keys(api: Api) -> dict[str, str]:
 AUTH_CASES: dict[str, tuple[Request, int, str]] = {
     "missing header": (Request(key=None), 401, "unauthorized"),
     "wrong scheme": (
-        Request({"Authorization": f"Basic {ADMIN_KEY}"}, key=None), 401, "unauthorized"
+        Request({"Authorization": f"Basic {ADMIN_KEY}"}, key=None),
+        401,
+        "unauthorized",
     ),
     "scheme only": (Request({"Authorization": "Key"}, key=None), 401, "unauthorized"),
     "empty key": (Request({"Authorization": "Key "}, key=None), 401, "unauthorized"),
@@ -180,8 +182,11 @@ async def test_bad_credentials(api: Api, keys: dict[str, str], case: str) -> Non
 
 
 async def test_user_key_on_admin_routes_is_403(api: Api, keys: dict[str, str]) -> None:
-    for method, path in [("GET", "/admin/keys"), ("POST", "/admin/keys"),
-                         ("DELETE", "/admin/keys/1")]:
+    for method, path in [
+        ("GET", "/admin/keys"),
+        ("POST", "/admin/keys"),
+        ("DELETE", "/admin/keys/1"),
+    ]:
         status, payload, _ = await send(api, method, path, Request(key=USER_KEY), keys)
         assert_envelope(status, payload, path)
         assert (status, payload["code"]) == (403, "forbidden")
@@ -195,7 +200,8 @@ async def test_control_characters_in_headers_never_reach_the_app(api: Api, heade
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(
-            b"GET /model/list HTTP/1.1\r\nHost: x\r\nAuthorization: " + header
+            b"GET /model/list HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            + header
             + b"\r\nConnection: close\r\n\r\n"
         )
         await writer.drain()
@@ -230,16 +236,23 @@ BODY_CASES: dict[str, tuple[Request, int, str | None]] = {
     "number instead of object": (raw("42"), 422, "invalid_body"),
     "null instead of object": (raw("null"), 422, "invalid_body"),
     "multipart/form-data": (
-        raw("--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\na/b\r\n--b--\r\n",
-            "multipart/form-data; boundary=b"),
+        raw(
+            '--b\r\nContent-Disposition: form-data; name="model"\r\n\r\na/b\r\n--b--\r\n',
+            "multipart/form-data; boundary=b",
+        ),
         415,
         "unsupported_media_type",
     ),
-    "application/xml": (raw("<model>a/b</model>", "application/xml"), 415,
-                        "unsupported_media_type"),
+    "application/xml": (
+        raw("<model>a/b</model>", "application/xml"),
+        415,
+        "unsupported_media_type",
+    ),
     "image/png": (raw(b"\x89PNG\r\n", "image/png"), 415, "unsupported_media_type"),
     "body over 1 MiB with Content-Length": (
-        raw(b'{"name": "' + b"x" * (MIB + 1) + b'"}'), 413, "payload_too_large"
+        raw(b'{"name": "' + b"x" * (MIB + 1) + b'"}'),
+        413,
+        "payload_too_large",
     ),
     "body over 1 MiB, chunked": (
         Request({"Content-Type": "application/json"}, None, chunked=True),
@@ -296,9 +309,13 @@ async def test_empty_bodies(api: Api, path: str, how: str) -> None:
 
 
 async def test_json_content_type_variants_are_accepted(api: Api) -> None:
-    for content_type in ["application/json; charset=utf-8", "APPLICATION/JSON",
-                         "application/vnd.api+json", "text/plain",
-                         "application/x-www-form-urlencoded"]:
+    for content_type in [
+        "application/json; charset=utf-8",
+        "APPLICATION/JSON",
+        "application/vnd.api+json",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+    ]:
         req = raw('{"name": "ct"}', content_type)
         status, payload, _ = await send(api, "POST", "/admin/keys", req, {})
         assert status == 201, (content_type, payload)
@@ -363,8 +380,17 @@ async def test_bad_model_ids_touch_no_files(api: Api) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/nope", "/model", "/model/", "/model/list/extra", "/admin", "/admin/keys/1/x",
-             "/%2e%2e/etc/passwd", "/model/%00"]
+    "path",
+    [
+        "/nope",
+        "/model",
+        "/model/",
+        "/model/list/extra",
+        "/admin",
+        "/admin/keys/1/x",
+        "/%2e%2e/etc/passwd",
+        "/model/%00",
+    ],
 )
 async def test_unknown_routes_are_404_in_the_envelope(api: Api, path: str) -> None:
     for key in (ADMIN_KEY, None):

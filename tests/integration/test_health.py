@@ -51,9 +51,7 @@ async def test_ready_is_503_while_the_database_is_gone(api: Api, pg_dsn: str, db
         # The process itself is still up.
         assert (await api.call("GET", "/health", key=None))[0] == 200
         # Authenticated routes need the database too, and fail without a 500.
-        status, err = await api.call(
-            "GET", "/model/list", key="mlcp_some-key-not-in-any-cache"
-        )
+        status, err = await api.call("GET", "/model/list", key="mlcp_some-key-not-in-any-cache")
         assert status != 500 and set(err) == {"error", "code"}
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')

@@ -224,7 +224,11 @@ def mlcp(db_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     env["MLCP_DATABASE_URL"] = db_dsn
     return subprocess.run(
         [sys.executable, "-m", "control_plane", *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 import asyncpg
@@ -138,8 +139,9 @@ async def test_two_migrators_at_once_apply_each_migration_once(new_database: New
         # One of them did all the work while the other waited on the advisory lock.
         assert sorted([applied_a, applied_b], key=len) == [[], names]
         rows = await first.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
-        assert [(r["version"], r["name"]) for r in rows] == [(m.version, m.name) for m in
-                                                              load_migrations()]
+        assert [(r["version"], r["name"]) for r in rows] == [
+            (m.version, m.name) for m in load_migrations()
+        ]
         # Both sessions released the lock.
         held = await first.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1",
@@ -191,7 +193,7 @@ async def test_a_failing_migration_rolls_back_and_releases_the_lock(
     monkeypatch.setattr(migrate_module, "load_migrations", lambda: broken)
     conn = await asyncpg.connect(await new_database())
     try:
-        with pytest.raises(MigrationError, match="0002_bad.sql"):
+        with pytest.raises(MigrationError, match=r"0002_bad\.sql"):
             await migrate(conn)
         versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
         assert versions == [1]
@@ -209,11 +211,7 @@ async def test_a_failing_migration_rolls_back_and_releases_the_lock(
 
 async def test_every_named_query_prepares_against_the_schema(db: asyncpg.Pool) -> None:
     # PREPARE checks every table, column and parameter type without running anything.
-    blocks = queries.parse_queries(
-        __import__("importlib.resources").resources.files("db")
-        .joinpath("queries.sql")
-        .read_text("utf-8")
-    )
+    blocks = queries.parse_queries(resources.files("db").joinpath("queries.sql").read_text("utf-8"))
     async with db.acquire() as conn:
         for name, sql in blocks.items():
             try:

@@ -22,9 +22,12 @@ def hf_model(folder: Path, arch: str = "GPT2LMHeadModel") -> None:
 
 
 async def list_models(base: str, body: Any = None, method: str = "GET") -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session, session.request(
-        method, base + "/model/list", json=body, headers={"Authorization": f"Key {ADMIN_KEY}"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, base + "/model/list", json=body, headers={"Authorization": f"Key {ADMIN_KEY}"}
+        ) as resp,
+    ):
         assert resp.status == 200, await resp.text()
         models: list[dict[str, Any]] = await resp.json()
         return models
@@ -47,9 +50,7 @@ async def test_models_from_model_dirs_are_listed(db_dsn: str, tmp_path: Path) ->
     hf_model(second / "acme" / "classifier", "BertForSequenceClassification")
     (second / "acme" / "quant.Q4_0.gguf").write_bytes(b"GGUF" + b"\0" * 60)
     hf_model(second / "bad--org" / "x")  # not a valid id: never listed
-    settings = make_settings(
-        db_dsn, tmp_path / "data", model_dirs=f"{first}, {second}"
-    )
+    settings = make_settings(db_dsn, tmp_path / "data", model_dirs=f"{first}, {second}")
     async with serve(settings) as base:
         models = {m["name"]: m for m in await list_models(base)}
     assert set(models) == {DEMO_MODEL, "acme/tiny-gpt", "acme/classifier", "acme/quant.Q4_0"}
@@ -76,11 +77,11 @@ async def test_post_filters_by_task(db_dsn: str, tmp_path: Path) -> None:
 
 async def test_benchmarked_model_shows_required_ram(api: Api, db: asyncpg.Pool) -> None:
     await db.execute(
-        "UPDATE models SET required_ram_bytes = 2500000000, benchmarked_at = now()"
-        " WHERE name = $1",
+        "UPDATE models SET required_ram_bytes = 2500000000, benchmarked_at = now() WHERE name = $1",
         DEMO_MODEL,
     )
     status, models = await api.call("GET", "/model/list")
+    assert status == 200
     demo = {m["name"]: m for m in models}[DEMO_MODEL]
     assert demo["requiredRAM"] == 2.5
     assert demo["benchmarked"] is True
@@ -98,7 +99,9 @@ async def test_models_removed_from_disk_leave_the_list(
         await refresh_catalog(db, settings)
         assert "acme/gone-soon" not in [m["name"] for m in await list_models(base)]
         # Its row stays, as history, and comes back when the files do.
-        assert await db.fetchval("SELECT present FROM models WHERE name = 'acme/gone-soon'") is False
+        assert (
+            await db.fetchval("SELECT present FROM models WHERE name = 'acme/gone-soon'") is False
+        )
         (root / "acme" / "gone-soon" / "config.json").write_text("{}")
         await refresh_catalog(db, settings)
         assert "acme/gone-soon" in [m["name"] for m in await list_models(base)]

@@ -192,3 +192,30 @@ def test_stopping_aborts_running_and_fails_waiting_rows(engine: FakeEngine) -> N
     assert waiting_events.events == [Failed(SHUTDOWN_MESSAGE)]
     with pytest.raises(InstanceBusy):
         batcher.reserve()
+
+
+def test_requests_sent_together_share_a_batch_despite_arriving_apart(engine: FakeEngine) -> None:
+    batcher = Batcher(engine, concurrency=3, max_queue=0, batch_window_s=0.2)
+    batcher.start()
+    try:
+        rows = [make_row()[0] for _ in range(3)]
+        for row in rows:
+            submit(batcher, row)
+            time.sleep(0.02)
+        wait_until(lambda: all(row.done for row in rows))
+        assert [len(batch) for batch in engine.batches] == [3]
+    finally:
+        batcher.stop()
+
+
+def test_a_lone_request_waits_no_longer_than_the_window(engine: FakeEngine) -> None:
+    batcher = Batcher(engine, concurrency=8, max_queue=0, batch_window_s=0.05)
+    batcher.start()
+    try:
+        row, _ = make_row()
+        started = time.monotonic()
+        submit(batcher, row)
+        assert engine.started.wait(2)
+        assert 0.04 < time.monotonic() - started < 0.5
+    finally:
+        batcher.stop()

@@ -219,8 +219,15 @@ def test_broken_symlinks_are_skipped(tmp_path: Path) -> None:
 # -- the Hugging Face cache ---------------------------------------------------------------------
 
 
-def cached_repo(cache: Path, org: str, name: str, revision: str = "abc123", *, ref: bool = True,
-                arch: str = "LlamaForCausalLM") -> Path:
+def cached_repo(
+    cache: Path,
+    org: str,
+    name: str,
+    revision: str = "abc123",
+    *,
+    ref: bool = True,
+    arch: str = "LlamaForCausalLM",
+) -> Path:
     """The hub cache layout: files in snapshots/<rev>/ are symlinks into ../../blobs/."""
     repo = cache / f"models--{org}--{name}"
     blobs = repo / "blobs"

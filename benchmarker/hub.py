@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import re
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from benchmarker import ModelNotFound, UnsafeWeights
 from benchmarker.safety import PICKLE_SUFFIXES, check_model_folder, check_remote_code
@@ -25,6 +27,10 @@ HUB_TIMEOUT_S = 15.0
 _ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _REVISION = re.compile(r"[0-9a-f]{40}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
+LOOKUP_TIMEOUT_S = 2.0
+LOOKUP_MEMORY_S = 60.0
+# host -> (when, whether its name resolved): a fact about this box's network, not app state.
+_LOOKUPS: dict[str, tuple[float, bool]] = {}
 
 
 def hub_offline() -> bool:
@@ -32,11 +38,39 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-def not_found_offline(model: str) -> ModelNotFound:
+def not_found_offline(model: str, why: str = "offline (HF_HUB_OFFLINE)") -> ModelNotFound:
     return ModelNotFound(
         f"Model {model} was not found: it is not in MLCP_MODEL_DIRS, the Hugging Face cache or "
-        "the packaged models, and the Hugging Face Hub is offline (HF_HUB_OFFLINE)"
+        f"the packaged models, and the Hugging Face Hub is {why}"
     )
+
+
+def _hub_host() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return urlsplit(endpoint).hostname or "huggingface.co"
+
+
+async def hub_unavailable() -> str | None:
+    """Why the Hub cannot be asked now ("offline …", "unreachable"), or None when it may be.
+
+    Without HF_HUB_OFFLINE, a box with no network would only find out in the worker, behind
+    whatever it is measuring; a name lookup (2 s at most, remembered for a minute) lets
+    /model/job fail an unknown model at once instead.
+    """
+    if hub_offline():
+        return "offline (HF_HUB_OFFLINE)"
+    host = _hub_host()
+    now = time.monotonic()
+    known = _LOOKUPS.get(host)
+    if known is not None and now - known[0] < LOOKUP_MEMORY_S:
+        return None if known[1] else "unreachable"
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, 443), LOOKUP_TIMEOUT_S)
+        resolved = True
+    except (OSError, TimeoutError):
+        resolved = False
+    _LOOKUPS[host] = (now, resolved)
+    return None if resolved else "unreachable"
 
 
 async def fetch(store: Path, model: str) -> Path:
@@ -62,9 +96,7 @@ def _download(store: Path, model: str) -> Path:
         raise ModelNotFound(f"Model {model} was not found on the Hugging Face Hub") from exc
     except Exception as exc:
         logger.warning("the Hub could not be reached for %s: %s", model, type(exc).__name__)
-        raise ModelNotFound(
-            f"Model {model} was not found locally and the Hugging Face Hub is unreachable"
-        ) from exc
+        raise not_found_offline(model, "unreachable") from exc
     files = [s.rfilename for s in info.siblings or []]
     if not any(f.endswith(".safetensors") for f in files):
         if any(Path(f).suffix in PICKLE_SUFFIXES for f in files):

@@ -125,9 +125,10 @@ class Worker:
                     continue
                 try:
                     await self.process(job)
-                except _DB_ERRORS as exc:
-                    # The job stays claimed without heartbeats; it is reclaimed once stale.
-                    logger.warning("recording job %d failed: %s", job.id, type(exc).__name__)
+                except Exception:
+                    # One job must not end the loop. The job stays claimed without heartbeats
+                    # and is reclaimed once stale (its attempts bounded by max_attempts).
+                    logger.exception("recording job %d failed", job.id)
                     await self._idle(stop)
 
     async def run_once(self) -> ModelJobRow | None:
@@ -147,7 +148,11 @@ class Worker:
         if job.attempts > job.max_attempts:
             # Only a reclaimed job gets here: its workers keep dying (crash, OOM kill).
             await self._record_failure(
-                job, LoadFailed(f"Load error: gave up after {job.max_attempts} attempts")
+                job,
+                LoadFailed(
+                    f"Load error: gave up after {job.max_attempts} attempts "
+                    "(the process measuring it stopped responding each time)"
+                ),
             )
             return
         logger.info("benchmarking %s (job %d, attempt %d)", job.model, job.id, job.attempts)

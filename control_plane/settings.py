@@ -39,8 +39,14 @@ class Settings(BaseSettings):
     # Stop running instances when the control plane exits. Off: a restart is not a stop, the next
     # start adopts them (reconciliation).
     stop_instances_on_exit: bool = False
-    # The command that runs an instance agent (JSON list); tests point it at a fake agent.
+    # The command that runs an instance agent (JSON list); tests point it at a fake agent. With
+    # the docker runtime it runs inside the container.
     agent_command: list[str] | None = None
+    # The docker runtime's agent image: `make image` builds it offline, the Dockerfile with a
+    # registry. "bridge" publishes each agent's port on 127.0.0.1 only; "host" shares the host's
+    # network (for engines without a bridge, such as CI's).
+    docker_image: str = "mlcp-agent:latest"
+    docker_network: Literal["bridge", "host"] = "bridge"
 
     @property
     def model_dir_paths(self) -> list[Path]:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from benchmarker.hub import hub_offline, not_found_offline
+from benchmarker.hub import hub_unavailable, not_found_offline
 from benchmarker.sources import find_locally
 from control_plane.auth import Principal
 from control_plane.handlers import authed, json_body
@@ -101,10 +101,14 @@ async def request_model_job(
             # A model that was missing and has appeared since is worth a new job at once.
             if not (latest.error_code == "not_found" and local is not None):
                 return render_job(model, latest)
-        if local is None and hub_offline():
-            error = not_found_offline(model)
-            failed = await queries.insert_failed_model_job(conn, model, error.code, error.message)
-            return render_job(model, failed)
+        if local is None:
+            why = await hub_unavailable()
+            if why is not None:
+                error = not_found_offline(model, why)
+                failed = await queries.insert_failed_model_job(
+                    conn, model, error.code, error.message
+                )
+                return render_job(model, failed)
         job = await queries.enqueue_model_job(conn, model)
         if job is None:  # a control plane not taking the lock (older version) won the race
             job = await queries.latest_model_job(conn, model, _LIVE)

@@ -34,7 +34,8 @@ async def list_keys(request: Request, state: AppState, principal: Principal) -> 
 async def revoke_key(request: Request, state: AppState, principal: Principal) -> Response:
     """Revoke a key; it stops working at once on this control plane."""
     raw = request.path_params["key_id"]
-    if not raw.isdigit() or len(raw) > 18:
+    # isascii: str.isdigit() also accepts '²' (int() then fails) and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise NotFound("no such key", code="key_not_found")
     row = await queries.revoke_key(state.pool, int(raw))
     if row is None:

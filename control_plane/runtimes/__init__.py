@@ -13,4 +13,14 @@ def build_runtime(settings: Settings, cluster: str) -> Runtime:
         return ProcessRuntime(
             settings.data_dir / "logs", cluster=cluster, command=settings.agent_command
         )
+    if settings.runtime == "docker":
+        # Imported here: only deployments that run containers need the docker SDK loaded.
+        from control_plane.runtimes.docker import DockerRuntime
+
+        return DockerRuntime(
+            cluster=cluster,
+            image=settings.docker_image,
+            network=settings.docker_network,
+            command=settings.agent_command,
+        )
     raise ValueError(f"runtime {settings.runtime!r} is not available")

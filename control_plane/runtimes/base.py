@@ -28,6 +28,8 @@ class InstanceSpec:
     concurrency: int
     max_queue: int
     device: str = "cpu"
+    # A hard memory limit where the runtime can enforce one (docker); None: no limit.
+    mem_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True)

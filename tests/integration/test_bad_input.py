@@ -61,8 +61,8 @@ async def chunks(total: int, size: int = 64 * 1024) -> AsyncIterator[bytes]:
 async def api(
     pg_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Api]:
-    """One server for the whole module: every case here is refused, so none changes its state,
-    and starting a server per case would cost ~0.3 s each."""
+    """One server for the whole module: the cases here are refused (the few accepted ones only
+    add keys nobody reads), and a server per case would cost ~0.3 s each."""
     name = f"mlcp_bad_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_dsn)
     try:
@@ -230,6 +230,7 @@ BODY_CASES: dict[str, tuple[Request, int, str | None]] = {
     "two documents": (raw('{"model": "a/b"} {}'), 400, "invalid_json"),
     "invalid UTF-8": (raw(b'{"name": "\xff\xfe"}'), 400, "invalid_json"),
     "deeply nested": (raw(NESTED), 400, "invalid_json"),
+    "5000-digit number": (raw('{"model": 1' + "0" * 5000 + "}"), 400, "invalid_json"),
     "array instead of object": (raw("[]"), 422, "invalid_body"),
     "array of objects": (raw('[{"model": "a/b"}]'), 422, "invalid_body"),
     "string instead of object": (raw('"a/b"'), 422, "invalid_body"),
@@ -347,6 +348,7 @@ BAD_MODEL_IDS: dict[str, Any] = {
     "newline": "a/b\n",
     "NUL byte": "a/b\u0000",
     "home folder": "~/x",
+    "lone surrogate": "\ud800/x",
 }
 
 MODEL_TARGETS = ["/model/job", "/model/load"]
@@ -364,6 +366,16 @@ async def test_bad_model_ids(api: Api, path: str, case: str) -> None:
     assert (status, payload["code"]) == (422, "invalid_model"), f"{where}: {payload}"
     # The refusal never echoes a path it might have touched.
     assert "/etc" not in payload["error"] and str(api.settings.data_dir) not in payload["error"]
+
+
+@pytest.mark.parametrize("path", MODEL_TARGETS)
+async def test_overflowing_number_as_model_id(api: Api, path: str) -> None:
+    if not await route_exists(api, "POST", path):
+        pytest.skip(f"POST {path} does not exist yet")
+    # 1e999 is valid JSON that Python decodes to inf: a number, so not a model id.
+    status, payload, _ = await send(api, "POST", path, raw('{"model": 1e999}'), {})
+    assert_envelope(status, payload, path)
+    assert (status, payload["code"]) == (422, "invalid_model")
 
 
 async def test_bad_model_ids_touch_no_files(api: Api) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +40,26 @@ def worker_env(db_dsn: str, tmp_path: Path, models: Path) -> dict[str, str]:
     }
 
 
+async def start_worker(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
+    with log_path.open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "benchmarker",
+            "worker",
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
 async def test_killed_worker_is_reclaimed_and_its_late_result_refused(
     db: asyncpg.Pool, db_dsn: str, tmp_path: Path
 ) -> None:
@@ -49,14 +68,8 @@ async def test_killed_worker_is_reclaimed_and_its_late_result_refused(
     write_fake_model(models, "fake/stuck", mode="never_healthy")
     queued = await queries.enqueue_model_job(db, "fake/stuck")
     assert queued is not None
-    log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarker", "worker"],
-        env=worker_env(db_dsn, tmp_path, models),
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = tmp_path / "worker.log"
+    proc = await start_worker(worker_env(db_dsn, tmp_path, models), log_path)
     try:
         agent: psutil.Process | None = None
         for _ in range(300):
@@ -65,14 +78,14 @@ async def test_killed_worker_is_reclaimed_and_its_late_result_refused(
             if row.state == "benchmarking" and children:
                 agent = children[0]
                 break
-            assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+            assert proc.returncode is None, "the worker exited; see worker.log"
             await asyncio.sleep(0.05)
         assert agent is not None, "the worker never started measuring"
         held = await job_row(db, queued.id)
         assert held.lease_token is not None and held.worker_id is not None
 
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        await asyncio.wait_for(proc.wait(), 10)
         # The measuring agent does not outlive its worker (PR_SET_PDEATHSIG).
         gone, _ = await asyncio.to_thread(psutil.wait_procs, [agent], 10)
         assert gone, "the measuring agent outlived its worker"
@@ -95,10 +108,7 @@ async def test_killed_worker_is_reclaimed_and_its_late_result_refused(
         await successor.process(taken)
         assert (await job_row(db, held.id)).state == "available"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        await stop(proc)
 
 
 async def test_sigterm_hands_the_job_back(db: asyncpg.Pool, db_dsn: str, tmp_path: Path) -> None:
@@ -106,13 +116,7 @@ async def test_sigterm_hands_the_job_back(db: asyncpg.Pool, db_dsn: str, tmp_pat
     write_fake_model(models, "fake/stuck", mode="never_healthy")
     queued = await queries.enqueue_model_job(db, "fake/stuck")
     assert queued is not None
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarker", "worker"],
-        env=worker_env(db_dsn, tmp_path, models),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = await start_worker(worker_env(db_dsn, tmp_path, models), tmp_path / "worker.log")
     try:
         for _ in range(300):
             if (await job_row(db, queued.id)).state == "benchmarking":
@@ -120,15 +124,13 @@ async def test_sigterm_hands_the_job_back(db: asyncpg.Pool, db_dsn: str, tmp_pat
             await asyncio.sleep(0.05)
         children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
         row = await job_row(db, queued.id)
         assert (row.state, row.attempts, row.lease_token) == ("queued", 0, None)
         _, alive = await asyncio.to_thread(psutil.wait_procs, children, 10)
         assert alive == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        await stop(proc)
 
 
 def _returns(profile: Profile):  # type: ignore[no-untyped-def]

@@ -106,7 +106,8 @@ async def test_a_stale_job_is_reclaimed_and_the_late_result_refused(db: asyncpg.
     # The first worker finishes late: nothing it reports is written.
     await late.process(held)
     row = await job_row(db, held.id)
-    assert (row.state, row.lease_token, row.worker_id) == ("benchmarking", taken.lease_token, "fresh")
+    assert row.state == "benchmarking"
+    assert (row.lease_token, row.worker_id) == (taken.lease_token, "fresh")
     assert await queries.get_model_profile(db, "org/m", "cpu") is None
     assert not await queries.heartbeat_model_job(db, held.id, held.lease_token)  # type: ignore[arg-type]
 
@@ -223,3 +224,25 @@ def _returns(profile: Profile):  # type: ignore[no-untyped-def]
         return profile
 
     return bench
+
+
+async def test_observed_memory_corrects_the_catalog_figure_upwards(db: asyncpg.Pool) -> None:
+    await add_models(db, ["org/m"])
+    await queries.enqueue_model_job(db, "org/m")
+    await Worker(db, _returns(PROFILE)).run_once()
+    figure = required_ram_bytes(PROFILE)
+
+    await queries.record_model_observation(db, "org/m", "cpu", 1, figure - 1000, None)
+    await queries.record_model_observation(db, "org/m", "cpu", 4, figure * 2, None)
+    assert (await queries.get_model(db, "org/m")).required_ram_bytes == figure  # type: ignore[union-attr]
+
+    await queries.record_model_observation(db, "org/m", "cpu", 1, figure + 5000, None)
+    await queries.record_model_observation(db, "org/m", "cpu", 1, figure + 10, None)
+    assert (await queries.get_model(db, "org/m")).required_ram_bytes == figure + 5000  # type: ignore[union-attr]
+    peaks = await db.fetch(
+        "SELECT concurrency, peak_rss_bytes FROM model_observations ORDER BY concurrency"
+    )
+    assert [(r["concurrency"], r["peak_rss_bytes"]) for r in peaks] == [
+        (1, figure + 5000),
+        (4, figure * 2),
+    ]

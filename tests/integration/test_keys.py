@@ -107,7 +107,9 @@ async def test_revoked_key_fails_at_once_and_twice_is_404(api: Api) -> None:
     assert {k["id"]: k for k in listing}[created["id"]]["revoked"] == revoked["revoked"]
 
 
-@pytest.mark.parametrize("key_id", ["999999", "0", "-1", "abc", "1.5", "9" * 30, "%20"])
+@pytest.mark.parametrize(
+    "key_id", ["999999", "0", "-1", "abc", "1.5", "9" * 30, "%20", "%C2%B2", "%D9%A1", "+1", " 1"]
+)
 async def test_revoking_unknown_ids_is_404(api: Api, key_id: str) -> None:
     status, err = await api.call("DELETE", f"/admin/keys/{key_id}")
     assert status == 404, err

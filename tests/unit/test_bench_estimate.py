@@ -101,8 +101,11 @@ def test_device_kind() -> None:
         ("mlcp-agent: load failed: RuntimeError: CUDA out of memory", 3, OutOfMemory),
         ("mlcp-agent: load failed: MemoryError: ", 3, OutOfMemory),
         ("some unrelated line", -signal.SIGKILL, OutOfMemory),
-        ("mlcp-agent: load failed: OSError: bad header in /secret/dir/model.safetensors", 3,
-         LoadFailed),
+        (
+            "mlcp-agent: load failed: OSError: bad header in /secret/dir/model.safetensors",
+            3,
+            LoadFailed,
+        ),
         ("Traceback ...", 1, LoadFailed),
     ],
 )
@@ -119,10 +122,21 @@ def test_scrub_paths_keeps_only_the_last_component() -> None:
 def job(state: str, **fields: object) -> ModelJobRow:
     now = datetime(2024, 5, 28, 0, 12, 18, 738_000, tzinfo=UTC)
     values: dict[str, object] = {
-        "id": 1, "model": "org/m", "state": state, "error_code": None, "reason": None,
-        "attempts": 0, "max_attempts": 3, "run_after": now, "lease_token": None,
-        "worker_id": None, "heartbeat_at": None, "started_at": None, "finished_at": None,
-        "created_at": now, "modified_at": now,
+        "id": 1,
+        "model": "org/m",
+        "state": state,
+        "error_code": None,
+        "reason": None,
+        "attempts": 0,
+        "max_attempts": 3,
+        "run_after": now,
+        "lease_token": None,
+        "worker_id": None,
+        "heartbeat_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "created_at": now,
+        "modified_at": now,
     }
     values.update(fields)
     return ModelJobRow(**values)  # type: ignore[arg-type]
@@ -143,11 +157,14 @@ def test_render_benchmarking_available_and_failed_jobs() -> None:
     start = datetime(2024, 5, 28, 0, 0, 0, tzinfo=UTC)
     end = start + timedelta(seconds=9)
     running = render_job("org/m", job("benchmarking", started_at=start, lease_token=uuid.uuid4()))
-    assert running["message"] == MESSAGE_QUEUED and running["startTime"] == "2024-05-28T00:00:00.000Z"
+    assert running["message"] == MESSAGE_QUEUED
+    assert running["startTime"] == "2024-05-28T00:00:00.000Z"
     assert running["endTime"] is None
     done = render_job("org/m", job("available", started_at=start, finished_at=end))
     assert (done["success"], done["message"], done["endTime"]) == (
-        True, MESSAGE_AVAILABLE, "2024-05-28T00:00:09.000Z"
+        True,
+        MESSAGE_AVAILABLE,
+        "2024-05-28T00:00:09.000Z",
     )
     failed = render_job("org/m", job("failed", reason="Out of memory", finished_at=end))
     assert (failed["success"], failed["message"]) == (False, "Out of memory")

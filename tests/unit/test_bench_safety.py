@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pickle
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarker import ModelNotFound, NeedsRemoteCode, UnsafeWeights
-from benchmarker.hub import fetch, hub_offline
+from benchmarker.hub import fetch, hub_offline, hub_unavailable
 from benchmarker.safety import check_model_folder
 
 
@@ -59,7 +60,7 @@ def test_folder_without_weights_or_config(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="no weights"):
         check_model_folder(folder(tmp_path / "a", {"model_type": "gpt2"}, {}), "o/m")
     (tmp_path / "b").mkdir()
-    with pytest.raises(ModelNotFound, match="config.json"):
+    with pytest.raises(ModelNotFound, match=r"config\.json"):
         check_model_folder(tmp_path / "b", "o/m")
 
 
@@ -67,5 +68,14 @@ async def test_hub_offline_fails_fast(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub_offline()
     with pytest.raises(ModelNotFound, match="offline"):
-        await fetch(tmp_path, "nobody/nothing")
-    assert list(tmp_path.iterdir()) == []
+        await fetch(tmp_path / "store", "nobody/nothing")
+    assert not await asyncio.to_thread((tmp_path / "store").exists)
+
+
+async def test_an_unresolvable_hub_counts_as_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # .invalid never resolves (RFC 2606), with or without a network.
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.mlcp-test.invalid")
+    assert await hub_unavailable() == "unreachable"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert await hub_unavailable() == "offline (HF_HUB_OFFLINE)"

@@ -24,7 +24,7 @@ from db.pool import create_pool
 logger = logging.getLogger("benchmarker")
 
 
-async def _serve(settings: Settings, device: str, once: bool) -> int:
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     embedded: EmbeddedPostgres | None = None
     if settings.database_url is not None:
         dsn = settings.database_url.get_secret_value()
@@ -35,11 +35,11 @@ async def _serve(settings: Settings, device: str, once: bool) -> int:
         await migrate_database(dsn)
         pool = await create_pool(dsn, max_size=4)
         try:
-            worker = Worker(pool, ModelBenchmark(pool, settings, device=device))
-            if once:
+            worker = Worker(pool, ModelBenchmark(pool, settings, device=args.device))
+            if args.once:
                 job = await worker.run_once()
                 return 0 if job is not None else 1
-            await _run_until_signalled(worker)
+            await _run_until_signalled(worker, args.grace_s)
         finally:
             await pool.close()
     finally:
@@ -48,7 +48,7 @@ async def _serve(settings: Settings, device: str, once: bool) -> int:
     return 0
 
 
-async def _run_until_signalled(worker: Worker) -> None:
+async def _run_until_signalled(worker: Worker, grace_s: float) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,7 +58,7 @@ async def _run_until_signalled(worker: Worker) -> None:
     stopping = asyncio.create_task(stop.wait(), name="mlcp-worker-stop")
     await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
     try:
-        await asyncio.wait_for(asyncio.shield(task), SHUTDOWN_DEADLINE_S)
+        await asyncio.wait_for(asyncio.shield(task), grace_s)
     except TimeoutError:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -73,12 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="claim and measure model jobs until stopped")
     worker.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (as instances run)")
     worker.add_argument("--once", action="store_true", help="process one due job, then exit")
+    worker.add_argument(
+        "--grace-s",
+        type=float,
+        default=SHUTDOWN_DEADLINE_S,
+        help="on SIGTERM, how long the current job may finish before it is handed back",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return asyncio.run(_serve(Settings(), args.device, args.once))
+        return asyncio.run(_serve(Settings(), args))
     except DatabaseError as exc:
         print(f"mlcp-benchmarker: {exc}", file=sys.stderr)
         return 2

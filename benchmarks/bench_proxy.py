@@ -7,6 +7,7 @@ clients against a 20 ms instance, and streaming throughput proxied ÷ direct.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +112,33 @@ def _spread(ratios: list[float]) -> str:
     return f"pairs {min(ratios):.2f}..{max(ratios):.2f}"
 
 
+def _run_all(cp: ControlPlane, names: tuple[str, ...]) -> None:
+    endpoints: dict[str, str] = {}
+    for model, conc in zip(names, (1, 8, 8), strict=True):
+        cp.call("/model/load", {"model": model, "concurrency": conc})
+    for model in names:
+        endpoints[model] = str(cp.wait_running(model)["endpoint"])
+    asyncio.run(_latency(cp, endpoints["bench/fast"]))
+    seconds = THROUGHPUT_PAIRS * THROUGHPUT_S
+    ratio, d, p, pairs = asyncio.run(
+        _throughput(cp, endpoints["bench/twenty-ms"], "bench/twenty-ms", False)
+    )
+    print(
+        f"proxy throughput ({CLIENTS} clients, 20 ms instance): proxied/direct = "
+        f"{ratio:.2f} (goal >= 0.9) [direct {d / seconds:.0f} req/s, "
+        f"proxied {p / seconds:.0f} req/s; {_spread(pairs)}]"
+    )
+    asyncio.run(_check_stream(cp, "bench/stream"))
+    ratio, d, p, pairs = asyncio.run(
+        _throughput(cp, endpoints["bench/stream"], "bench/stream", True)
+    )
+    print(
+        f"proxy streaming ({CLIENTS} streams of {STREAM_TOKENS} chunks): proxied/direct = "
+        f"{ratio:.2f} (goal >= 0.95) [direct {d / seconds:.1f} streams/s, proxied "
+        f"{p / seconds:.1f} streams/s; {_spread(pairs)}]"
+    )
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp)
@@ -121,30 +149,15 @@ def main() -> None:
             [models], fake_agent=FAKE_AGENT, MLCP_MAX_QUEUE="64",
             MLCP_INCLUDE_PACKAGED_MODELS="false",
         ) as cp:
-            endpoints = {}
-            for model, conc in (("bench/fast", 1), ("bench/twenty-ms", 8), ("bench/stream", 8)):
-                cp.call("/model/load", {"model": model, "concurrency": conc})
-            for model in ("bench/fast", "bench/twenty-ms", "bench/stream"):
-                endpoints[model] = str(cp.wait_running(model)["endpoint"])
-            asyncio.run(_latency(cp, endpoints["bench/fast"]))
-            seconds = THROUGHPUT_PAIRS * THROUGHPUT_S
-            ratio, d, p, pairs = asyncio.run(
-                _throughput(cp, endpoints["bench/twenty-ms"], "bench/twenty-ms", False)
-            )
-            print(
-                f"proxy throughput ({CLIENTS} clients, 20 ms instance): proxied/direct = "
-                f"{ratio:.2f} (goal >= 0.9) [direct {d / seconds:.0f} req/s, "
-                f"proxied {p / seconds:.0f} req/s; {_spread(pairs)}]"
-            )
-            asyncio.run(_check_stream(cp, "bench/stream"))
-            ratio, d, p, pairs = asyncio.run(
-                _throughput(cp, endpoints["bench/stream"], "bench/stream", True)
-            )
-            print(
-                f"proxy streaming ({CLIENTS} streams of {STREAM_TOKENS} chunks): proxied/direct = "
-                f"{ratio:.2f} (goal >= 0.95) [direct {d / seconds:.1f} streams/s, proxied "
-                f"{p / seconds:.1f} streams/s; {_spread(pairs)}]"
-            )
+            # A control plane's shutdown no longer stops its instances (the next one adopts
+            # them), so the benchmark deletes what it loaded.
+            names = ("bench/fast", "bench/twenty-ms", "bench/stream")
+            try:
+                _run_all(cp, names)
+            finally:
+                for model in names:
+                    with contextlib.suppress(OSError):
+                        cp.call("/model/delete", {"model": model})
 
 
 if __name__ == "__main__":

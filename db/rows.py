@@ -82,6 +82,9 @@ class InstanceRow:
     observed_mem_bytes: int | None
     created_at: datetime
     modified_at: datetime
+    device: str = "cpu"
+    reserved_bytes: int = 0
+    rejected: int = 0
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> InstanceRow:

@@ -41,7 +41,10 @@ CREATE TABLE instances (
     expires_at          timestamptz NOT NULL,
     observed_mem_bytes  bigint,
     created_at          timestamptz NOT NULL DEFAULT now(),
-    modified_at         timestamptz NOT NULL DEFAULT now()
+    modified_at         timestamptz NOT NULL DEFAULT now(),
+    device              text NOT NULL DEFAULT 'cpu',
+    reserved_bytes      bigint NOT NULL DEFAULT 0 CHECK (reserved_bytes >= 0),
+    rejected            bigint NOT NULL DEFAULT 0
 );
 
 -- One live instance per model; stopped and failed rows stay as history.
@@ -139,4 +142,13 @@ CREATE TABLE cluster (
     id          text PRIMARY KEY,
     singleton   boolean NOT NULL DEFAULT true UNIQUE CHECK (singleton),
     created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- A load asked with "benchmark": true waits here until its model is measured.
+CREATE TABLE pending_loads (
+    model          text PRIMARY KEY REFERENCES models (name),
+    concurrency    integer NOT NULL CHECK (concurrency BETWEEN 1 AND 64),
+    expiration_s   integer NOT NULL CHECK (expiration_s BETWEEN 1 AND 2592000),
+    owner_key_id   bigint REFERENCES api_keys (id),
+    requested_at   timestamptz NOT NULL DEFAULT now()
 );

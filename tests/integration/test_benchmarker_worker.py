@@ -47,6 +47,8 @@ async def start_worker(env: dict[str, str], log_path: Path) -> asyncio.subproces
             "-m",
             "benchmarker",
             "worker",
+            "--grace-s",
+            "0.5",
             env=env,
             cwd=REPO,
             stdout=log,

@@ -6,13 +6,12 @@ skip, unless MLCP_REQUIRE_DOCKER=1 (set by .ci/run) turns that into a failure. T
 built offline (`python -m instance_agent.image build`) and reused while nothing changed.
 """
 
+# ruff: noqa: F401, F811  (pytest fixtures imported from tests/docker_engine.py)
+
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,50 +27,15 @@ from control_plane.runtimes.base import InstanceSpec, Launched, RuntimeError_
 from control_plane.runtimes.docker import OOM_REASON, DockerRuntime
 from control_plane.state import AppState
 from db import queries
-from instance_agent.image import build
 from tests.conftest import SERVED_APPS, Api, make_settings, serve
-from tests.fake_agent import write_fake_model
+
+# The session fixtures `engine` and `agent_image` are imported to be registered here.
+from tests.docker_engine import FAKE_IN_CONTAINER, agent_image, engine, fake_model
 from tests.integration.test_instances import load, wait_status
 
 pytestmark = pytest.mark.docker
 
-MANAGED = {"label": "mlcp.managed=true"}
-# The fake agent travels inside the mounted model folder, so the image needs nothing extra.
-FAKE_AGENT_SOURCE = Path(__file__).resolve().parents[1] / "fake_agent.py"
-FAKE_IN_CONTAINER = ["python", "/model/fake_agent.py"]
 TINY = "test/tiny"
-
-
-@pytest.fixture(scope="session")
-def engine() -> Iterator[DockerClient]:
-    """The Docker engine; at the end, removes every labelled container the tests left (by id)."""
-    try:
-        client = docker.DockerClient.from_env(timeout=60)
-        client.ping()
-    except (docker.errors.DockerException, OSError) as exc:
-        if os.environ.get("MLCP_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"MLCP_REQUIRE_DOCKER=1 but no Docker engine answers: {exc}")
-        pytest.skip(f"no Docker engine answers ({type(exc).__name__}); start dockerd to run these")
-    before = {c.id for c in client.containers.list(all=True, filters=MANAGED)}
-    yield client
-    for container in client.containers.list(all=True, filters=MANAGED):
-        if container.id not in before:
-            container.remove(force=True)
-    client.close()
-
-
-@pytest.fixture(scope="session")
-def agent_image(engine: DockerClient) -> str:
-    return build()
-
-
-def fake_model(root: Path, name: str, mode: str = "ok", **behaviour: Any) -> Path:
-    folder = write_fake_model(root, name, mode, **behaviour)
-    shutil.copy(FAKE_AGENT_SOURCE, folder / "fake_agent.py")
-    # Converted models are written 0600; the container must read them all the same.
-    for path in folder.iterdir():
-        path.chmod(0o600)
-    return folder
 
 
 def fake_runtime(image: str, cluster: str | None = None, **kwargs: Any) -> DockerRuntime:
@@ -204,7 +168,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("docker-models")
-    build_tiny_model(root / TINY)
+    for path in build_tiny_model(root / TINY).iterdir():
+        path.chmod(0o600)  # as converted models are written
     return root
 
 
@@ -225,7 +190,7 @@ async def test_real_agent_in_containers(
         api = Api(base, session, settings)
         await load(api, TINY)
         await wait_status(api, TINY, "RUNNING", timeout_s=60)
-        first = await container_of(api, TINY)
+        handle = await container_of(api, TINY)
 
         body = {"model": TINY, "prompt": "The quick brown", "params": {"max_new_tokens": 4}}
         status, out = await api.call("POST", "/model/run", body)
@@ -237,21 +202,9 @@ async def test_real_agent_in_containers(
             assert resp.status == 200 and resp.content_type == "text/plain"
             assert (await resp.read()).decode()
 
-        engine.containers.get(first).kill()  # behind the control plane's back
-        failed = await wait_status(api, TINY, "FAILED", timeout_s=20)
-        assert failed["reason"] == "instance process was killed by SIGKILL"
-        for _ in range(50):  # failing it also removes what is left of the container
-            if not engine.containers.list(all=True, filters={"id": first}):
-                break
-            await asyncio.sleep(0.1)
-        assert_gone(engine, first)
-
-        await load(api, TINY)
-        await wait_status(api, TINY, "RUNNING", timeout_s=60)
-        second = await container_of(api, TINY)
         status, deleted = await api.call("POST", "/model/delete", {"model": TINY})
         assert status == 200 and deleted["status"] == "STOPPED"
-        assert_gone(engine, second)
+        assert_gone(engine, handle)
 
 
 @pytest.fixture
@@ -272,9 +225,7 @@ def fake_settings(db_dsn: str, tmp_path: Path, agent_image: str) -> Any:
     )
 
 
-async def test_restart_adopts_containers_and_removes_orphans(
-    engine: DockerClient, fake_settings: Any
-) -> None:
+async def test_restart_adoption_orphans_and_kills(engine: DockerClient, fake_settings: Any) -> None:
     async with serve(fake_settings) as base, aiohttp.ClientSession() as session:
         api = Api(base, session, fake_settings)
         await load(api, "fake/ok", expirationPeriodSeconds=600)
@@ -300,6 +251,11 @@ async def test_restart_adopts_containers_and_removes_orphans(
         assert_gone(engine, orphan.handle)
         assert engine.containers.get(handle).status == "running"
 
-        status, deleted = await api.call("POST", "/model/delete", {"model": "fake/ok"})
-        assert status == 200 and deleted["status"] == "STOPPED"
+        engine.containers.get(handle).kill()  # behind the control plane's back
+        failed = await wait_status(api, "fake/ok", "FAILED", timeout_s=20)
+        assert failed["reason"] == "instance process was killed by SIGKILL"
+        for _ in range(50):  # failing it also removes what is left of the container
+            if not engine.containers.list(all=True, filters={"id": handle}):
+                break
+            await asyncio.sleep(0.1)
         assert_gone(engine, handle)

@@ -1,0 +1,59 @@
+"""What memory this host has: host RAM (psutil) and each GPU (nvidia-ml-py) when present."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import psutil
+
+from control_plane.placement import Device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Observed:
+    device: str
+    total_bytes: int
+    free_bytes: int
+
+
+def gpu_readings() -> list[Observed]:
+    """Each NVIDIA GPU's memory, or [] without a driver (every machine here has none)."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
+            out.append(Observed(f"cuda:{i}", int(info.total), int(info.free)))
+        return out
+    except pynvml.NVMLError:
+        logger.warning("could not read GPU memory through NVML")
+        return []
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def observe(host_memory_bytes: int | None, gpus: bool) -> list[Observed]:
+    """Host RAM (a declared capacity replaces the machine's total) and GPUs."""
+    vm = psutil.virtual_memory()
+    total = host_memory_bytes or int(vm.total)
+    free = min(int(vm.available), total)
+    readings = [Observed("cpu", total, free)]
+    if gpus:
+        readings.extend(gpu_readings())
+    return readings
+
+
+def devices(readings: list[Observed]) -> list[Device]:
+    return [Device(r.device, r.total_bytes) for r in readings]

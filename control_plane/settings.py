@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=8, ge=0, le=1024)
     # Fixed limit for an instance to become healthy; unset, it grows with the model's size.
     start_timeout_s: float | None = Field(default=None, gt=0)
+    # Host memory admission may hand out; unset, the machine's total (a setting so tests and
+    # shared hosts can declare less).
+    host_memory_bytes: int | None = Field(default=None, gt=0)
+    use_gpus: bool = True
     # Stop running instances when the control plane exits. Off: a restart is not a stop, the next
     # start adopts them (reconciliation).
     stop_instances_on_exit: bool = False

@@ -18,6 +18,8 @@ from db.rows import (
     ModelJobRow,
     ModelProfileRow,
     ModelRow,
+    PendingLoadRow,
+    ReservationRow,
 )
 
 _BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -325,3 +327,56 @@ async def lock_model_requests(db: Executor, model: str) -> None:
 async def cluster_id(db: Executor) -> str:
     """This deployment's identity (labels its instances)."""
     return str(await db.fetchval(sql("cluster_id")))
+
+
+# -- admission ----------------------------------------------------------------------------------
+
+
+async def lock_admission(db: Executor) -> None:
+    await db.execute(sql("lock_admission"))
+
+
+async def reservations(db: Executor, stale_after_s: float) -> list[ReservationRow]:
+    return [ReservationRow.of(r) for r in await db.fetch(sql("reservations"), stale_after_s)]
+
+
+async def insert_admitted_instance(
+    db: Executor,
+    model: str,
+    concurrency: int,
+    expiration_s: int,
+    runtime: str,
+    owner: int | None,
+    device: str,
+    reserved_bytes: int,
+    reason: str,
+) -> InstanceRow | None:
+    row = await db.fetchrow(
+        sql("insert_admitted_instance"),
+        model, concurrency, expiration_s, runtime, owner, device, reserved_bytes, reason,
+    )
+    return _instance(row)
+
+
+async def evict_instance(
+    db: Executor, instance_id: int, reason: str, stale_after_s: float
+) -> InstanceRow | None:
+    return _instance(await db.fetchrow(sql("evict_instance"), instance_id, reason, stale_after_s))
+
+
+async def upsert_pending_load(
+    db: Executor, model: str, concurrency: int, expiration_s: int, owner: int | None
+) -> None:
+    await db.execute(sql("upsert_pending_load"), model, concurrency, expiration_s, owner)
+
+
+async def pending_loads(db: Executor) -> list[PendingLoadRow]:
+    return [PendingLoadRow.of(r) for r in await db.fetch(sql("pending_loads"))]
+
+
+async def delete_pending_load(db: Executor, model: str) -> None:
+    await db.execute(sql("delete_pending_load"), model)
+
+
+async def evictions_for_model(db: Executor, model: str) -> int:
+    return int(await db.fetchval(sql("evictions_for_model"), model))

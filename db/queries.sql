@@ -289,3 +289,68 @@ SELECT pg_advisory_xact_lock(hashtextextended('mlcp:model_job:' || $1, 0));
 
 -- name: cluster_id
 SELECT id FROM cluster;
+
+-- admission ------------------------------------------------------------------------------------
+
+-- name: lock_admission
+-- Serializes admission between control planes sharing one database (and so one host's memory).
+SELECT pg_advisory_xact_lock(7301);
+
+-- name: reservations
+SELECT i.id, i.model, i.device, i.reserved_bytes, i.state, i.last_used_at,
+       coalesce((SELECT sum(a.in_flight) FROM instance_activity a
+                 WHERE a.instance_id = i.id
+                   AND a.updated_at > now() - make_interval(secs => $1::double precision)), 0)
+           AS in_flight,
+       coalesce((SELECT p.load_s FROM model_profiles p
+                 WHERE p.model = i.model ORDER BY p.measured_at DESC LIMIT 1), 0.0) AS reload_s
+FROM instances i
+WHERE i.state IN ('STARTING', 'RUNNING', 'STOPPING')
+ORDER BY i.id;
+
+-- name: insert_admitted_instance
+INSERT INTO instances (model, state, reason, concurrency, expiration_s, runtime, owner_key_id,
+                       expires_at, device, reserved_bytes)
+VALUES ($1, 'STARTING', $8, $2, $3, $4, $5, now() + make_interval(secs => $3::integer), $6, $7)
+ON CONFLICT (model) WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') DO NOTHING
+RETURNING *;
+
+-- name: evict_instance
+-- RUNNING and idle only: a request in flight on any live node protects it.
+WITH moved AS (
+    UPDATE instances i
+    SET state = 'STOPPING', reason = $2, modified_at = now()
+    WHERE i.id = $1 AND i.state = 'RUNNING'
+      AND NOT EXISTS (
+          SELECT 1 FROM instance_activity a
+          WHERE a.instance_id = i.id AND a.in_flight > 0
+            AND a.updated_at > now() - make_interval(secs => $3::double precision)
+      )
+    RETURNING i.*
+), event AS (
+    INSERT INTO instance_events (instance_id, from_state, to_state, reason)
+    SELECT id, 'RUNNING', 'STOPPING', $2 FROM moved
+)
+SELECT * FROM moved;
+
+-- name: upsert_pending_load
+INSERT INTO pending_loads (model, concurrency, expiration_s, owner_key_id)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (model) DO UPDATE
+SET concurrency = EXCLUDED.concurrency, expiration_s = EXCLUDED.expiration_s,
+    owner_key_id = EXCLUDED.owner_key_id, requested_at = now();
+
+-- name: pending_loads
+SELECT p.model, p.concurrency, p.expiration_s, p.owner_key_id,
+       m.required_ram_bytes IS NOT NULL AS measured,
+       (SELECT j.state FROM model_jobs j WHERE j.model = p.model ORDER BY j.id DESC LIMIT 1)
+           AS job_state
+FROM pending_loads p JOIN models m ON m.name = p.model
+ORDER BY p.requested_at;
+
+-- name: delete_pending_load
+DELETE FROM pending_loads WHERE model = $1;
+
+-- name: evictions_for_model
+SELECT count(*) FROM instance_events e JOIN instances i ON i.id = e.instance_id
+WHERE i.model = $1 AND e.to_state = 'STOPPING' AND e.reason LIKE 'evicted%';

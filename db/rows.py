@@ -140,3 +140,33 @@ class ModelProfileRow:
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> ModelProfileRow:
         return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ReservationRow:
+    id: int
+    model: str
+    device: str
+    reserved_bytes: int
+    state: str
+    last_used_at: datetime
+    in_flight: int
+    reload_s: float
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> ReservationRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class PendingLoadRow:
+    model: str
+    concurrency: int
+    expiration_s: int
+    owner_key_id: int | None
+    measured: bool
+    job_state: str | None
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> PendingLoadRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})

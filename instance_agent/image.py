@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 DEFAULT_REPOSITORY = "mlcp-agent"
 # Bump when the layout below changes, so an old image is not reused for a new layout.
 LAYOUT_VERSION = "1"
+# On every image built here, so old builds can be found and removed.
+IMAGE_LABEL = "mlcp.image.layout"
 PROJECT_PACKAGES = ("instance_agent", "control_plane", "benchmarker", "db")
 # Standard-library folders an instance never imports (tests alone are 123 MB here).
 STDLIB_SKIP = frozenset(
@@ -64,6 +66,14 @@ IMAGE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Dockerfile instructions applied to the imported root filesystem.
+BASE_CHANGES = [
+    *(f"ENV {key}={value}" for key, value in IMAGE_ENV.items()),
+    'ENTRYPOINT ["python", "-m", "instance_agent"]',
+    'CMD ["--help"]',
+    "WORKDIR /root",
+    f"LABEL {IMAGE_LABEL}={LAYOUT_VERSION}",
+]
 ETC_FILES = {
     "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
     "etc/group": b"root:x:0:\nnogroup:x:65534:\n",
@@ -276,7 +286,7 @@ def with_directories(entries: Iterable[Entry]) -> list[Entry]:
 
 def content_tag(entries: Iterable[Entry]) -> str:
     digest = hashlib.sha256(f"mlcp-agent-image {LAYOUT_VERSION}\n".encode())
-    digest.update(repr(sorted(IMAGE_ENV.items())).encode())
+    digest.update(repr(BASE_CHANGES).encode())
     for entry in entries:
         digest.update(entry.fingerprint())
     return digest.hexdigest()[:16]
@@ -358,7 +368,7 @@ def build(
                     custom_context=True,
                     tag=name,
                     rm=True,
-                    labels={"mlcp.image.layout": LAYOUT_VERSION},
+                    labels={IMAGE_LABEL: LAYOUT_VERSION},
                     timeout=timeout_s,
                 )
             client.images.get(name).tag(repository, "latest")
@@ -389,29 +399,33 @@ def _import_base(
     for lib in shared_libraries(entries, inside):
         system += host_path_entries(lib)
     etc = [Entry(arc, "data", data=data, mode=0o644) for arc, data in ETC_FILES.items()]
-    changes = [f"ENV {key}={value}" for key, value in IMAGE_ENV.items()]
-    changes += ['ENTRYPOINT ["python", "-m", "instance_agent"]', 'CMD ["--help"]', "WORKDIR /root"]
     repo, tag = name.split(":")
     client.api.import_image_from_stream(
         tar_chunks(with_directories([*system, *entries, *etc])),
         repository=repo,
         tag=tag,
-        changes=changes,
+        changes=BASE_CHANGES,
     )
 
 
 def _remove_stale(client: DockerClient, keep: set[str], repositories: tuple[str, ...]) -> None:
-    """Untag older builds (each is a gigabyte); images a container still uses stay."""
+    """Remove older builds (each is a gigabyte); images a container still uses stay."""
     import docker.errors
 
-    for repository in repositories:
-        for image in client.images.list(name=repository):
-            for old in image.tags:
-                if old not in keep and not old.endswith(":latest"):
-                    try:
-                        client.images.remove(old)
-                    except docker.errors.APIError:
-                        pass
+    stale = [
+        old
+        for repository in repositories
+        for image in client.images.list(name=repository)
+        for old in image.tags
+        if old not in keep and not old.endswith(":latest")
+    ]
+    # A forced rebuild leaves the previous build untagged rather than stale-tagged.
+    dangling = client.images.list(filters={"dangling": True, "label": IMAGE_LABEL})
+    for ref in [*stale, *(image.id for image in dangling)]:
+        try:
+            client.images.remove(ref)
+        except docker.errors.APIError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,178 @@
+"""Admission on /model/load: the IO around placement.decide, serialized in PostgreSQL.
+
+The reservations of every live instance are read, decided on, and the new instance (and any
+evictions) written in one transaction under an advisory lock, so two control planes sharing a
+database never overbook the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from benchmarker.estimate import Phase, Profile, ram_for_concurrency
+from control_plane import capacity
+from control_plane.errors import Conflict, Invalid, ServiceUnavailable
+from control_plane.placement import (
+    Decision,
+    Evict,
+    Fit,
+    Full,
+    NeverFits,
+    Reservation,
+    bytes_to_gb,
+    decide,
+)
+from control_plane.reaper import STALE_ACTIVITY_S
+from control_plane.settings import Settings
+from db import queries
+from db.pool import Pool
+from db.rows import InstanceRow, ModelProfileRow, ModelRow
+
+DEVICE_KIND = "cpu"
+
+
+class NotBenchmarked(Conflict):
+    """The model has not been benchmarked yet."""
+
+    code = "not_benchmarked"
+
+
+class NeverFitsError(Invalid):
+    """The model can never fit on this host."""
+
+    code = "insufficient_memory"
+
+
+class HostFull(ServiceUnavailable):
+    """Not enough memory is free now, and nothing idle can be evicted."""
+
+    code = "capacity_full"
+
+
+@dataclass(frozen=True)
+class Admission:
+    decision: Decision
+    need_bytes: int
+    row: InstanceRow | None  # the new STARTING instance; None for a dry run or a lost race
+    evicted: tuple[InstanceRow, ...] = ()
+
+
+def profile_from_row(row: ModelProfileRow) -> Profile:
+    phases = tuple(
+        Phase(
+            int(p["concurrency"]),
+            int(p["peakRssBytes"]),
+            p.get("peakGpuBytes"),
+            int(p.get("tokens", 0)),
+            float(p.get("seconds", 0.0)),
+        )
+        for p in row.phases
+    )
+    return Profile(row.device_kind, row.load_s, 0, phases)
+
+
+async def need_bytes(pool: Pool, model: ModelRow, concurrency: int) -> int | None:
+    """Memory an instance of `model` serving `concurrency` at once will reserve, or None."""
+    profile = await queries.get_model_profile(pool, model.name, DEVICE_KIND)
+    if profile is not None and profile.phases:
+        return ram_for_concurrency(profile_from_row(profile), concurrency)
+    return model.required_ram_bytes
+
+
+def plan_body(model: str, concurrency: int, need: int, decision: Decision) -> dict[str, Any]:
+    """The admission plan as shown for `"dryRun": true`."""
+    out: dict[str, Any] = {
+        "model": model,
+        "concurrency": concurrency,
+        "requiredBytes": need,
+        "requiredRAM": bytes_to_gb(need),
+        "device": None,
+        "evictions": [],
+        "headroomBytes": None,
+    }
+    if isinstance(decision, Fit):
+        out.update(decision="fits", device=decision.device, headroomBytes=decision.headroom_bytes)
+    elif isinstance(decision, Evict):
+        out.update(
+            decision="evict",
+            device=decision.device,
+            headroomBytes=decision.headroom_bytes,
+            evictions=[
+                {"model": v.model, "reservedBytes": v.mem_bytes, "idleSince": v.last_used_at.isoformat()}
+                for v in decision.victims
+            ],
+        )
+    elif isinstance(decision, NeverFits):
+        out.update(decision="never_fits", largestDeviceBytes=decision.largest_device_bytes)
+    else:
+        out.update(decision="full", freeBytes=decision.free_bytes, retryAfterSeconds=decision.retry_after_s)
+    return out
+
+
+async def admit(
+    pool: Pool,
+    settings: Settings,
+    runtime: str,
+    model: ModelRow,
+    concurrency: int,
+    expiration_s: int,
+    owner: int | None,
+    now: datetime,
+    *,
+    dry_run: bool = False,
+) -> Admission:
+    """Decide, and unless `dry_run`, record the new instance and its evictions atomically."""
+    need = await need_bytes(pool, model, concurrency)
+    if need is None:
+        raise NotBenchmarked(
+            f"model {model.name} has not been benchmarked; request it first with "
+            'POST /model/job, or load with "benchmark": true',
+        )
+    devices = capacity.devices(capacity.observe(settings.host_memory_bytes, settings.use_gpus))
+    async with pool.acquire() as conn, conn.transaction():
+        await queries.lock_admission(conn)
+        rows = await queries.reservations(conn, STALE_ACTIVITY_S)
+        held = [
+            Reservation(
+                r.id, r.model, r.device, r.reserved_bytes, r.in_flight, r.last_used_at,
+                r.reload_s, r.state,
+            )
+            for r in rows
+        ]
+        decision = decide(need, devices, held, now)
+        if dry_run:
+            return Admission(decision, need, None)
+        if isinstance(decision, NeverFits):
+            raise NeverFitsError(
+                f"model {model.name} needs {bytes_to_gb(need)} GB at concurrency {concurrency}; "
+                f"the largest device here has {bytes_to_gb(decision.largest_device_bytes)} GB usable"
+            )
+        if isinstance(decision, Full):
+            raise HostFull(
+                f"not enough memory for {model.name} ({bytes_to_gb(need)} GB): "
+                f"{bytes_to_gb(decision.free_bytes)} GB free and no idle instance to evict",
+                retry_after_s=decision.retry_after_s,
+            )
+        evicted: list[InstanceRow] = []
+        if isinstance(decision, Evict):
+            for victim in decision.victims:
+                moved = await queries.evict_instance(
+                    conn,
+                    victim.instance_id,
+                    f"evicted to make room for {model.name}",
+                    STALE_ACTIVITY_S,
+                )
+                if moved is None:
+                    # It became busy since it was read: give up this plan (the transaction
+                    # rolls back) and let the client retry.
+                    raise HostFull(
+                        "an instance chosen for eviction became busy; retry", retry_after_s=1
+                    )
+                evicted.append(moved)
+        row = await queries.insert_admitted_instance(
+            conn, model.name, concurrency, expiration_s, runtime, owner, decision.device, need,
+            "load requested",
+        )
+        return Admission(decision, need, row, tuple(evicted))

@@ -8,6 +8,7 @@ per changed instance.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ class Activity:
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         self._counters: dict[int, Counter] = {}
+        self._flush_lock = asyncio.Lock()
 
     def begin(self, instance_id: int) -> None:
         c = self._counters.setdefault(instance_id, Counter())
@@ -60,7 +62,15 @@ class Activity:
         self._counters.pop(instance_id, None)
 
     async def flush(self, db: Executor) -> None:
-        """Write every changed counter; busy instances are re-reported as a heartbeat."""
+        """Write every changed counter; busy instances are re-reported as a heartbeat.
+
+        Flushes are serialized: a caller that needs the database to be current (a status answer,
+        an admission decision) waits for one already running instead of racing it.
+        """
+        async with self._flush_lock:
+            await self._flush(db)
+
+    async def _flush(self, db: Executor) -> None:
         for instance_id, c in list(self._counters.items()):
             if not c.dirty and c.in_flight == 0:
                 continue

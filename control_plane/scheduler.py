@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from control_plane.bootstrap import refresh_catalog
+from control_plane.pending_loads import PENDING_INTERVAL_S, load_pending
 from control_plane.reconciler import RECONCILE_INTERVAL_S, reconcile
 from control_plane.reaper import REAP_INTERVAL_S, reap
 from control_plane.state import AppState
@@ -55,5 +56,6 @@ def build_scheduler(state: AppState) -> AsyncIOScheduler:
     every(CHECK_INTERVAL_S, "instance-check", sup.check)
     every(ROUTES_INTERVAL_S, "routes", sup.refresh_routes)
     every(RECONCILE_INTERVAL_S, "reconciler", lambda: reconcile(sup, datetime.now(UTC)))
+    every(PENDING_INTERVAL_S, "pending-loads", lambda: load_pending(state))
     every(state.settings.catalog_refresh_s, "catalog", lambda: refresh_catalog(pool, state.settings))
     return scheduler

@@ -201,20 +201,35 @@ MAX_CONCURRENCY = 64
 MAX_EXPIRATION_S = 2_592_000  # 30 days
 
 
+DRY_RUN = "dryRun"
+BENCHMARK = "benchmark"
+
+
 @dataclass(frozen=True)
 class LoadRequest:
     model: str
     concurrency: int
     expiration_s: int
+    dry_run: bool = False
+    benchmark: bool = False
+
+
+def parse_bool_field(body: dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise Invalid(f"'{field}' must be true or false", code="invalid_field")
+    return value
 
 
 def parse_load_request(body: object, default_expiration_s: int) -> LoadRequest:
     obj = require_object(body)
-    reject_unknown(obj, frozenset({MODEL, CONCURRENCY, EXPIRATION_S}))
+    reject_unknown(obj, frozenset({MODEL, CONCURRENCY, EXPIRATION_S, DRY_RUN, BENCHMARK}))
     return LoadRequest(
         parse_model_field(obj),
         parse_int_field(obj, CONCURRENCY, default=1, lo=1, hi=MAX_CONCURRENCY),
         parse_int_field(obj, EXPIRATION_S, default=default_expiration_s, lo=1, hi=MAX_EXPIRATION_S),
+        parse_bool_field(obj, DRY_RUN),
+        parse_bool_field(obj, BENCHMARK),
     )
 
 

@@ -98,28 +98,41 @@ class Supervisor:
 
     # -- load ------------------------------------------------------------------------------
 
-    async def load(
-        self, model: ModelRow, concurrency: int, expiration_s: int, owner: int | None
-    ) -> InstanceRow:
-        """Start an instance of `model`, or update the live one's settings (idempotent)."""
-        row = await queries.insert_instance(
-            self.pool, model.name, concurrency, expiration_s, self.runtime.name, owner
-        )
-        if row is not None:
-            self._spawn(self._start(row, model))
-            return row
+    async def update_live(
+        self, model: str, concurrency: int, expiration_s: int
+    ) -> InstanceRow | None:
+        """Apply new settings to the model's live instance (a repeated load); None if none."""
         row = await queries.update_live_instance_settings(
-            self.pool, model.name, concurrency, expiration_s
+            self.pool, model, concurrency, expiration_s
         )
         if row is None:
-            raise Conflict(
-                "the model's instance is stopping; load it again in a moment",
-                code="instance_stopping",
-                retry_after_s=2,
-            )
+            live = await queries.latest_instance_for_model(self.pool, model)
+            if live is not None and live.state == State.STOPPING:
+                raise Conflict(
+                    "the model's instance is stopping; load it again in a moment",
+                    code="instance_stopping",
+                    retry_after_s=2,
+                )
+            return None
         if row.state == State.RUNNING and row.endpoint:
             await self._push_concurrency(row)
         return row
+
+    def launch(self, row: InstanceRow, model: ModelRow, evicted: tuple[InstanceRow, ...] = ()) -> None:
+        """Start an admitted STARTING instance in the background, after its evictions are gone.
+
+        Evicted memory counts as free only once those instances are really stopped, so the new
+        instance waits for them.
+        """
+        self._starting.add(row.id)
+        self._spawn(self._evict_then_start(row, model, evicted))
+
+    async def _evict_then_start(
+        self, row: InstanceRow, model: ModelRow, evicted: tuple[InstanceRow, ...]
+    ) -> None:
+        if evicted:
+            await asyncio.gather(*(self.finish_stopping(v) for v in evicted))
+        await self._start(row, model)
 
     async def _push_concurrency(self, row: InstanceRow) -> None:
         try:

@@ -23,11 +23,13 @@ from instance_agent.streaming import Row
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_MESSAGE = "the instance is shutting down"
-# Requests sent "at once" reach the queue a few milliseconds apart (HTTP parsing, tokenizing). A
-# batch that started without them would make them wait for its whole generation: with 8 clients,
-# the first batch held 1 request and the second 7. Waiting this long for company costs less than
-# one decoding step of SmolLM2 on 2 cores (~90 ms).
-BATCH_WINDOW_S = 0.02
+# Requests sent "at once" reach the queue milliseconds apart (HTTP parsing, tokenizing), more on a
+# busy host. A batch that started without them makes them wait for its whole generation: with 8
+# clients, the first batch held 1 request and the second 7. So a batch waits until no request has
+# arrived for BATCH_QUIET_S, at most BATCH_MAX_WAIT_S after the first; both cost less than one
+# decoding step of SmolLM2 on 2 cores (~90 ms).
+BATCH_QUIET_S = 0.02
+BATCH_MAX_WAIT_S = 0.08
 
 
 class Engine(Protocol):
@@ -56,10 +58,12 @@ class Batcher:
         *,
         concurrency: int,
         max_queue: int,
-        batch_window_s: float = BATCH_WINDOW_S,
+        batch_quiet_s: float = BATCH_QUIET_S,
+        batch_max_wait_s: float = BATCH_MAX_WAIT_S,
     ) -> None:
         self._engine = engine
-        self._batch_window_s = batch_window_s
+        self._batch_quiet_s = batch_quiet_s
+        self._batch_max_wait_s = batch_max_wait_s
         self._concurrency = concurrency
         self._capacity = concurrency + max_queue
         self._lock = threading.Lock()
@@ -67,6 +71,7 @@ class Batcher:
         self._reserved = 0
         self._pending: deque[Row] = deque()
         self._first_pending_at = 0.0
+        self._last_arrival_at = 0.0
         self._running: list[Row] = []
         self._stopping = False
         self._batches = 0
@@ -109,8 +114,9 @@ class Batcher:
             if self._stopping:
                 row.fail(SHUTDOWN_MESSAGE)
                 return
+            self._last_arrival_at = time.monotonic()
             if not self._pending:
-                self._first_pending_at = time.monotonic()
+                self._first_pending_at = self._last_arrival_at
             self._pending.append(row)
             self._wakeup.notify()
 
@@ -140,8 +146,9 @@ class Batcher:
 
     def _wait_for_company(self) -> None:
         """Give requests sent together a moment to join one batch (call holding the lock)."""
-        deadline = self._first_pending_at + self._batch_window_s
+        latest = self._first_pending_at + self._batch_max_wait_s
         while not self._stopping and len(self._pending) < self._concurrency:
+            deadline = min(latest, self._last_arrival_at + self._batch_quiet_s)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

@@ -7,8 +7,10 @@ while nothing changed. Containers use host networking, so all traffic stays on l
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import docker.errors
 import pytest
 from docker import DockerClient
 
+from control_plane.runtimes.docker import API_VERSION
 from instance_agent.image import build
 from tests.fake_agent import write_fake_model
 
@@ -30,13 +33,22 @@ FAKE_IN_CONTAINER = ["python", "/model/fake_agent.py"]
 @pytest.fixture(scope="session")
 def engine() -> Iterator[DockerClient]:
     """The Docker engine; at the end, removes every labelled container the tests left (by id)."""
-    try:
-        client = docker.DockerClient.from_env(timeout=60)
-        client.ping()
-    except (docker.errors.DockerException, OSError) as exc:
+    client = docker.DockerClient.from_env(timeout=60, version=API_VERSION)
+    problem = ""
+    with warnings.catch_warnings():
+        # The SDK leaves the socket of a failed connection open; collect it here, quietly.
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            client.ping()
+        except (docker.errors.DockerException, OSError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            client.close()
+            gc.collect()
+    if problem:
         if os.environ.get("MLCP_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"MLCP_REQUIRE_DOCKER=1 but no Docker engine answers: {exc}")
-        pytest.skip(f"no Docker engine answers ({type(exc).__name__}); start dockerd to run these")
+            pytest.fail(f"MLCP_REQUIRE_DOCKER=1 but no Docker engine answers: {problem}")
+        pytest.skip(f"no Docker engine answers ({problem}); start dockerd to run these")
     before = {c.id for c in client.containers.list(all=True, filters=MANAGED)}
     yield client
     for container in client.containers.list(all=True, filters=MANAGED):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from control_plane import proxy
+from control_plane.admission import admit, plan_body
 from control_plane.auth import Principal
 from control_plane.errors import (
     BadGateway,
@@ -27,7 +29,9 @@ from control_plane.errors import (
 )
 from control_plane.handlers import authed, json_body
 from control_plane.lifecycle import State
+from control_plane.routes.jobs import request_model_job
 from control_plane.schemas import (
+    LoadRequest,
     parse_load_request,
     parse_model_request,
     parse_run_request,
@@ -37,7 +41,7 @@ from control_plane.schemas import (
 from control_plane.state import AppState
 from control_plane.supervisor import Route as InstanceRoute
 from db import queries
-from db.rows import InstanceRow
+from db.rows import InstanceRow, ModelRow
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,33 @@ async def load(request: Request, state: AppState, principal: Principal) -> Respo
             f"model {body.model} is a {model.task} model; only text-generation models can be loaded",
             code="unsupported_task",
         )
-    row = await state.supervisor.load(model, body.concurrency, body.expiration_s, principal.key_id)
+    sup = state.supervisor
+    if not body.dry_run:
+        live = await sup.update_live(body.model, body.concurrency, body.expiration_s)
+        if live is not None:
+            return _started(live)
+    if body.benchmark and model.required_ram_bytes is None:
+        return await _queue_load(state, model, body, principal)
+    # This node's in-flight counts must be in the database before idleness is judged.
+    await state.activity.flush(state.pool)
+    admission = await admit(
+        state.pool, state.settings, sup.runtime.name, model, body.concurrency, body.expiration_s,
+        principal.key_id, datetime.now(UTC), dry_run=body.dry_run,
+    )
+    if body.dry_run:
+        plan = plan_body(model.name, body.concurrency, admission.need_bytes, admission.decision)
+        return JSONResponse({"dryRun": True, **plan})
+    if admission.row is None:
+        # Another request created the instance between our two statements: it is a repeat.
+        live = await sup.update_live(body.model, body.concurrency, body.expiration_s)
+        if live is None:
+            raise ServiceUnavailable("the instance is changing state; retry", retry_after_s=1)
+        return _started(live)
+    sup.launch(admission.row, model, admission.evicted)
+    return _started(admission.row)
+
+
+def _started(row: InstanceRow) -> Response:
     return JSONResponse(
         {
             "model": row.model,
@@ -75,7 +105,32 @@ async def load(request: Request, state: AppState, principal: Principal) -> Respo
             "concurrency": row.concurrency,
             "expirationPeriodSeconds": row.expiration_s,
             "instanceStatus": row.state,
+            "device": row.device,
+            "reservedBytes": row.reserved_bytes,
         }
+    )
+
+
+async def _queue_load(
+    state: AppState, model: ModelRow, body: LoadRequest, principal: Principal
+) -> Response:
+    """Request the model's benchmark and remember to load it once it is measured."""
+    job = await request_model_job(state.pool, state.settings, model.name, datetime.now(UTC))
+    if not job["success"]:
+        raise Conflict(f"model {model.name} cannot be benchmarked: {job['message']}",
+                       code="benchmark_failed")
+    await queries.upsert_pending_load(
+        state.pool, model.name, body.concurrency, body.expiration_s, principal.key_id
+    )
+    return JSONResponse(
+        {
+            "model": model.name,
+            "status": "queued",
+            "concurrency": body.concurrency,
+            "expirationPeriodSeconds": body.expiration_s,
+            "message": "Model is being benchmarked; it will load once available",
+        },
+        status_code=202,
     )
 
 
@@ -90,6 +145,7 @@ async def _latest(state: AppState, model: str) -> InstanceRow:
 async def status(request: Request, state: AppState, principal: Principal) -> Response:
     """The model's latest instance, with why it is in its state and its history."""
     body = parse_model_request(await json_body(request, state))
+    await state.activity.flush(state.pool)
     row = await _latest(state, body.model)
     out = _status(state, row)
     if principal.is_admin:
@@ -101,6 +157,7 @@ async def status(request: Request, state: AppState, principal: Principal) -> Res
 @authed("user")
 async def list_instances(request: Request, state: AppState, principal: Principal) -> Response:
     """Every live instance."""
+    await state.activity.flush(state.pool)
     rows = await queries.live_instances(state.pool)
     return JSONResponse([_status(state, r) for r in rows])
 
@@ -232,25 +289,47 @@ async def _stream(
 ) -> Response:
     state.activity.begin(route.instance_id)
     try:
-        upstream = await proxy.open_stream(state.session, route.endpoint, payload)
+        resp = await proxy.open_stream(state.session, route.endpoint, payload)
     except BaseException as exc:
         state.activity.end(route.instance_id, completed=False)
         if isinstance(exc, proxy.InstanceGone):
             _report_failure(state, route)
         raise
-    pieces = relay(state, route, upstream)
+    upstream = _Upstream(state, route, resp)
     if "text/event-stream" in request.headers.get("accept", ""):
-        return EventSourceResponse(_as_sse(pieces))
-    return _TextStream(pieces)
+        return _SseStream(upstream)
+    return _TextStream(upstream)
 
 
-async def relay(
-    state: AppState, route: InstanceRoute, upstream: aiohttp.ClientResponse
-) -> AsyncGenerator[Piece, None]:
-    """A piece per agent read; the last one carries 'done' or an error. Closes upstream always."""
+class _Upstream:
+    """An open agent stream and the request it serves: `finish` closes both, exactly once.
+
+    The responses call it in a `finally` too, because a relay generator closed before its first
+    step never runs its own `finally`, and the request would stay in flight (never reaped).
+    """
+
+    def __init__(self, state: AppState, route: InstanceRoute, resp: aiohttp.ClientResponse):
+        self.state = state
+        self.route = route
+        self.resp = resp
+        self._finished = False
+
+    def finish(self, *, completed: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if completed:
+            self.resp.release()
+        else:
+            self.resp.close()
+        self.state.activity.end(self.route.instance_id, completed=completed)
+
+
+async def relay(upstream: _Upstream) -> AsyncGenerator[Piece, None]:
+    """A piece per agent read; the last one carries 'done' or an error. Finishes upstream."""
     completed = False
     try:
-        async for batch in proxy.event_batches(upstream):
+        async for batch in proxy.event_batches(upstream.resp):
             texts: list[str] = []
             for event in batch:
                 if "text" in event:
@@ -265,60 +344,70 @@ async def relay(
                     return
             if texts:
                 yield "".join(texts), None
-        yield "", {"error": STREAM_FAILED, "code": "instance_failed"}
-        _report_failure(state, route)
     except (aiohttp.ClientError, TimeoutError):
-        yield "", {"error": STREAM_FAILED, "code": "instance_failed"}
-        _report_failure(state, route)
+        pass
     finally:
-        if completed:
-            upstream.release()
-        else:
-            upstream.close()
-        state.activity.end(route.instance_id, completed=completed)
+        upstream.finish(completed=completed)
+    # The agent ended the stream without 'done', or the connection broke: it died or hung.
+    # Reported before the last piece is yielded: the consumer stops reading once it has it.
+    _report_failure(upstream.state, upstream.route)
+    yield "", {"error": STREAM_FAILED, "code": "instance_failed"}
 
 
 class _TextStream(Response):
     """Raw text chunks, one per agent read; a failure ends the stream with a line saying so.
 
-    Plain ASGI rather than StreamingResponse over a generator: one layer per chunk instead of
-    two, one disconnect watcher instead of an anyio task group, and the generator is closed here,
-    not whenever it is collected.
+    Plain ASGI rather than StreamingResponse over two stacked generators: one generator step
+    per chunk instead of two, one disconnect watcher instead of an anyio task group, and the
+    generator is closed here rather than whenever it is collected.
     """
 
     media_type = "text/plain; charset=utf-8"
 
-    def __init__(self, pieces: AsyncGenerator[Piece, None]) -> None:
+    def __init__(self, upstream: _Upstream) -> None:
         self.status_code = 200
         self.background = None
         self.init_headers()
-        self._pieces = pieces
+        self._upstream = upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with contextlib.aclosing(self._pieces) as pieces:
-            with _CancelOnDisconnect(receive):
-                await send(
-                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-                )
-                async for text, last in pieces:
-                    if last is not None and "error" in last:
-                        text += f"\n[error: {last['code']}] {last['error']}\n"
-                    if last is None and not text:
-                        continue
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": text.encode(),
-                            "more_body": last is None,
-                        }
-                    )
-                    if last is not None:
-                        return
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            async with contextlib.aclosing(relay(self._upstream)) as pieces:
+                with _CancelOnDisconnect(receive):
+                    await self._relay(pieces, send)
+        finally:
+            self._upstream.finish(completed=False)
+
+    async def _relay(self, pieces: AsyncIterator[Piece], send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for text, last in pieces:
+            if last is not None and "error" in last:
+                text += f"\n[error: {last['code']}] {last['error']}\n"
+            elif last is None and not text:
+                continue
+            # The last piece ends the response in the same write.
+            body = {"type": "http.response.body", "body": text.encode(), "more_body": last is None}
+            await send(body)
+            if last is not None:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _as_sse(pieces: AsyncGenerator[Piece, None]) -> AsyncIterator[dict[str, str]]:
+class _SseStream(EventSourceResponse):
     """Server-sent events: `data` per text chunk, then a `done` event with stats, or `error`."""
+
+    def __init__(self, upstream: _Upstream) -> None:
+        super().__init__(_as_sse(relay(upstream)))
+        self._upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._upstream.finish(completed=False)
+
+
+async def _as_sse(pieces: AsyncIterator[Piece]) -> AsyncIterator[dict[str, str]]:
     async for text, last in pieces:
         if text:
             yield {"data": text}

@@ -52,6 +52,9 @@ DEFAULT_COMMAND = ("python", "-m", "instance_agent")
 MODEL_MOUNT = "/model"
 AGENT_PORT = 8000  # inside the container, bridge mode only
 CLIENT_TIMEOUT_S = 30
+# Docker 20.10+ (device requests need 1.40). Fixed rather than negotiated: negotiating is a
+# request at connection time, whose failure would leave a socket open.
+API_VERSION = "1.41"
 # Bounds the wait for a removed container to disappear from the engine's listing.
 REMOVE_WAIT_S = 10.0
 LOG_TAIL_FOR_REASON = 20
@@ -210,10 +213,11 @@ class DockerRuntime:
         self._connecting = threading.Lock()
 
     def _connect(self) -> DockerClient:
-        # Runs in worker threads; the first call asks the engine for its API version.
-        with self._connecting:
+        with self._connecting:  # called from worker threads
             if self._client is None:
-                self._client = docker.DockerClient.from_env(timeout=self.timeout_s)
+                self._client = docker.DockerClient.from_env(
+                    timeout=self.timeout_s, version=API_VERSION
+                )
             return self._client
 
     async def _run(self, what: str, fn: Callable[[DockerClient], T]) -> T:

@@ -47,7 +47,19 @@ async def fapi(db_dsn: str, tmp_path: Path) -> AsyncIterator[Api]:
         include_packaged_models=False,
     )
     async with serve(settings) as base, aiohttp.ClientSession() as session:
-        yield Api(base, session, settings)
+        api = Api(base, session, settings)
+        for name in MODELS:
+            await mark_measured(api, name, 50_000_000)
+        yield api
+
+
+async def mark_measured(api: Api, model: str, mem_bytes: int) -> None:
+    """Give a fake model a benchmark figure, as a finished /model/job would."""
+    await app_state(api).pool.execute(
+        "UPDATE models SET required_ram_bytes = $2, benchmarked_at = now() WHERE name = $1",
+        model,
+        mem_bytes,
+    )
 
 
 def app_state(api: Api) -> AppState:

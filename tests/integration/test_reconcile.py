@@ -21,6 +21,7 @@ from tests.integration.test_instances import (
     app_state,
     instance_pid,
     load,
+    mark_measured,
     wait_gone,
     wait_status,
 )
@@ -43,6 +44,7 @@ async def test_restart_adopts_running_instances(db_dsn: str, tmp_path: Path) -> 
     settings = fake_settings(db_dsn, tmp_path, stop_instances_on_exit=False)
     async with serve(settings) as base, aiohttp.ClientSession() as session:
         api = Api(base, session, settings)
+        await mark_measured(api, "fake/ok", 50_000_000)
         await load(api, "fake/ok", expirationPeriodSeconds=600)
         before = await wait_status(api, "fake/ok", "RUNNING")
         pid = await instance_pid(api, "fake/ok")
@@ -65,6 +67,7 @@ async def test_instance_killed_behind_our_back_becomes_failed(db_dsn: str, tmp_p
     settings = fake_settings(db_dsn, tmp_path)
     async with serve(settings) as base, aiohttp.ClientSession() as session:
         api = Api(base, session, settings)
+        await mark_measured(api, "fake/ok", 50_000_000)
         await load(api, "fake/ok")
         await wait_status(api, "fake/ok", "RUNNING")
         os.kill(await instance_pid(api, "fake/ok"), signal.SIGKILL)
@@ -76,6 +79,7 @@ async def test_vanished_instance_after_restart_becomes_failed(db_dsn: str, tmp_p
     settings = fake_settings(db_dsn, tmp_path, stop_instances_on_exit=False)
     async with serve(settings) as base, aiohttp.ClientSession() as session:
         api = Api(base, session, settings)
+        await mark_measured(api, "fake/ok", 50_000_000)
         await load(api, "fake/ok")
         await wait_status(api, "fake/ok", "RUNNING")
         pid = await instance_pid(api, "fake/ok")

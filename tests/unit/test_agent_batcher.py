@@ -195,7 +195,7 @@ def test_stopping_aborts_running_and_fails_waiting_rows(engine: FakeEngine) -> N
 
 
 def test_requests_sent_together_share_a_batch_despite_arriving_apart(engine: FakeEngine) -> None:
-    batcher = Batcher(engine, concurrency=3, max_queue=0, batch_window_s=0.2)
+    batcher = Batcher(engine, concurrency=3, max_queue=0, batch_quiet_s=0.1, batch_max_wait_s=1)
     batcher.start()
     try:
         rows = [make_row()[0] for _ in range(3)]
@@ -208,8 +208,8 @@ def test_requests_sent_together_share_a_batch_despite_arriving_apart(engine: Fak
         batcher.stop()
 
 
-def test_a_lone_request_waits_no_longer_than_the_window(engine: FakeEngine) -> None:
-    batcher = Batcher(engine, concurrency=8, max_queue=0, batch_window_s=0.05)
+def test_a_lone_request_waits_only_for_the_quiet_period(engine: FakeEngine) -> None:
+    batcher = Batcher(engine, concurrency=8, max_queue=0, batch_quiet_s=0.05, batch_max_wait_s=1)
     batcher.start()
     try:
         row, _ = make_row()
@@ -217,5 +217,21 @@ def test_a_lone_request_waits_no_longer_than_the_window(engine: FakeEngine) -> N
         submit(batcher, row)
         assert engine.started.wait(2)
         assert 0.04 < time.monotonic() - started < 0.5
+    finally:
+        batcher.stop()
+
+
+def test_a_steady_trickle_waits_no_longer_than_the_maximum(engine: FakeEngine) -> None:
+    batcher = Batcher(
+        engine, concurrency=100, max_queue=0, batch_quiet_s=0.05, batch_max_wait_s=0.2
+    )
+    batcher.start()
+    try:
+        started = time.monotonic()
+        while not engine.started.is_set():
+            assert time.monotonic() - started < 1
+            submit(batcher, make_row()[0])
+            time.sleep(0.01)
+        assert 0.15 < time.monotonic() - started < 0.5
     finally:
         batcher.stop()

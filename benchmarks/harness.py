@@ -80,14 +80,20 @@ def control_plane(
         log = (Path(tmp) / "cp.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "control_plane", "serve"],
-            cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"control plane exited: {(Path(tmp) / 'cp.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"control plane exited: {(Path(tmp) / 'cp.log').read_text()[-2000:]}"
+                    )
                 with contextlib.suppress(OSError):
                     with urlopen(base + "/health", timeout=1):
                         break

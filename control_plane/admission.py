@@ -100,14 +100,20 @@ def plan_body(model: str, concurrency: int, need: int, decision: Decision) -> di
             device=decision.device,
             headroomBytes=decision.headroom_bytes,
             evictions=[
-                {"model": v.model, "reservedBytes": v.mem_bytes, "idleSince": v.last_used_at.isoformat()}
+                {
+                    "model": v.model,
+                    "reservedBytes": v.mem_bytes,
+                    "idleSince": v.last_used_at.isoformat(),
+                }
                 for v in decision.victims
             ],
         )
     elif isinstance(decision, NeverFits):
         out.update(decision="never_fits", largestDeviceBytes=decision.largest_device_bytes)
     else:
-        out.update(decision="full", freeBytes=decision.free_bytes, retryAfterSeconds=decision.retry_after_s)
+        out.update(
+            decision="full", freeBytes=decision.free_bytes, retryAfterSeconds=decision.retry_after_s
+        )
     return out
 
 
@@ -136,8 +142,14 @@ async def admit(
         rows = await queries.reservations(conn, STALE_ACTIVITY_S)
         held = [
             Reservation(
-                r.id, r.model, r.device, r.reserved_bytes, r.in_flight, r.last_used_at,
-                r.reload_s, r.state,
+                r.id,
+                r.model,
+                r.device,
+                r.reserved_bytes,
+                r.in_flight,
+                r.last_used_at,
+                r.reload_s,
+                r.state,
             )
             for r in rows
         ]
@@ -147,7 +159,8 @@ async def admit(
         if isinstance(decision, NeverFits):
             raise NeverFitsError(
                 f"model {model.name} needs {bytes_to_gb(need)} GB at concurrency {concurrency}; "
-                f"the largest device here has {bytes_to_gb(decision.largest_device_bytes)} GB usable"
+                f"the largest device here has "
+                f"{bytes_to_gb(decision.largest_device_bytes)} GB usable"
             )
         if isinstance(decision, Full):
             raise HostFull(
@@ -172,7 +185,14 @@ async def admit(
                     )
                 evicted.append(moved)
         row = await queries.insert_admitted_instance(
-            conn, model.name, concurrency, expiration_s, runtime, owner, decision.device, need,
+            conn,
+            model.name,
+            concurrency,
+            expiration_s,
+            runtime,
+            owner,
+            decision.device,
+            need,
             "load requested",
         )
         return Admission(decision, need, row, tuple(evicted))

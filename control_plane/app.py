@@ -6,8 +6,8 @@ import contextlib
 import logging
 import sys
 import uuid
-from datetime import UTC, datetime
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -15,19 +15,19 @@ from starlette.exceptions import HTTPException
 
 from benchmarker.worker import background_worker
 from control_plane import handlers
+from control_plane.activity import Activity
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
-from control_plane.activity import Activity
 from control_plane.errors import MlcpError
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile
+from control_plane.routes import health as health_routes
+from control_plane.routes import instances, jobs, keys, models
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
-from control_plane.supervisor import Supervisor
-from control_plane.routes import instances, jobs, keys, models
-from control_plane.routes import health as health_routes
 from control_plane.settings import Settings
 from control_plane.state import STATE_KEY, AppState
+from control_plane.supervisor import Supervisor
 from db import queries
 from db.embedded import EmbeddedPostgres
 from db.pool import create_pool
@@ -68,7 +68,10 @@ def create_app(settings: Settings) -> Starlette:
             stack.push_async_callback(session.close)
             activity = Activity(node_id=uuid.uuid4().hex)
             supervisor = Supervisor(
-                pool, build_runtime(settings, await queries.cluster_id(pool)), session, activity,
+                pool,
+                build_runtime(settings, await queries.cluster_id(pool)),
+                session,
+                activity,
                 settings.model_store,
                 max_queue=settings.max_queue,
                 start_timeout_s=settings.start_timeout_s,
@@ -76,7 +79,11 @@ def create_app(settings: Settings) -> Starlette:
             )
             stack.push_async_callback(supervisor.close)
             state = AppState(
-                settings, pool, Authenticator(pool, settings.auth_cache_s), session, activity,
+                settings,
+                pool,
+                Authenticator(pool, settings.auth_cache_s),
+                session,
+                activity,
                 supervisor,
             )
             # Also on app.state, for tests and tooling that hold the app, not a request.
@@ -92,8 +99,13 @@ def create_app(settings: Settings) -> Starlette:
             yield {STATE_KEY: state}
 
     app = Starlette(
-        routes=[*health_routes.routes, *models.routes, *keys.routes, *instances.routes,
-                *jobs.routes],
+        routes=[
+            *health_routes.routes,
+            *models.routes,
+            *keys.routes,
+            *instances.routes,
+            *jobs.routes,
+        ],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,
             HTTPException: handlers.on_http_exception,

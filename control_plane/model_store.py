@@ -50,11 +50,17 @@ def is_converted(folder: Path) -> bool:
 
 
 async def convert_gguf(gguf_path: Path, out: Path) -> None:
-    """Run `python -m instance_agent convert` in a child process; raise ModelStoreError on failure."""
+    """Convert with `python -m instance_agent convert` in a child; ModelStoreError on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "instance_agent", "convert",
-        "--gguf-file", str(gguf_path), "--out", str(out),
+        sys.executable,
+        "-m",
+        "instance_agent",
+        "convert",
+        "--gguf-file",
+        str(gguf_path),
+        "--out",
+        str(out),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -20,7 +20,9 @@ async def load_pending(state: AppState) -> None:
     for pending in await queries.pending_loads(state.pool):
         if not pending.measured:
             if pending.job_state == "failed":
-                logger.warning("dropping the pending load of %s: its benchmark failed", pending.model)
+                logger.warning(
+                    "dropping the pending load of %s: its benchmark failed", pending.model
+                )
                 await queries.delete_pending_load(state.pool, pending.model)
             continue
         model = await queries.get_model(state.pool, pending.model)
@@ -34,8 +36,13 @@ async def load_pending(state: AppState) -> None:
             if live is None:
                 await state.activity.flush(state.pool)
                 admission = await admit(
-                    state.pool, state.settings, state.supervisor.runtime.name, model,
-                    pending.concurrency, pending.expiration_s, pending.owner_key_id,
+                    state.pool,
+                    state.settings,
+                    state.supervisor.runtime.name,
+                    model,
+                    pending.concurrency,
+                    pending.expiration_s,
+                    pending.owner_key_id,
                     datetime.now(UTC),
                 )
                 if admission.row is not None:

@@ -23,7 +23,9 @@ class Device:
 
     @property
     def usable_bytes(self) -> int:
-        return max(0, self.total_bytes - max(MARGIN_MIN_BYTES, int(self.total_bytes * MARGIN_FRACTION)))
+        return max(
+            0, self.total_bytes - max(MARGIN_MIN_BYTES, int(self.total_bytes * MARGIN_FRACTION))
+        )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from control_plane.lifecycle import State
@@ -71,7 +71,7 @@ def plan(
 
 
 async def reconcile(supervisor: Supervisor, now: datetime, starting_grace_s: float = 60.0) -> Plan:
-    """One pass: list the runtime first, then the rows, so a launch in between is never an orphan."""
+    """One pass. The runtime is listed before the rows, so a launch in between is no orphan."""
     listed = await supervisor.runtime.list()
     rows = await queries.live_instances(supervisor.pool)
     decided = plan(
@@ -85,10 +85,9 @@ async def reconcile(supervisor: Supervisor, now: datetime, starting_grace_s: flo
         await supervisor.adopt(row, found)
     for row, reason in decided.fail:
         await supervisor.fail_and_stop(row, reason)
-    for row, found in decided.finish_stop:
-        if found is None:
-            row = InstanceRow(**{**row.__dict__, "handle": None})
-        await supervisor.finish_stopping(row)
+    for row, gone in decided.finish_stop:
+        # Nothing left to stop when the runtime no longer lists it: just record STOPPED.
+        await supervisor.finish_stopping(row if gone is not None else replace(row, handle=None))
     if decided.remove:
         logger.warning("stopping %d instance(s) that have no live row", len(decided.remove))
         await asyncio.gather(

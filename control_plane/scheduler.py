@@ -11,8 +11,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from control_plane.bootstrap import refresh_catalog
 from control_plane.pending_loads import PENDING_INTERVAL_S, load_pending
-from control_plane.reconciler import RECONCILE_INTERVAL_S, reconcile
 from control_plane.reaper import REAP_INTERVAL_S, reap
+from control_plane.reconciler import RECONCILE_INTERVAL_S, reconcile
 from control_plane.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -57,5 +57,7 @@ def build_scheduler(state: AppState) -> AsyncIOScheduler:
     every(ROUTES_INTERVAL_S, "routes", sup.refresh_routes)
     every(RECONCILE_INTERVAL_S, "reconciler", lambda: reconcile(sup, datetime.now(UTC)))
     every(PENDING_INTERVAL_S, "pending-loads", lambda: load_pending(state))
-    every(state.settings.catalog_refresh_s, "catalog", lambda: refresh_catalog(pool, state.settings))
+    every(
+        state.settings.catalog_refresh_s, "catalog", lambda: refresh_catalog(pool, state.settings)
+    )
     return scheduler

@@ -118,7 +118,9 @@ class Supervisor:
             await self._push_concurrency(row)
         return row
 
-    def launch(self, row: InstanceRow, model: ModelRow, evicted: tuple[InstanceRow, ...] = ()) -> None:
+    def launch(
+        self, row: InstanceRow, model: ModelRow, evicted: tuple[InstanceRow, ...] = ()
+    ) -> None:
         """Start an admitted STARTING instance in the background, after its evictions are gone.
 
         Evicted memory counts as free only once those instances are really stopped, so the new
@@ -135,6 +137,8 @@ class Supervisor:
         await self._start(row, model)
 
     async def _push_concurrency(self, row: InstanceRow) -> None:
+        if row.endpoint is None:
+            return
         try:
             async with self.session.put(
                 row.endpoint + "/config",
@@ -302,6 +306,17 @@ class Supervisor:
         peak = memory.get("peakRssBytes") if isinstance(memory, dict) else None
         if isinstance(peak, int) and peak > 0:
             await queries.record_observed_memory(self.pool, row.id, peak)
+            gpu = memory.get("peakGpuBytes") if isinstance(memory, dict) else None
+            # Corrects the model's profile over time (benchmarker issue): the highest seen per
+            # concurrency, raising requiredRAM when a running instance exceeds it.
+            await queries.record_model_observation(
+                self.pool,
+                row.model,
+                row.device.split(":")[0],
+                row.concurrency,
+                peak,
+                gpu if isinstance(gpu, int) else None,
+            )
 
     async def instance_failed_during_request(self, instance_id: int) -> None:
         """A proxied request lost its connection: check that instance now, not at the next pass."""

@@ -226,9 +226,7 @@ async def insert_failed_model_job(
     )
 
 
-async def latest_model_job(
-    db: Executor, model: str, states: Sequence[str]
-) -> ModelJobRow | None:
+async def latest_model_job(db: Executor, model: str, states: Sequence[str]) -> ModelJobRow | None:
     return _job(await db.fetchrow(sql("latest_model_job"), model, list(states)))
 
 
@@ -294,9 +292,7 @@ async def set_model_measured(db: Executor, model: str, required_ram_bytes: int) 
     await db.execute(sql("set_model_measured"), model, required_ram_bytes)
 
 
-async def get_model_profile(
-    db: Executor, model: str, device_kind: str
-) -> ModelProfileRow | None:
+async def get_model_profile(db: Executor, model: str, device_kind: str) -> ModelProfileRow | None:
     row = await db.fetchrow(sql("get_model_profile"), model, device_kind)
     return ModelProfileRow.of(row) if row else None
 
@@ -353,7 +349,14 @@ async def insert_admitted_instance(
 ) -> InstanceRow | None:
     row = await db.fetchrow(
         sql("insert_admitted_instance"),
-        model, concurrency, expiration_s, runtime, owner, device, reserved_bytes, reason,
+        model,
+        concurrency,
+        expiration_s,
+        runtime,
+        owner,
+        device,
+        reserved_bytes,
+        reason,
     )
     return _instance(row)
 

@@ -68,7 +68,8 @@ async def load(request: Request, state: AppState, principal: Principal) -> Respo
         raise NotFound(f"model {body.model} is not in the catalog", code="model_not_found")
     if model.task not in RUNNABLE_TASKS:
         raise Invalid(
-            f"model {body.model} is a {model.task} model; only text-generation models can be loaded",
+            f"model {body.model} is a {model.task} model; "
+            "only text-generation models can be loaded",
             code="unsupported_task",
         )
     sup = state.supervisor

@@ -36,13 +36,20 @@ def agent_command(spec: InstanceSpec, port: int, base: list[str] | None = None) 
     cmd = [
         *(base or [sys.executable, "-m", "instance_agent"]),
         "serve",
-        "--model-dir", str(spec.model_dir),
-        "--model-name", spec.model,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--concurrency", str(spec.concurrency),
-        "--max-queue", str(spec.max_queue),
-        "--device", spec.device,
+        "--model-dir",
+        str(spec.model_dir),
+        "--model-name",
+        spec.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--concurrency",
+        str(spec.concurrency),
+        "--max-queue",
+        str(spec.max_queue),
+        "--device",
+        spec.device,
     ]
     if spec.gguf_file:
         cmd += ["--gguf-file", spec.gguf_file]
@@ -154,7 +161,8 @@ class ProcessRuntime:
             except TimeoutError:
                 pass
         else:
-            while time.monotonic() < deadline and psutil.pid_exists(pid):
+            # Not our child: nothing to await, so poll the OS until it is gone.
+            while time.monotonic() < deadline and psutil.pid_exists(pid):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
@@ -178,7 +186,13 @@ class ProcessRuntime:
                 port = cmd[cmd.index("--port") + 1] if "--port" in cmd else None
                 endpoint = f"http://127.0.0.1:{port}" if port else None
                 found.append(Listed(int(instance_id), int(generation), str(p.pid), endpoint))
-            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, ValueError, IndexError):
+            except (
+                psutil.NoSuchProcess,
+                psutil.AccessDenied,
+                ProcessLookupError,
+                ValueError,
+                IndexError,
+            ):
                 continue
         return found
 

@@ -23,10 +23,9 @@ import docker.errors
 import pytest
 from docker import DockerClient
 
-from tests.conftest import ADMIN_KEY, free_port
-
 # The session fixtures `engine` and `agent_image` are imported to be registered here.
 from tests.docker_engine import FAKE_IN_CONTAINER, agent_image, engine, fake_model
+from tests.harness import ADMIN_KEY, free_port
 
 pytestmark = pytest.mark.docker
 
@@ -102,14 +101,24 @@ async def test_sigkilled_control_plane_adopts_its_containers(
     log = tmp_path / "control-plane.log"
     async with aiohttp.ClientSession() as session:
         with control_plane(env, log) as proc:
-            status = 0
-            for _ in range(300):
+            for _ in range(300):  # until it has started and catalogued the model
                 try:
-                    status, _ = await call(session, base, "/model/load", {"model": "fake/ok"})
+                    status, _ = await call(session, base, "/model/list", None)
                     break
                 except aiohttp.ClientError:
+                    assert proc.poll() is None, log.read_text()
                     await asyncio.sleep(0.1)
-            assert status == 200, log.read_text()
+            # Admission wants a benchmark figure, as a finished /model/job would leave.
+            conn = await asyncpg.connect(db_dsn)
+            try:
+                await conn.execute(
+                    "UPDATE models SET required_ram_bytes = 50000000, benchmarked_at = now()"
+                    " WHERE name = 'fake/ok'"
+                )
+            finally:
+                await conn.close()
+            status, body = await call(session, base, "/model/load", {"model": "fake/ok"})
+            assert status == 200, body
             before = await wait_running(session, base, proc, "fake/ok")
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from control_plane.catalog import DEMO_MODEL
-from tests.conftest import free_port
+from tests.harness import free_port
 
 START_DEADLINE_S = 90.0
 STOP_DEADLINE_S = 30.0

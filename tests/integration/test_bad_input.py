@@ -19,7 +19,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.conftest import ADMIN_KEY, Api, _replace_db, make_settings, serve
+from tests.harness import ADMIN_KEY, Api, _replace_db, make_settings, serve
 
 MIB = 1024 * 1024
 NO_SUCH_ROUTE = "no such route"

@@ -27,11 +27,11 @@ from control_plane.runtimes.base import InstanceSpec, Launched, RuntimeError_
 from control_plane.runtimes.docker import OOM_REASON, DockerRuntime
 from control_plane.state import AppState
 from db import queries
-from tests.conftest import SERVED_APPS, Api, make_settings, serve
 
 # The session fixtures `engine` and `agent_image` are imported to be registered here.
 from tests.docker_engine import FAKE_IN_CONTAINER, agent_image, engine, fake_model
-from tests.integration.test_instances import load, wait_status
+from tests.harness import SERVED_APPS, Api, make_settings, serve
+from tests.integration.test_instances import load, mark_measured, wait_status
 
 pytestmark = pytest.mark.docker
 
@@ -188,6 +188,7 @@ async def test_real_agent_in_containers(
     )
     async with serve(settings) as base, aiohttp.ClientSession() as session:
         api = Api(base, session, settings)
+        await mark_measured(api, TINY, 200_000_000)  # admission wants a benchmark figure
         await load(api, TINY)
         await wait_status(api, TINY, "RUNNING", timeout_s=60)
         handle = await container_of(api, TINY)
@@ -228,6 +229,7 @@ def fake_settings(db_dsn: str, tmp_path: Path, agent_image: str) -> Any:
 async def test_restart_adoption_orphans_and_kills(engine: DockerClient, fake_settings: Any) -> None:
     async with serve(fake_settings) as base, aiohttp.ClientSession() as session:
         api = Api(base, session, fake_settings)
+        await mark_measured(api, "fake/ok", 50_000_000)  # admission wants a benchmark figure
         await load(api, "fake/ok", expirationPeriodSeconds=600)
         before = await wait_status(api, "fake/ok", "RUNNING")
         handle = await container_of(api, "fake/ok")

@@ -11,7 +11,7 @@ import asyncpg
 from starlette.routing import BaseRoute, Mount, Route
 
 from control_plane.app import create_app
-from tests.conftest import Api
+from tests.harness import Api
 
 
 async def test_health_needs_no_key(api: Api) -> None:

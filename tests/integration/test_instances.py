@@ -15,8 +15,8 @@ import pytest
 
 from control_plane.reaper import reap
 from control_plane.state import AppState
-from tests.conftest import Api, make_settings, serve
 from tests.fake_agent import write_fake_model
+from tests.harness import Api, make_settings, serve
 
 FAKE_AGENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "fake_agent.py")]
 
@@ -63,7 +63,7 @@ async def mark_measured(api: Api, model: str, mem_bytes: int) -> None:
 
 
 def app_state(api: Api) -> AppState:
-    from tests.conftest import SERVED_APPS
+    from tests.harness import SERVED_APPS
 
     return SERVED_APPS[api.base].state.mlcp  # type: ignore[no-any-return]
 
@@ -312,7 +312,3 @@ async def test_client_disconnect_releases_the_request(fapi: Api) -> None:
                 health = await resp.json()
         assert health["inFlight"] == 0, f"stream={stream}"
         _ = reader
-
-
-
-

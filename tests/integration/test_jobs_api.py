@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from control_plane.routes.jobs import MESSAGE_AVAILABLE, MESSAGE_QUEUED
-from tests.conftest import Api, make_settings, serve
+from tests.harness import Api, make_settings, serve
 from tests.tiny_model import (
     REMOTE_CODE_MARKER,
     build_pickle_only_model,

@@ -16,7 +16,7 @@ import pytest
 from control_plane import auth
 from control_plane.bootstrap import bootstrap_admin_key
 from db import queries
-from tests.conftest import ADMIN_KEY, Api, make_settings, serve
+from tests.harness import ADMIN_KEY, Api, make_settings, serve
 
 SECRET_FIELDS = {"key", "key_hash", "hash", "secret", "keyHash"}
 

@@ -18,7 +18,7 @@ import pytest
 from db import MigrationError, queries
 from db import migrate as migrate_module
 from db.migrate import Migration, load_migrations, load_schema, migrate
-from tests.conftest import _replace_db
+from tests.harness import _replace_db
 
 # Everything PostgreSQL knows about the public schema that a migration can change.
 CATALOG_QUERIES = {

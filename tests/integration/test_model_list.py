@@ -11,7 +11,7 @@ import asyncpg
 
 from control_plane.bootstrap import refresh_catalog
 from control_plane.catalog import DEMO_MODEL
-from tests.conftest import ADMIN_KEY, Api, make_settings, serve
+from tests.harness import ADMIN_KEY, Api, make_settings, serve
 
 
 def hf_model(folder: Path, arch: str = "GPT2LMHeadModel") -> None:

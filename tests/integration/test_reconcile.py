@@ -14,8 +14,8 @@ import psutil
 
 from control_plane.reconciler import GONE_REASON, reconcile
 from control_plane.runtimes.base import InstanceSpec
-from tests.conftest import Api, make_settings, serve
 from tests.fake_agent import write_fake_model
+from tests.harness import Api, make_settings, serve
 from tests.integration.test_instances import (
     FAKE_AGENT,
     app_state,

@@ -23,12 +23,24 @@ HOST = Device("cpu", 10 * GB)  # usable: 9 GB after the 10% margin
 
 
 def res(
-    id_: int, gb: float, *, idle_s: float = 60, in_flight: int = 0, reload_s: float = 3.0,
-    state: str = "RUNNING", device: str = "cpu",
+    id_: int,
+    gb: float,
+    *,
+    idle_s: float = 60,
+    in_flight: int = 0,
+    reload_s: float = 3.0,
+    state: str = "RUNNING",
+    device: str = "cpu",
 ) -> Reservation:
     return Reservation(
-        id_, f"org/m{id_}", device, int(gb * GB), in_flight, NOW - timedelta(seconds=idle_s),
-        reload_s, state,
+        id_,
+        f"org/m{id_}",
+        device,
+        int(gb * GB),
+        in_flight,
+        NOW - timedelta(seconds=idle_s),
+        reload_s,
+        state,
     )
 
 
@@ -89,7 +101,8 @@ def test_best_fit_picks_the_tightest_device() -> None:
 def test_eviction_chooses_the_device_with_the_cheapest_plan() -> None:
     devices = [Device("cuda:0", 10 * GB), Device("cuda:1", 10 * GB)]
     rs = [
-        res(1, 4, device="cuda:0"), res(2, 4, device="cuda:0"),
+        res(1, 4, device="cuda:0"),
+        res(2, 4, device="cuda:0"),
         res(3, 8, device="cuda:1", reload_s=1.0),
     ]
     decision = decide(6 * GB, devices, rs, NOW)

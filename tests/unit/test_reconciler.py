@@ -16,10 +16,23 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 def row(id_: int, state: str, *, generation: int = 1, age_s: float = 600) -> InstanceRow:
     created = NOW - timedelta(seconds=age_s)
     return InstanceRow(
-        id=id_, model=f"org/m{id_}", state=state, reason=None, concurrency=1, expiration_s=60,
-        runtime="process", generation=generation, endpoint="http://127.0.0.1:1", handle="1",
-        owner_key_id=None, inferences=0, last_used_at=created, expires_at=NOW, observed_mem_bytes=None,
-        created_at=created, modified_at=created,
+        id=id_,
+        model=f"org/m{id_}",
+        state=state,
+        reason=None,
+        concurrency=1,
+        expiration_s=60,
+        runtime="process",
+        generation=generation,
+        endpoint="http://127.0.0.1:1",
+        handle="1",
+        owner_key_id=None,
+        inferences=0,
+        last_used_at=created,
+        expires_at=NOW,
+        observed_mem_bytes=None,
+        created_at=created,
+        modified_at=created,
     )
 
 

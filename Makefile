@@ -35,5 +35,8 @@ typecheck: install
 bench: install
 	$(PY) -m benchmarks
 
+image: install
+	$(PY) -m instance_agent.image build
+
 clean:
 	rm -rf $(VENV) .mlcp .pytest_cache .mypy_cache .ruff_cache

@@ -43,8 +43,13 @@ class InstanceGone(BadGateway):
     code = "instance_failed"
 
 
+# Below uvicorn's 5 s keep-alive in the agent, so the agent never closes a pooled connection just
+# as a request is sent on it (that request would fail as if the instance had died).
+KEEPALIVE_S = 4.0
+
+
 def new_session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, force_close=False)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,

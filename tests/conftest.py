@@ -15,6 +15,7 @@ import pytest
 
 from control_plane.settings import Settings
 from db.migrate import migrate
+from tests.docker_engine import agent_image, engine  # noqa: F401  (shared session fixtures)
 from tests.harness import Api, _replace_db, make_settings, serve
 
 

@@ -2,7 +2,6 @@
 still answer. The control plane runs as `python -m control_plane serve`, configured only through
 the environment, as a user would run it; the instance is the fake agent in a container."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from tests/docker_engine.py)
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import pytest
 from docker import DockerClient
 
 # The session fixtures `engine` and `agent_image` are imported to be registered here.
-from tests.docker_engine import FAKE_IN_CONTAINER, agent_image, engine, fake_model
+from tests.docker_engine import FAKE_IN_CONTAINER, fake_model
 from tests.harness import ADMIN_KEY, free_port
 
 pytestmark = pytest.mark.docker

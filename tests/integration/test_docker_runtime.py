@@ -6,7 +6,6 @@ skip, unless MLCP_REQUIRE_DOCKER=1 (set by .ci/run) turns that into a failure. T
 built offline (`python -m instance_agent.image build`) and reused while nothing changed.
 """
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from tests/docker_engine.py)
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from control_plane.state import AppState
 from db import queries
 
 # The session fixtures `engine` and `agent_image` are imported to be registered here.
-from tests.docker_engine import FAKE_IN_CONTAINER, agent_image, engine, fake_model
+from tests.docker_engine import FAKE_IN_CONTAINER, fake_model
 from tests.harness import SERVED_APPS, Api, make_settings, serve
 from tests.integration.test_instances import load, mark_measured, wait_status
 

@@ -141,6 +141,10 @@ OPERATIONS += [
     Operation("post", "/model/delete", "Stop the model's instance; answers its final status",
               "user", body="ModelBody", response=_ref("InstanceStatus"),
               errors=(*_AUTH_ERRORS, 404, 409)),
+    Operation("get", "/model/logs",
+              "The latest instance's log (?model=org/name&tail=N); admins and the loading key",
+              "user", response={"type": "string"}, errors=(401, 403, 404, 422),
+              content_types=("text/plain",)),
 ]
 SCHEMAS["LoadBody"] = {
     "type": "object",
@@ -149,6 +153,8 @@ SCHEMAS["LoadBody"] = {
         "model": _MODEL_ID,
         "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
         "expirationPeriodSeconds": {"type": "integer", "minimum": 1, "maximum": 2_592_000},
+        "dryRun": {"type": "boolean", "description": "return the admission plan, do nothing"},
+        "benchmark": {"type": "boolean", "description": "queue the benchmark, load when done"},
     },
     "additionalProperties": False,
 }
@@ -244,6 +250,12 @@ def _operation(op: Operation) -> dict[str, Any]:
     if "{key_id}" in op.path:
         out["parameters"] = [
             {"name": "key_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+        ]
+    if op.path == "/model/logs":
+        out["parameters"] = [
+            {"name": "model", "in": "query", "required": True, "schema": _MODEL_ID},
+            {"name": "tail", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 5000, "default": 200}},
         ]
     responses: dict[str, Any] = {
         str(op.ok_status): {

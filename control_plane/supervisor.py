@@ -33,6 +33,21 @@ HEALTH_REQUEST_TIMEOUT_S = 3.0
 MAX_MISSED_HEALTH = 3
 
 
+# A container's hard memory limit over its reservation: the benchmarked figure is within ~1% of
+# the observed peak (benchmarks/bench_memory.py), so 25% covers longer prompts than measured
+# without letting one instance take the host.
+MEM_LIMIT_HEADROOM = 1.25
+# Below this a limit would only make tiny test models fail to import torch.
+MEM_LIMIT_FLOOR_BYTES = 512 * 1024 * 1024
+
+
+def mem_limit(reserved_bytes: int) -> int | None:
+    """The runtime memory limit for an instance holding `reserved_bytes`; None when unmeasured."""
+    if reserved_bytes <= 0:
+        return None
+    return max(MEM_LIMIT_FLOOR_BYTES, int(reserved_bytes * MEM_LIMIT_HEADROOM))
+
+
 class StartFailed(MlcpError):
     """The instance did not start."""
 
@@ -168,6 +183,8 @@ class Supervisor:
                 gguf_file=target.gguf_file,
                 concurrency=row.concurrency,
                 max_queue=self.max_queue,
+                device=row.device,
+                mem_limit_bytes=mem_limit(row.reserved_bytes),
             )
             launched = await self.runtime.start(spec)
             self._started_here.add(row.id)

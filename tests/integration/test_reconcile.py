@@ -110,3 +110,30 @@ async def test_labelled_orphans_are_stopped(db_dsn: str, tmp_path: Path) -> None
 
 def test_fake_agent_path_exists() -> None:
     assert Path(FAKE_AGENT[1]).is_file() and FAKE_AGENT[0] == sys.executable
+
+
+async def test_logs_for_admins_and_the_loading_key_only(db_dsn: str, tmp_path: Path) -> None:
+    settings = fake_settings(db_dsn, tmp_path)
+    async with serve(settings) as base, aiohttp.ClientSession() as session:
+        api = Api(base, session, settings)
+        await mark_measured(api, "fake/ok", 50_000_000)
+        _, alice = await api.call("POST", "/admin/keys", {"name": "alice"})
+        _, bob = await api.call("POST", "/admin/keys", {"name": "bob"})
+        status, _ = await api.call(
+            "POST", "/model/load", {"model": "fake/ok"}, key=alice["key"]
+        )
+        assert status == 200
+        await wait_status(api, "fake/ok", "RUNNING")
+        async with session.get(
+            base + "/model/logs?model=fake/ok&tail=50", headers=api.headers(alice["key"])
+        ) as resp:
+            assert resp.status == 200 and resp.content_type == "text/plain"
+        status, body = await api.call("GET", "/model/logs?model=fake/ok", key=bob["key"])
+        assert status == 403 and body["code"] == "forbidden"
+        status, _ = await api.call("GET", "/model/logs?model=fake/ok")
+        assert status == 200
+        for query in ("model=../etc/passwd", "model=fake/ok&tail=0", "model=fake/ok&tail=x"):
+            status, body = await api.call("GET", "/model/logs?" + query)
+            assert status == 422, (query, body)
+        status, body = await api.call("GET", "/model/logs?model=fake/none")
+        assert status == 404

@@ -22,7 +22,7 @@ from control_plane.errors import MlcpError
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile
 from control_plane.routes import health as health_routes
-from control_plane.routes import instances, jobs, keys, logs, models
+from control_plane.routes import capacity, instances, jobs, keys, logs, models
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
 from control_plane.settings import Settings
@@ -106,6 +106,7 @@ def create_app(settings: Settings) -> Starlette:
             *instances.routes,
             *jobs.routes,
             *logs.routes,
+            *capacity.routes,
         ],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,

@@ -87,6 +87,7 @@ class Supervisor:
         self.model_store = model_store
         self.max_queue = max_queue
         self._routes: dict[str, Route] = {}
+        self._running_events: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._missed: dict[int, int] = {}
         self._started_here: set[int] = set()
@@ -104,10 +105,40 @@ class Supervisor:
             for r in rows
             if r.state == State.RUNNING and r.endpoint
         }
+        for model in set(self._running_events) & set(self._routes):
+            self._running_events.pop(model).set()
+
+    async def wait_running(self, model: str, timeout_s: float) -> Route | None:
+        """Wait up to `timeout_s` for the model's STARTING instance to run; None if it did not.
+
+        Every waiter for one model shares the one load in progress: they wait on the same event,
+        set when the instance becomes RUNNING here, and look at the database every 0.5 s for an
+        instance another control plane is starting.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (route := self.route(model)) is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            event = self._running_events.setdefault(model, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), min(remaining, 0.5))
+            except TimeoutError:
+                row = await queries.latest_instance_for_model(self.pool, model)
+                if row is None or row.state != State.STARTING:
+                    await self.refresh_routes()
+                    return self.route(model)
+                if row.endpoint and row.state == State.RUNNING:
+                    self._set_route(row)
+        return route
 
     def _set_route(self, row: InstanceRow) -> None:
         if row.state == State.RUNNING and row.endpoint:
             self._routes[row.model] = Route(row.id, row.model, row.endpoint)
+            event = self._running_events.pop(row.model, None)
+            if event is not None:
+                event.set()
         elif (current := self._routes.get(row.model)) and current.instance_id == row.id:
             del self._routes[row.model]
 

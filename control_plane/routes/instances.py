@@ -46,6 +46,9 @@ from db.rows import InstanceRow, ModelRow
 logger = logging.getLogger(__name__)
 
 RUNNABLE_TASKS = ("text-generation",)
+# A /model/run for a STARTING model waits this long by default for it to become RUNNING.
+DEFAULT_COLD_WAIT_S = 5.0
+MAX_COLD_WAIT_S = 120
 STREAM_FAILED = "the model instance failed mid-stream"
 
 
@@ -171,7 +174,16 @@ async def delete(request: Request, state: AppState, principal: Principal) -> Res
     return JSONResponse(_status(state, row))
 
 
-async def _route_or_error(state: AppState, model: str) -> InstanceRoute:
+def cold_wait_s(prefer: str | None) -> float:
+    """How long a request may wait for a STARTING model: `Prefer: wait=N` (RFC 7240), capped."""
+    for part in (prefer or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().isascii() and value.strip().isdigit():
+            return float(min(int(value.strip()), MAX_COLD_WAIT_S))
+    return DEFAULT_COLD_WAIT_S
+
+
+async def _route_or_error(state: AppState, model: str, wait_s: float = 0.0) -> InstanceRoute:
     route = state.supervisor.route(model)
     if route is not None:
         return route
@@ -186,9 +198,17 @@ async def _route_or_error(state: AppState, model: str) -> InstanceRoute:
             f"model {model} is not loaded; POST /model/load first", code="not_loaded"
         )
     if row.state == State.STARTING:
-        raise ServiceUnavailable(
-            f"model {model} is loading; retry shortly", code="loading", retry_after_s=2
-        )
+        route = await state.supervisor.wait_running(model, wait_s) if wait_s > 0 else None
+        if route is not None:
+            return route
+        row = await queries.latest_instance_for_model(state.pool, model) or row
+        if row.state == State.STARTING:
+            raise ServiceUnavailable(
+                f"model {model} is loading (STARTING); retry shortly, or send 'Prefer: wait=N'",
+                code="loading",
+                retry_after_s=2,
+            )
+        return await _route_or_error(state, model)
     if row.state == State.STOPPING:
         raise ServiceUnavailable(
             f"model {model} is stopping; load it again", code="stopping", retry_after_s=2
@@ -249,7 +269,7 @@ class _CancelOnDisconnect:
 async def run(request: Request, state: AppState, principal: Principal) -> Response:
     """Run the model: JSON, or a stream of text (or server-sent events)."""
     body = parse_run_request(await json_body(request, state))
-    route = await _route_or_error(state, body.model)
+    route = await _route_or_error(state, body.model, cold_wait_s(request.headers.get("prefer")))
     if body.stream:
         return await _stream(request, state, route, body.payload)
     state.activity.begin(route.instance_id)

@@ -1,0 +1,52 @@
+"""GET /capacity (admin): each device's memory, what instances reserve, and what is free."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from control_plane import capacity as readings
+from control_plane.auth import Principal
+from control_plane.handlers import authed
+from control_plane.placement import Device
+from control_plane.reaper import STALE_ACTIVITY_S
+from control_plane.state import AppState
+from db import queries
+
+
+@authed("admin")
+async def capacity(request: Request, state: AppState, principal: Principal) -> Response:
+    """Devices with total, usable, reserved and observed-free bytes, and their instances."""
+    observed = readings.observe(state.settings.host_memory_bytes, state.settings.use_gpus)
+    held = await queries.reservations(state.pool, STALE_ACTIVITY_S)
+    devices: list[dict[str, Any]] = []
+    for reading in observed:
+        mine = [r for r in held if r.device == reading.device]
+        reserved = sum(r.reserved_bytes for r in mine)
+        usable = Device(reading.device, reading.total_bytes).usable_bytes
+        devices.append(
+            {
+                "device": reading.device,
+                "totalBytes": reading.total_bytes,
+                "usableBytes": usable,
+                "reservedBytes": reserved,
+                "availableBytes": max(0, usable - reserved),
+                "observedFreeBytes": reading.free_bytes,
+                "instances": [
+                    {
+                        "model": r.model,
+                        "status": r.state,
+                        "reservedBytes": r.reserved_bytes,
+                        "inFlight": r.in_flight,
+                    }
+                    for r in mine
+                ],
+            }
+        )
+    return JSONResponse({"devices": devices})
+
+
+routes = [Route("/capacity", capacity, methods=["GET"])]

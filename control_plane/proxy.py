@@ -53,8 +53,6 @@ def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
-        # Agents set no cookies; the default jar filters cookies for every request.
-        cookie_jar=aiohttp.DummyCookieJar(),
         json_serialize=json.dumps,
         skip_auto_headers=("User-Agent",),
     )
@@ -89,9 +87,7 @@ async def run(session: aiohttp.ClientSession, endpoint: str, payload: dict[str, 
         async with session.post(endpoint + "/run", json=payload, timeout=RUN_TIMEOUT) as resp:
             if resp.status != 200:
                 raise await _agent_error(resp)
-            # Not resp.json(): it parses the Content-Type for a charset on every call; the
-            # agent's JSON is UTF-8, which json.loads detects from the bytes.
-            return json.loads(await resp.read())
+            return await resp.json(content_type=None)
     except TimeoutError as exc:
         raise GatewayTimeout(
             f"the model instance did not answer within {RUN_TIMEOUT_S:.0f} s"

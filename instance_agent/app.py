@@ -8,6 +8,7 @@ by the loader thread (`instance_agent.model`), so importing this module stays li
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -36,6 +37,7 @@ from instance_agent.protocol import (
     HealthReady,
     InternalError,
     InvalidJson,
+    InvalidParams,
     LoadFailed,
     MethodNotAllowed,
     ModelLoading,
@@ -56,6 +58,9 @@ if TYPE_CHECKING:
     from instance_agent.model import TransformersEngine
 
 logger = logging.getLogger(__name__)
+
+# The control plane's own bound on a load's concurrency.
+MAX_CONCURRENCY = 64
 
 # A body over the limit is still read (and dropped) up to this much, so the client gets its 413
 # instead of a connection reset while it is still writing.
@@ -174,7 +179,9 @@ async def _admit(request: Request) -> tuple[Row, Batcher]:
     engine, batcher = state.ready()
     batcher.reserve()
     try:
-        prompt_ids = await asyncio.to_thread(engine.encode, run_request.prompt)
+        prompt_ids = await asyncio.to_thread(
+            functools.partial(engine.encode, run_request.prompt, raw=run_request.params.raw)
+        )
         max_new_tokens = run_request.params.new_tokens_for(
             len(prompt_ids),
             context_tokens=engine.context_tokens,
@@ -234,6 +241,22 @@ async def run(request: Request) -> Response:
     return JSONResponse(body)
 
 
+async def configure(request: Request) -> Response:
+    """`PUT /config {"concurrency": n}`: a repeated load changed the instance's concurrency."""
+    state = _state(request)
+    if state.batcher is None:
+        raise ModelLoading()
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:
+        raise InvalidJson() from exc
+    value = body.get("concurrency") if isinstance(body, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
+        raise InvalidParams(f"concurrency must be an integer from 1 to {MAX_CONCURRENCY}")
+    state.batcher.reconfigure(value)
+    return JSONResponse({"concurrency": value})
+
+
 def _ndjson_line(payload: StreamText | StreamDone | StreamError) -> bytes:
     return json.dumps(payload, ensure_ascii=False).encode() + b"\n"
 
@@ -289,7 +312,7 @@ async def health(request: Request) -> Response:
     body: HealthReady = {
         "status": "ready",
         "model": config.model_name,
-        "concurrency": config.concurrency,
+        "concurrency": state.batcher.concurrency,
         "maxQueue": config.max_queue,
         "inFlight": load.in_flight,
         "queued": load.queued,
@@ -358,6 +381,7 @@ def create_app(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/run", run, methods=["POST"]),
+            Route("/config", configure, methods=["PUT"]),
             Route("/stream", stream, methods=["POST"]),
         ],
         exception_handlers={

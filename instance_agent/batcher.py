@@ -107,6 +107,18 @@ class Batcher:
         with self._lock:
             self._reserved -= 1
 
+    @property
+    def concurrency(self) -> int:
+        return self._concurrency
+
+    def reconfigure(self, concurrency: int) -> None:
+        """Serve up to `concurrency` at once from now on; the queue length stays as it was."""
+        with self._lock:
+            queue = self._capacity - self._concurrency
+            self._concurrency = concurrency
+            self._capacity = concurrency + queue
+            self._wakeup.notify_all()
+
     def submit(self, row: Row) -> None:
         """Queue a row for the next batch, turning its reservation into a queued request."""
         with self._wakeup:

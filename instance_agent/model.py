@@ -171,8 +171,15 @@ class TransformersEngine:
         self.context_tokens = _context_tokens(model, tokenizer)
         self.device = str(device)
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Tokenize a prompt; chat messages go through the tokenizer's chat template."""
+    def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
+        """Tokenize a prompt; chat messages go through the tokenizer's chat template.
+
+        A plain string is one user message for a model with a chat template unless `raw`: an
+        instruct model given bare text often answers with nothing at all (SmolLM2 emitted its
+        end token at once for "What is the capital of France?").
+        """
+        if isinstance(prompt, str) and not raw and self._tokenizer.chat_template:
+            prompt = [{"role": "user", "content": prompt}]
         with self._tokenizer_lock:
             if isinstance(prompt, str):
                 ids = self._tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -226,6 +226,9 @@ class GenerationParams:
     do_sample: bool = False
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    # Plain-string prompts go through a chat model's template as one user message (as Ollama's
+    # generate does); raw=true sends the text as it is, for plain continuation.
+    raw: bool = False
 
     @property
     def sampling_key(self) -> tuple[bool, float, float, int, float]:
@@ -333,6 +336,7 @@ _KNOWN_PARAMS = (
     "do_sample",
     "repetition_penalty",
     "stop",
+    "raw",
 )
 
 # Generous enough for any context a model served here has; the real bound is checked once the
@@ -385,7 +389,14 @@ def validate_params(
             low_open=True,
         ),
         stop=_stop(params["stop"]) if "stop" in params else (),
+        raw=_bool("raw", params.get("raw", defaults.raw)),
     )
+
+
+def _bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidParams(f"{name} must be a boolean, not {_type_name(value)}")
+    return value
 
 
 def validate_prompt(prompt: object) -> Prompt:

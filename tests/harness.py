@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import uvicorn
 
 from control_plane.app import create_app
 from control_plane.settings import Settings
+from control_plane.state import AppState
 
 ADMIN_KEY = "mlcp_test-admin-key-0123456789abcdefghijklmnop"
 
@@ -120,3 +122,60 @@ async def serve(settings: Settings) -> AsyncIterator[str]:
         SERVED_APPS.pop(base, None)
         server.should_exit = True
         await asyncio.wait_for(task, 15)
+
+
+def app_state(api: Api) -> AppState:
+    """The AppState of the control plane `api` talks to (served in this process)."""
+    return SERVED_APPS[api.base].state.mlcp  # type: ignore[no-any-return]
+
+
+async def mark_measured(api: Api, model: str, mem_bytes: int) -> None:
+    """Give a fake model a benchmark figure, as a finished /model/job would."""
+    await app_state(api).pool.execute(
+        "UPDATE models SET required_ram_bytes = $2, benchmarked_at = now() WHERE name = $1",
+        model,
+        mem_bytes,
+    )
+
+
+async def wait_status(api: Api, model: str, want: str, timeout_s: float = 15) -> dict[str, Any]:
+    """Poll /model/status until the model's latest instance is in state `want`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    body: dict[str, Any] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        status, body = await api.call("POST", "/model/status", {"model": model})
+        if status == 200 and body["status"] == want:
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{model} never reached {want}: last {body}")
+
+
+async def load(api: Api, model: str, **extra: Any) -> dict[str, Any]:
+    """POST /model/load and expect 200."""
+    status, body = await api.call("POST", "/model/load", {"model": model, **extra})
+    assert status == 200, body
+    return body  # type: ignore[no-any-return]
+
+
+async def instance_pid(api: Api, model: str) -> int:
+    """The process id of the model's latest instance (process runtime)."""
+    row = await app_state(api).pool.fetchrow(
+        "SELECT handle FROM instances WHERE model = $1 ORDER BY id DESC LIMIT 1", model
+    )
+    return int(row["handle"])
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def wait_gone(pid: int, timeout_s: float = 10) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if not pid_alive(pid):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"process {pid} is still running")

@@ -104,7 +104,10 @@ def test_an_abort_ends_the_batch(engine: TransformersEngine) -> None:
 
 def test_chat_messages_use_the_template(engine: TransformersEngine) -> None:
     messages = [{"role": "user", "content": "Hello"}]
-    assert engine.encode(messages) == engine.encode("<|user|>Hello\n<|assistant|>")
+    assert engine.encode(messages) == engine.encode("<|user|>Hello\n<|assistant|>", raw=True)
+    # A plain string is one user message unless raw.
+    assert engine.encode("Hello") == engine.encode(messages)
+    assert engine.encode("Hello", raw=True) != engine.encode(messages)
 
 
 def test_a_model_without_a_chat_template_refuses_messages(models_root: Path) -> None:

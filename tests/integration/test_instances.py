@@ -10,13 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 import pytest
 
 from control_plane.reaper import reap
-from control_plane.state import AppState
 from tests.fake_agent import write_fake_model
-from tests.harness import Api, make_settings, serve
+from tests.harness import (
+    Api,
+    app_state,
+    instance_pid,
+    load,
+    make_settings,
+    mark_measured,
+    serve,
+    wait_gone,
+    wait_status,
+)
 
 FAKE_AGENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "fake_agent.py")]
 
@@ -51,53 +59,6 @@ async def fapi(db_dsn: str, tmp_path: Path) -> AsyncIterator[Api]:
         for name in MODELS:
             await mark_measured(api, name, 50_000_000)
         yield api
-
-
-async def mark_measured(api: Api, model: str, mem_bytes: int) -> None:
-    """Give a fake model a benchmark figure, as a finished /model/job would."""
-    await app_state(api).pool.execute(
-        "UPDATE models SET required_ram_bytes = $2, benchmarked_at = now() WHERE name = $1",
-        model,
-        mem_bytes,
-    )
-
-
-def app_state(api: Api) -> AppState:
-    from tests.harness import SERVED_APPS
-
-    return SERVED_APPS[api.base].state.mlcp  # type: ignore[no-any-return]
-
-
-async def wait_status(api: Api, model: str, want: str, timeout_s: float = 15) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    body: dict[str, Any] = {}
-    while asyncio.get_running_loop().time() < deadline:
-        status, body = await api.call("POST", "/model/status", {"model": model})
-        if status == 200 and body["status"] == want:
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{model} never reached {want}: last {body}")
-
-
-async def load(api: Api, model: str, **extra: Any) -> dict[str, Any]:
-    status, body = await api.call("POST", "/model/load", {"model": model, **extra})
-    assert status == 200, body
-    return body  # type: ignore[no-any-return]
-
-
-async def instance_pid(api: Api, model: str) -> int:
-    row = await app_state(api).pool.fetchrow(
-        "SELECT handle FROM instances WHERE model = $1 ORDER BY id DESC LIMIT 1", model
-    )
-    return int(row["handle"])
-
-
-async def wait_gone(pid: int, timeout_s: float = 10) -> None:
-    for _ in range(int(timeout_s / 0.05)):
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"process {pid} is still running")
 
 
 async def test_load_run_status_instances_delete(fapi: Api) -> None:

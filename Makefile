@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
+	@# MLCP_RUNTIME=docker runs each instance in a container: build the agent image first (cached).
+	@if [ "$${MLCP_RUNTIME:-process}" = docker ]; then $(PY) -m instance_agent.image build; fi
 	$(PY) -m control_plane serve
 
 test: install

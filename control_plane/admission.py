@@ -156,6 +156,10 @@ async def admit(
         decision = decide(need, devices, held, now)
         if dry_run:
             return Admission(decision, need, None)
+        if any(r.model == model.name for r in held):
+            # A concurrent load of the same model won: evicting for it would stop instances for
+            # nothing (the insert below would do nothing). The caller treats it as a repeat.
+            return Admission(decision, need, None)
         if isinstance(decision, NeverFits):
             raise NeverFitsError(
                 f"model {model.name} needs {bytes_to_gb(need)} GB at concurrency {concurrency}; "

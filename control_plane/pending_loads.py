@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from control_plane.admission import HostFull, admit
+from control_plane.admission import admit
 from control_plane.errors import MlcpError
 from control_plane.state import AppState
 from db import queries
@@ -47,8 +47,9 @@ async def load_pending(state: AppState) -> None:
                 )
                 if admission.row is not None:
                     state.supervisor.launch(admission.row, model, admission.evicted)
-        except HostFull:
-            continue  # memory may free up; try again at the next pass
         except MlcpError as exc:
+            if exc.retry_after_s is not None:
+                # Full for now, or the model's previous instance is still stopping: both pass.
+                continue
             logger.warning("dropping the pending load of %s: %s", pending.model, exc.message)
         await queries.delete_pending_load(state.pool, pending.model)

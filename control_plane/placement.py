@@ -110,6 +110,12 @@ def decide(
                 break
             victims.append(r)
             free += r.mem_bytes
+        # A victim taken early may be unneeded once a larger one joined (0.5 GB, then 2 GB for a
+        # 2 GB need): spare those, the most recently used first.
+        for r in reversed(victims[:-1]):
+            if free - r.mem_bytes >= need_bytes:
+                victims.remove(r)
+                free -= r.mem_bytes
         if free >= need_bytes:
             cost = (len(victims), sum(v.reload_s for v in victims))
             options.append((cost, Evict(d.name, tuple(victims), free - need_bytes)))

@@ -78,6 +78,13 @@ def test_evicts_least_recently_used_first_and_only_as_many_as_needed() -> None:
     assert victims(decide(5 * GB, [HOST], rs, NOW)) == [2, 3]
 
 
+def test_victims_made_unneeded_by_a_larger_one_are_spared() -> None:
+    rs = [res(1, 0.5, idle_s=500), res(2, 5, idle_s=400), res(3, 3, idle_s=10)]
+    # Least recently used first takes 1 (0.5 GB) then 2 (5 GB); 2 alone frees enough.
+    assert victims(decide(5 * GB, [HOST], rs, NOW)) == [2]
+    assert victims(decide(6 * GB, [HOST], rs, NOW)) == [1, 2]
+
+
 def test_ties_in_idleness_prefer_the_quickest_to_reload() -> None:
     rs = [res(1, 4, reload_s=30), res(2, 4, reload_s=2)]
     assert victims(decide(2 * GB, [HOST], rs, NOW)) == [2]

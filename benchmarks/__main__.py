@@ -12,6 +12,7 @@ BENCHMARKS = (
     "benchmarks.bench_reaper",
     "benchmarks.bench_batching",
     "benchmarks.bench_memory",
+    "benchmarks.bench_cold_start",
 )
 
 

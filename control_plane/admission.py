@@ -77,7 +77,10 @@ async def need_bytes(pool: Pool, model: ModelRow, concurrency: int) -> int | Non
     """Memory an instance of `model` serving `concurrency` at once will reserve, or None."""
     profile = await queries.get_model_profile(pool, model.name, DEVICE_KIND)
     if profile is not None and profile.phases:
-        return ram_for_concurrency(profile_from_row(profile), concurrency)
+        estimate = ram_for_concurrency(profile_from_row(profile), concurrency)
+        # The catalog figure (concurrency 1) rises when a running instance was seen above it
+        # (queries.record_model_observation); memory never shrinks as concurrency grows.
+        return max(estimate, model.required_ram_bytes or 0)
     return model.required_ram_bytes
 
 

@@ -168,7 +168,7 @@ async def instance_pid(api: Api, model: str) -> int:
 def pid_alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 

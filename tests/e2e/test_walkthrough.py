@@ -53,7 +53,14 @@ def stream_chunks(base: str, body: dict[str, object]) -> list[bytes]:
 
 
 def test_curl_walkthrough_with_smollm2(tmp_path: Path) -> None:
-    server = start(tmp_path / "mlcp", tmp_path, "walkthrough", MLCP_ADMIN_KEY=KEY)
+    # Stop instances with the server, so a failing run leaves nothing behind.
+    server = start(
+        tmp_path / "mlcp",
+        tmp_path,
+        "walkthrough",
+        MLCP_ADMIN_KEY=KEY,
+        MLCP_STOP_INSTANCES_ON_EXIT="true",
+    )
     try:
         base = server.base
         model = {"model": DEMO_MODEL}

@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 
 from benchmarks.harness import FAKE_AGENT, ControlPlane, control_plane, percentile
-from db.embedded import EmbeddedPostgres
 from tests.fake_agent import write_fake_model
 
 LATENCY_ROUNDS = 1500
@@ -114,26 +112,9 @@ def _spread(ratios: list[float]) -> str:
     return f"pairs {min(ratios):.2f}..{max(ratios):.2f}"
 
 
-async def _mark_measured(cp: ControlPlane, names: tuple[str, ...]) -> None:
-    """Give the fake models a benchmark figure, as a finished /model/job would (load needs one)."""
-    embedded = EmbeddedPostgres(cp.data_dir)
-    try:
-        conn = await asyncpg.connect(embedded.start())
-        try:
-            await conn.execute(
-                "UPDATE models SET required_ram_bytes = 50000000, benchmarked_at = now()"
-                " WHERE name = ANY($1::text[])",
-                list(names),
-            )
-        finally:
-            await conn.close()
-    finally:
-        embedded.stop()
-
-
 def _run_all(cp: ControlPlane, names: tuple[str, ...]) -> None:
     endpoints: dict[str, str] = {}
-    asyncio.run(_mark_measured(cp, names))
+    cp.mark_measured(list(names), 50_000_000)
     for model, conc in zip(names, (1, 8, 8), strict=True):
         cp.call("/model/load", {"model": model, "concurrency": conc})
     for model in names:

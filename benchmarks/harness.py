@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import Request, urlopen
+
+import asyncpg
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "mlcp_bench-admin-key-0123456789abcdefghijkl"
@@ -44,6 +47,29 @@ class ControlPlane:
         )
         with urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
+
+    def mark_measured(self, models: list[str], mem_bytes: int) -> None:
+        """Give models a benchmark figure in the embedded database, as a finished job would.
+
+        /model/load refuses unmeasured models; the benchmarks about other things skip measuring.
+        """
+
+        async def write() -> None:
+            dsn = f"postgresql://postgres:@/postgres?host={self.data_dir.resolve() / 'pg'}"
+            conn = await asyncpg.connect(dsn)
+            try:
+                done = await conn.execute(
+                    "UPDATE models SET required_ram_bytes = $2, benchmarked_at = now()"
+                    " WHERE name = ANY($1::text[])",
+                    models,
+                    mem_bytes,
+                )
+            finally:
+                await conn.close()
+            if done != f"UPDATE {len(models)}":
+                raise RuntimeError(f"not all of {len(models)} models are in the catalog: {done}")
+
+        asyncio.run(write())
 
     def wait_running(self, model: str, timeout_s: float = 120) -> dict[str, object]:
         deadline = time.monotonic() + timeout_s

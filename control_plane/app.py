@@ -100,10 +100,11 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=[
+            # /model/run first: Starlette tries routes in order, and it is the hot path.
+            *instances.routes,
             *health_routes.routes,
             *models.routes,
             *keys.routes,
-            *instances.routes,
             *jobs.routes,
             *logs.routes,
             *capacity.routes,

@@ -147,7 +147,9 @@ def main() -> None:
         write_fake_model(models, "bench/twenty-ms", "ok", delay_s=0.02)
         write_fake_model(models, "bench/stream", "ok", delay_s=0.0, tokens=STREAM_TOKENS)
         with control_plane(
-            [models], fake_agent=FAKE_AGENT, MLCP_MAX_QUEUE="64",
+            [models],
+            fake_agent=FAKE_AGENT,
+            MLCP_MAX_QUEUE="64",
             MLCP_INCLUDE_PACKAGED_MODELS="false",
         ) as cp:
             # A control plane's shutdown no longer stops its instances (the next one adopts

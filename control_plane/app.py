@@ -21,8 +21,8 @@ from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refre
 from control_plane.errors import MlcpError
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile
-from control_plane.routes import health as health_routes
 from control_plane.routes import capacity, instances, jobs, keys, logs, models
+from control_plane.routes import health as health_routes
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
 from control_plane.settings import Settings

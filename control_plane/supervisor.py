@@ -311,10 +311,16 @@ class Supervisor:
             logger.warning("instance %s of %s failed: %s", row.id, row.model, reason)
 
     async def fail_and_stop(self, row: InstanceRow, reason: str) -> None:
-        """Mark an instance FAILED and make sure nothing of it keeps running."""
-        await self._fail(row.id, reason)
+        """Make sure nothing of an instance keeps running, then mark it FAILED.
+
+        In that order: FAILED releases its memory reservation, which must not happen while a hung
+        agent still holds the memory.
+        """
+        if (current := self._routes.get(row.model)) and current.instance_id == row.id:
+            del self._routes[row.model]
         if row.handle:
             await self.runtime.stop(row.handle, STOP_GRACE_S)
+        await self._fail(row.id, reason)
 
     # -- watch -----------------------------------------------------------------------------
 

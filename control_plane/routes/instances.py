@@ -76,7 +76,22 @@ async def load(request: Request, state: AppState, principal: Principal) -> Respo
             code="unsupported_task",
         )
     sup = state.supervisor
-    if not body.dry_run:
+    if body.dry_run:
+        current = await queries.latest_instance_for_model(state.pool, body.model)
+        if current is not None and current.state in (State.STARTING, State.RUNNING):
+            # Already placed: a repeated load only retunes it.
+            return JSONResponse(
+                {
+                    "dryRun": True,
+                    "model": body.model,
+                    "decision": "loaded",
+                    "device": current.device,
+                    "requiredBytes": current.reserved_bytes,
+                    "evictions": [],
+                    "headroomBytes": None,
+                }
+            )
+    else:
         live = await sup.update_live(body.model, body.concurrency, body.expiration_s)
         if live is not None:
             return _started(live)
@@ -85,8 +100,15 @@ async def load(request: Request, state: AppState, principal: Principal) -> Respo
     # This node's in-flight counts must be in the database before idleness is judged.
     await state.activity.flush(state.pool)
     admission = await admit(
-        state.pool, state.settings, sup.runtime.name, model, body.concurrency, body.expiration_s,
-        principal.key_id, datetime.now(UTC), dry_run=body.dry_run,
+        state.pool,
+        state.settings,
+        sup.runtime.name,
+        model,
+        body.concurrency,
+        body.expiration_s,
+        principal.key_id,
+        datetime.now(UTC),
+        dry_run=body.dry_run,
     )
     if body.dry_run:
         plan = plan_body(model.name, body.concurrency, admission.need_bytes, admission.decision)
@@ -121,8 +143,9 @@ async def _queue_load(
     """Request the model's benchmark and remember to load it once it is measured."""
     job = await request_model_job(state.pool, state.settings, model.name, datetime.now(UTC))
     if not job["success"]:
-        raise Conflict(f"model {model.name} cannot be benchmarked: {job['message']}",
-                       code="benchmark_failed")
+        raise Conflict(
+            f"model {model.name} cannot be benchmarked: {job['message']}", code="benchmark_failed"
+        )
     await queries.upsert_pending_load(
         state.pool, model.name, body.concurrency, body.expiration_s, principal.key_id
     )
@@ -194,9 +217,7 @@ async def _route_or_error(state: AppState, model: str, wait_s: float = 0.0) -> I
         return route
     row = await queries.latest_instance_for_model(state.pool, model)
     if row is None or row.state == State.STOPPED:
-        raise Conflict(
-            f"model {model} is not loaded; POST /model/load first", code="not_loaded"
-        )
+        raise Conflict(f"model {model} is not loaded; POST /model/load first", code="not_loaded")
     if row.state == State.STARTING:
         route = await state.supervisor.wait_running(model, wait_s) if wait_s > 0 else None
         if route is not None:
@@ -259,9 +280,7 @@ class _CancelOnDisconnect:
         self._watcher.cancel()
         # Swallow only our own cancellation, never one asked for by someone else too.
         return (
-            self.disconnected
-            and self._task.uncancel() == 0
-            and exc_type is asyncio.CancelledError
+            self.disconnected and self._task.uncancel() == 0 and exc_type is asyncio.CancelledError
         )
 
 

@@ -56,6 +56,14 @@ def agent_command(spec: InstanceSpec, port: int, base: list[str] | None = None) 
     return cmd
 
 
+def _alive(pid: int) -> bool:
+    try:
+        status = str(psutil.Process(pid).status())
+    except psutil.NoSuchProcess:
+        return False
+    return bool(status != psutil.STATUS_ZOMBIE)
+
+
 def last_lines(path: Path, n: int) -> list[str]:
     try:
         with path.open("r", encoding="utf-8", errors="replace") as fh:
@@ -166,6 +174,11 @@ class ProcessRuntime:
                 await asyncio.sleep(0.05)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+        if proc is None:
+            # Not our child: "stopped" must mean gone, so wait for the OS to reap it.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and _alive(pid):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
         if proc is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)

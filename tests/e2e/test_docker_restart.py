@@ -2,7 +2,6 @@
 still answer. The control plane runs as `python -m control_plane serve`, configured only through
 the environment, as a user would run it; the instance is the fake agent in a container."""
 
-
 from __future__ import annotations
 
 import asyncio

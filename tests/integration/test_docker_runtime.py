@@ -6,7 +6,6 @@ skip, unless MLCP_REQUIRE_DOCKER=1 (set by .ci/run) turns that into a failure. T
 built offline (`python -m instance_agent.image build`) and reused while nothing changed.
 """
 
-
 from __future__ import annotations
 
 import asyncio

@@ -119,9 +119,7 @@ async def test_logs_for_admins_and_the_loading_key_only(db_dsn: str, tmp_path: P
         await mark_measured(api, "fake/ok", 50_000_000)
         _, alice = await api.call("POST", "/admin/keys", {"name": "alice"})
         _, bob = await api.call("POST", "/admin/keys", {"name": "bob"})
-        status, _ = await api.call(
-            "POST", "/model/load", {"model": "fake/ok"}, key=alice["key"]
-        )
+        status, _ = await api.call("POST", "/model/load", {"model": "fake/ok"}, key=alice["key"])
         assert status == 200
         await wait_status(api, "fake/ok", "RUNNING")
         async with session.get(

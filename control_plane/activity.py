@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 class Counter:
     in_flight: int = 0
     new_inferences: int = 0
+    new_rejected: int = 0
     last_end: datetime | None = None
     reported_in_flight: int = 0
     dirty: bool = False
@@ -48,6 +49,16 @@ class Activity:
             c.new_inferences += 1
         c.last_end = datetime.now(UTC)
         c.dirty = True
+
+    def reject(self, instance_id: int) -> None:
+        """Count a request the instance refused because it was full (a metric for admission)."""
+        c = self._counters.setdefault(instance_id, Counter())
+        c.new_rejected += 1
+        c.dirty = True
+
+    def pending_rejected(self, instance_id: int) -> int:
+        c = self._counters.get(instance_id)
+        return c.new_rejected if c else 0
 
     def in_flight(self, instance_id: int) -> int:
         c = self._counters.get(instance_id)
@@ -75,14 +86,16 @@ class Activity:
             if not c.dirty and c.in_flight == 0:
                 continue
             new, last_end, in_flight = c.new_inferences, c.last_end, c.in_flight
-            c.new_inferences, c.last_end, c.dirty = 0, None, False
+            rejected = c.new_rejected
+            c.new_inferences, c.new_rejected, c.last_end, c.dirty = 0, 0, None, False
             try:
                 await queries.record_activity(
-                    db, instance_id, new, last_end, in_flight, self.node_id
+                    db, instance_id, new, last_end, in_flight, self.node_id, rejected
                 )
             except Exception:
                 # Put the numbers back so the next flush carries them.
                 c.new_inferences += new
+                c.new_rejected += rejected
                 c.last_end = max(filter(None, (c.last_end, last_end)), default=None)
                 c.dirty = True
                 raise

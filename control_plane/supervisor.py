@@ -88,6 +88,8 @@ class Supervisor:
         self.max_queue = max_queue
         self._routes: dict[str, Route] = {}
         self._running_events: dict[str, asyncio.Event] = {}
+        # Requests waiting in each instance's queue, as its last health check said.
+        self.queued: dict[int, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._missed: dict[int, int] = {}
         self._started_here: set[int] = set()
@@ -356,6 +358,8 @@ class Supervisor:
                 )
             return
         self._missed.pop(row.id, None)
+        queued = body.get("queued") if isinstance(body, dict) else None
+        self.queued[row.id] = queued if isinstance(queued, int) else 0
         memory = body.get("memory") if isinstance(body, dict) else None
         peak = memory.get("peakRssBytes") if isinstance(memory, dict) else None
         if isinstance(peak, int) and peak > 0:

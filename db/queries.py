@@ -185,9 +185,16 @@ async def record_activity(
     last_end: datetime | None,
     in_flight: int,
     node_id: str,
+    new_rejected: int = 0,
 ) -> None:
     await db.execute(
-        sql("record_activity"), instance_id, new_inferences, last_end, in_flight, node_id
+        sql("record_activity"),
+        instance_id,
+        new_inferences,
+        last_end,
+        in_flight,
+        node_id,
+        new_rejected,
     )
 
 

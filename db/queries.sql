@@ -130,10 +130,12 @@ WHERE instance_id = $1 ORDER BY id;
 
 -- name: record_activity
 -- One flush of a control plane's in-memory counters for one instance ($2 new inferences,
--- $3 end time of the last finished request or null, $4 requests in flight now, $5 node).
+-- $3 end time of the last finished request or null, $4 requests in flight now, $5 node,
+-- $6 requests refused because the instance was full).
 WITH bumped AS (
     UPDATE instances
     SET inferences = inferences + $2,
+        rejected = rejected + $6,
         last_used_at = CASE WHEN $3::timestamptz IS NULL THEN last_used_at
                             ELSE greatest(last_used_at, $3::timestamptz) END,
         expires_at = CASE WHEN $3::timestamptz IS NULL THEN expires_at

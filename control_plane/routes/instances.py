@@ -54,12 +54,19 @@ STREAM_FAILED = "the model instance failed mid-stream"
 
 def _status(state: AppState, row: InstanceRow) -> dict[str, Any]:
     pending, last_end = state.activity.pending(row.id)
-    return render_status(
+    out = render_status(
         row,
         pending_inferences=pending,
         pending_last_end=last_end,
         in_flight=state.activity.in_flight(row.id),
     )
+    out["metrics"] = {
+        "inFlight": state.activity.in_flight(row.id),
+        "queued": state.supervisor.queued.get(row.id, 0) if row.state == State.RUNNING else 0,
+        "rejected": row.rejected + state.activity.pending_rejected(row.id),
+        "evicted": (row.reason or "").startswith("evicted"),
+    }
+    return out
 
 
 @authed("user")
@@ -175,6 +182,7 @@ async def status(request: Request, state: AppState, principal: Principal) -> Res
     await state.activity.flush(state.pool)
     row = await _latest(state, body.model)
     out = _status(state, row)
+    out["metrics"]["evictions"] = await queries.evictions_for_model(state.pool, row.model)
     if principal.is_admin:
         out["endpoint"] = row.endpoint
     out["history"] = [render_event(e) for e in await queries.instance_events(state.pool, row.id)]
@@ -302,6 +310,10 @@ async def run(request: Request, state: AppState, principal: Principal) -> Respon
             except proxy.InstanceGone:
                 _report_failure(state, route)
                 raise
+            except ServiceUnavailable as exc:
+                if exc.error_code == "instance_busy":
+                    state.activity.reject(route.instance_id)
+                raise
         if guard.disconnected:
             return Response(status_code=499)
         if not isinstance(answer, dict) or not isinstance(answer.get("output"), str):
@@ -334,6 +346,8 @@ async def _stream(
         state.activity.end(route.instance_id, completed=False)
         if isinstance(exc, proxy.InstanceGone):
             _report_failure(state, route)
+        elif isinstance(exc, ServiceUnavailable) and exc.error_code == "instance_busy":
+            state.activity.reject(route.instance_id)
         raise
     upstream = _Upstream(state, route, resp)
     if "text/event-stream" in request.headers.get("accept", ""):

@@ -221,6 +221,7 @@ async def test_full_host_evicts_the_least_recently_used_idle_instance(aapi: Api)
     assert stopped["reason"] == "evicted to make room for fake/d"
     assert evicted_for(stopped["history"], "fake/d")
     assert [e["to"] for e in stopped["history"]] == ["RUNNING", "STOPPING", "STOPPED"]
+    assert stopped["metrics"]["evicted"] is True and stopped["metrics"]["evictions"] == 1
     await wait_gone(b_pid)
     for survivor in ("fake/a", "fake/c"):
         await wait_status(aapi, survivor, "RUNNING")
@@ -359,6 +360,9 @@ async def test_fifty_requests_at_concurrency_two_and_queue_eight(aapi: Api) -> N
     assert health["stats"]["requests"] == 10 and health["maxQueue"] == 8
     status = await wait_status(aapi, "fake/queue", "RUNNING")
     assert status["inferences"] == 10
+    # The metrics admission and later issues use.
+    assert status["metrics"]["rejected"] == 40 and status["metrics"]["inFlight"] == 0
+    assert status["metrics"]["evicted"] is False and status["metrics"]["evictions"] == 0
 
 
 class Overbooking:

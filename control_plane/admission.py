@@ -28,7 +28,8 @@ from control_plane.reaper import STALE_ACTIVITY_S
 from control_plane.settings import Settings
 from db import queries
 from db.pool import Pool
-from db.rows import InstanceRow, ModelProfileRow, ModelRow
+from db.queries import Executor
+from db.rows import InstanceRow, ModelProfileRow, ModelRow, ReservationRow
 
 DEVICE_KIND = "cpu"
 
@@ -143,19 +144,7 @@ async def admit(
     async with pool.acquire() as conn, conn.transaction():
         await queries.lock_admission(conn)
         rows = await queries.reservations(conn, STALE_ACTIVITY_S)
-        held = [
-            Reservation(
-                r.id,
-                r.model,
-                r.device,
-                r.reserved_bytes,
-                r.in_flight,
-                r.last_used_at,
-                r.reload_s,
-                r.state,
-            )
-            for r in rows
-        ]
+        held = _held(rows)
         decision = decide(need, devices, held, now)
         if dry_run:
             return Admission(decision, need, None)
@@ -163,34 +152,9 @@ async def admit(
             # A concurrent load of the same model won: evicting for it would stop instances for
             # nothing (the insert below would do nothing). The caller treats it as a repeat.
             return Admission(decision, need, None)
-        if isinstance(decision, NeverFits):
-            raise NeverFitsError(
-                f"model {model.name} needs {bytes_to_gb(need)} GB at concurrency {concurrency}; "
-                f"the largest device here has "
-                f"{bytes_to_gb(decision.largest_device_bytes)} GB usable"
-            )
-        if isinstance(decision, Full):
-            raise HostFull(
-                f"not enough memory for {model.name} ({bytes_to_gb(need)} GB): "
-                f"{bytes_to_gb(decision.free_bytes)} GB free and no idle instance to evict",
-                retry_after_s=decision.retry_after_s,
-            )
-        evicted: list[InstanceRow] = []
-        if isinstance(decision, Evict):
-            for victim in decision.victims:
-                moved = await queries.evict_instance(
-                    conn,
-                    victim.instance_id,
-                    f"evicted to make room for {model.name}",
-                    STALE_ACTIVITY_S,
-                )
-                if moved is None:
-                    # It became busy since it was read: give up this plan (the transaction
-                    # rolls back) and let the client retry.
-                    raise HostFull(
-                        "an instance chosen for eviction became busy; retry", retry_after_s=1
-                    )
-                evicted.append(moved)
+        _refuse(decision, model.name, need, concurrency)
+        assert isinstance(decision, Fit | Evict)
+        evicted = await _evict(conn, decision, model.name)
         row = await queries.insert_admitted_instance(
             conn,
             model.name,
@@ -203,3 +167,83 @@ async def admit(
             "load requested",
         )
         return Admission(decision, need, row, tuple(evicted))
+
+
+def _held(rows: list[ReservationRow]) -> list[Reservation]:
+    return [
+        Reservation(
+            r.id,
+            r.model,
+            r.device,
+            r.reserved_bytes,
+            r.in_flight,
+            r.last_used_at,
+            r.reload_s,
+            r.state,
+        )
+        for r in rows
+    ]
+
+
+def _refuse(decision: Decision, model: str, need: int, concurrency: int) -> None:
+    """Raise the error a decision that places nothing stands for."""
+    if isinstance(decision, NeverFits):
+        raise NeverFitsError(
+            f"model {model} needs {bytes_to_gb(need)} GB at concurrency {concurrency}; "
+            f"the largest device here has {bytes_to_gb(decision.largest_device_bytes)} GB usable"
+        )
+    if isinstance(decision, Full):
+        raise HostFull(
+            f"not enough memory for {model} ({bytes_to_gb(need)} GB): "
+            f"{bytes_to_gb(decision.free_bytes)} GB free and no idle instance to evict",
+            retry_after_s=decision.retry_after_s,
+        )
+
+
+async def _evict(conn: Executor, decision: Decision, model: str) -> tuple[InstanceRow, ...]:
+    """Move a plan's victims to STOPPING (idle ones only) inside the admission transaction."""
+    evicted: list[InstanceRow] = []
+    if isinstance(decision, Evict):
+        for victim in decision.victims:
+            moved = await queries.evict_instance(
+                conn, victim.instance_id, f"evicted to make room for {model}", STALE_ACTIVITY_S
+            )
+            if moved is None:
+                # It became busy since it was read: give up this plan (the transaction rolls
+                # back) and let the client retry.
+                raise HostFull(
+                    "an instance chosen for eviction became busy; retry", retry_after_s=1
+                )
+            evicted.append(moved)
+    return tuple(evicted)
+
+
+async def grow(
+    pool: Pool,
+    settings: Settings,
+    live: InstanceRow,
+    model: ModelRow,
+    concurrency: int,
+    now: datetime,
+) -> tuple[InstanceRow, ...]:
+    """Re-admit a live instance whose concurrency grows; return what must be evicted first.
+
+    More concurrent requests need more memory (the batch grows): the new figure must fit on the
+    instance's own device beside everything else, or the load is refused like a new one.
+    """
+    need = await need_bytes(pool, model, concurrency)
+    if need is None or need <= live.reserved_bytes:
+        return ()
+    devices = [
+        d
+        for d in capacity.devices(capacity.observe(settings.host_memory_bytes, settings.use_gpus))
+        if d.name == live.device
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        await queries.lock_admission(conn)
+        others = [r for r in await queries.reservations(conn, STALE_ACTIVITY_S) if r.id != live.id]
+        decision = decide(need, devices, _held(others), now)
+        _refuse(decision, model.name, need, concurrency)
+        evicted = await _evict(conn, decision, model.name)
+        await queries.set_reserved_bytes(conn, live.id, need)
+        return evicted

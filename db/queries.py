@@ -390,3 +390,7 @@ async def delete_pending_load(db: Executor, model: str) -> None:
 
 async def evictions_for_model(db: Executor, model: str) -> int:
     return int(await db.fetchval(sql("evictions_for_model"), model))
+
+
+async def set_reserved_bytes(db: Executor, instance_id: int, mem_bytes: int) -> InstanceRow | None:
+    return _instance(await db.fetchrow(sql("set_reserved_bytes"), instance_id, mem_bytes))

@@ -356,3 +356,8 @@ DELETE FROM pending_loads WHERE model = $1;
 -- name: evictions_for_model
 SELECT count(*) FROM instance_events e JOIN instances i ON i.id = e.instance_id
 WHERE i.model = $1 AND e.to_state = 'STOPPING' AND e.reason LIKE 'evicted%';
+
+-- name: set_reserved_bytes
+UPDATE instances SET reserved_bytes = $2, modified_at = now()
+WHERE id = $1 AND state IN ('STARTING', 'RUNNING')
+RETURNING *;

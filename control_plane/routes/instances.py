@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from control_plane import proxy
-from control_plane.admission import admit, plan_body
+from control_plane.admission import admit, grow, plan_body
 from control_plane.auth import Principal
 from control_plane.errors import (
     BadGateway,
@@ -99,6 +99,20 @@ async def load(request: Request, state: AppState, principal: Principal) -> Respo
                 }
             )
     else:
+        current = await queries.latest_instance_for_model(state.pool, body.model)
+        if current is not None and current.state in (State.STARTING, State.RUNNING):
+            if body.concurrency > current.concurrency:
+                await state.activity.flush(state.pool)
+                evicted = await grow(
+                    state.pool,
+                    state.settings,
+                    current,
+                    model,
+                    body.concurrency,
+                    datetime.now(UTC),
+                )
+                # Their memory is free only once they are gone; then the batch may grow.
+                await asyncio.gather(*(sup.finish_stopping(v) for v in evicted))
         live = await sup.update_live(body.model, body.concurrency, body.expiration_s)
         if live is not None:
             return _started(live)

@@ -462,3 +462,40 @@ async def test_two_control_planes_loading_at_once_never_overbook(
             await sampler
         assert watch.samples > 10
         assert watch.violations == []
+
+
+async def test_raising_concurrency_is_admitted_like_a_new_load(aapi: Api) -> None:
+    pool = app_state(aapi).pool
+    phases = [
+        {"concurrency": 1, "peakRssBytes": GB, "tokens": 8, "seconds": 1.0},
+        {"concurrency": 4, "peakRssBytes": 2 * GB, "tokens": 32, "seconds": 1.0},
+    ]
+    await pool.execute(
+        "INSERT INTO model_profiles (model, device_kind, required_ram_bytes, load_s, phases)"
+        " VALUES ('fake/a', 'cpu', $1, 1.0, $2)",
+        GB,
+        phases,
+    )
+    first = await load(aapi, "fake/a")
+    await wait_status(aapi, "fake/a", "RUNNING")
+    await load_running(aapi, "fake/b")  # 1 GB idle, evictable
+    # 1.01 GB + 1 GB held of 3.6: growing fake/a to 2.02 GB evicts nothing.
+    grown = await load(aapi, "fake/a", concurrency=4)
+    assert grown["reservedBytes"] > first["reservedBytes"] and grown["concurrency"] == 4
+    assert (await wait_status(aapi, "fake/b", "RUNNING"))["status"] == "RUNNING"
+    # A third instance leaves no room for fake/a to grow again unless an idle one goes.
+    await load_running(aapi, "fake/c")
+    await pool.execute(
+        "UPDATE model_profiles SET phases = $1 WHERE model = 'fake/a'",
+        [*phases, {"concurrency": 8, "peakRssBytes": 3 * GB, "tokens": 64, "seconds": 1.0}],
+    )
+    await load(aapi, "fake/a", concurrency=8)
+    statuses = {
+        m: await wait_status(aapi, m, "RUNNING" if m == "fake/a" else "STOPPED")
+        for m in ("fake/a", "fake/b")
+    }
+    assert statuses["fake/b"]["reason"] == "evicted to make room for fake/a"
+    # At 64 the extrapolated batch needs ~17 GB: never on this host, and it keeps running as is.
+    status, huge, _ = await post_load(aapi, "fake/a", concurrency=64)
+    assert status == 422 and huge["code"] == "insufficient_memory", huge
+    assert (await wait_status(aapi, "fake/a", "RUNNING"))["concurrency"] == 8

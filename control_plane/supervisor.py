@@ -27,6 +27,8 @@ from db.rows import InstanceRow, ModelRow
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
+# How long a stopping instance may finish requests that arrived after it was judged idle.
+DRAIN_S = 30.0
 HEALTH_POLL_S = 0.1
 HEALTH_REQUEST_TIMEOUT_S = 3.0
 # A running instance that misses this many health checks in a row is declared hung.
@@ -274,24 +276,46 @@ class Supervisor:
         if row is None:
             raise NotFound(f"model {model} has no instance", code="not_loaded")
         if row.state in (State.STARTING, State.RUNNING):
-            stopped = await self.stop(row, "deleted by request")
+            stopped = await self.stop(row, "deleted by request", drain=False)
             return stopped or row
         return row
 
-    async def stop(self, row: InstanceRow, reason: str) -> InstanceRow | None:
+    async def stop(
+        self, row: InstanceRow, reason: str, *, drain: bool = True
+    ) -> InstanceRow | None:
         moving = await queries.transition_instance(
             self.pool, row.id, State.STOPPING, reason, allowed_from(State.STOPPING)
         )
         if moving is None:
             return await queries.get_instance(self.pool, row.id)
-        return await self.finish_stopping(moving)
+        return await self.finish_stopping(moving, drain=drain)
 
-    async def finish_stopping(self, row: InstanceRow) -> InstanceRow | None:
-        """Stop the runtime instance of a STOPPING row and mark it STOPPED once it is gone."""
+    async def finish_stopping(self, row: InstanceRow, *, drain: bool = True) -> InstanceRow | None:
+        """Stop the runtime instance of a STOPPING row and mark it STOPPED once it is gone.
+
+        With `drain`, requests that reached the instance after it was judged idle (a request on
+        another control plane, up to one activity flush late) finish first, within a deadline.
+        """
         self._set_route(row)
+        if drain and row.endpoint and row.handle:
+            await self._drain(row.endpoint)
         if row.handle:
             await self.runtime.stop(row.handle, STOP_GRACE_S)
         return await self._finish_stop(row.id, row.reason)
+
+    async def _drain(self, endpoint: str) -> None:
+        deadline = time.monotonic() + DRAIN_S
+        timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
+        while time.monotonic() < deadline:
+            try:
+                async with self.session.get(endpoint + "/health", timeout=timeout) as resp:
+                    body = await resp.json(content_type=None) if resp.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return  # not answering: nothing to wait for
+            busy = body.get("inFlight", 0) if isinstance(body, dict) else 0
+            if not isinstance(busy, int) or busy <= 0:
+                return
+            await asyncio.sleep(0.1)
 
     async def _finish_stop(self, instance_id: int, reason: str | None = None) -> InstanceRow | None:
         self.activity.forget(instance_id)
@@ -332,7 +356,13 @@ class Supervisor:
         for row in rows:
             if row.state != State.RUNNING or not row.handle or not row.endpoint:
                 continue
-            exited = await self.runtime.exited(row.handle)
+            try:
+                exited = await self.runtime.exited(row.handle)
+            except MlcpError:
+                # The runtime itself is unavailable (a Docker engine restarting): that says
+                # nothing about this instance; check it again at the next pass.
+                logger.warning("could not ask the runtime about instance %s", row.id)
+                continue
             if exited is not None:
                 await self.fail_and_stop(row, exited.reason)
                 continue

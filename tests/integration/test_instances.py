@@ -31,6 +31,8 @@ FAKE_AGENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "fake_ag
 MODELS: dict[str, dict[str, Any]] = {
     "fake/ok": {"mode": "ok", "delay_s": 0.01},
     "fake/slow": {"mode": "slow", "delay_s": 0.3, "tokens": 10},
+    # 7 s a request: longer than the stop grace (5 s), so only draining lets it finish.
+    "fake/slower": {"mode": "slow", "delay_s": 0.7, "tokens": 10},
     "fake/load-fail": {"mode": "load_fail"},
     "fake/never-healthy": {"mode": "never_healthy"},
     "fake/crash-mid-stream": {"mode": "crash_mid_stream", "tokens": 6, "delay_s": 0.01},
@@ -273,3 +275,24 @@ async def test_client_disconnect_releases_the_request(fapi: Api) -> None:
                 health = await resp.json()
         assert health["inFlight"] == 0, f"stream={stream}"
         _ = reader
+
+
+async def test_stopping_drains_requests_the_control_plane_did_not_see(fapi: Api) -> None:
+    """A request that reached the agent after the instance was judged idle (another control
+    plane, before its flush) finishes before the instance is stopped."""
+    state = app_state(fapi)
+    await load(fapi, "fake/slower", expirationPeriodSeconds=5)
+    await wait_status(fapi, "fake/slower", "RUNNING")
+    route = state.supervisor.route("fake/slower")
+    assert route is not None
+    unseen = asyncio.ensure_future(
+        fapi.session.post(route.endpoint + "/run", json={"prompt": "late"})
+    )
+    await asyncio.sleep(0.3)
+    later = datetime.now(UTC) + timedelta(seconds=6)
+    reaped = await reap(state.pool, state.supervisor, state.activity, later)
+    assert [r.model for r in reaped] == ["fake/slower"]
+    resp = await unseen
+    assert resp.status == 200 and (await resp.json())["output"] == "echo: late"
+    resp.release()
+    await wait_status(fapi, "fake/slower", "STOPPED")

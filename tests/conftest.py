@@ -16,7 +16,7 @@ import pytest
 from control_plane.settings import Settings
 from db.migrate import migrate
 from tests.docker_engine import agent_image, engine  # noqa: F401  (shared session fixtures)
-from tests.harness import Api, _replace_db, make_settings, serve
+from tests.harness import Api, create_database, make_settings, serve
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +37,8 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 async def template_db(pg_dsn: str) -> str:
-    name = f"mlcp_tpl_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(_replace_db(pg_dsn, name))
+    name, dsn = await create_database(pg_dsn, "mlcp_tpl")
+    conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)
     finally:
@@ -54,13 +49,7 @@ async def template_db(pg_dsn: str) -> str:
 @pytest.fixture
 async def db_dsn(pg_dsn: str, template_db: str) -> AsyncIterator[str]:
     """A fresh database cloned from the migrated template, dropped after the test."""
-    name = f"mlcp_t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
-    dsn = _replace_db(pg_dsn, name)
+    name, dsn = await create_database(pg_dsn, "mlcp_t", template_db)
     # Each clone is its own deployment, so its instances never mix with another test's.
     conn = await asyncpg.connect(dsn)
     try:

@@ -7,28 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import psutil
 import uvicorn
 
 from control_plane.app import create_app
+from control_plane.runtimes.process import free_loopback_port as free_port
 from control_plane.settings import Settings
 from control_plane.state import AppState
 
 ADMIN_KEY = "mlcp_test-admin-key-0123456789abcdefghijklmnop"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _replace_db(dsn: str, name: str) -> str:
@@ -37,6 +32,20 @@ def _replace_db(dsn: str, name: str) -> str:
 
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path="/" + name))
+
+
+async def create_database(
+    server_dsn: str, prefix: str, template: str | None = None
+) -> tuple[str, str]:
+    """Create a database (empty, or cloned from `template`) on the test server: (name, URL)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        clone = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{clone}')
+    finally:
+        await admin.close()
+    return name, _replace_db(server_dsn, name)
 
 
 def make_settings(db_dsn: str, data_dir: Path, **overrides: Any) -> Settings:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.harness import ADMIN_KEY, Api, _replace_db, make_settings, serve
+from tests.harness import ADMIN_KEY, Api, create_database, make_settings, serve
 
 MIB = 1024 * 1024
 NO_SUCH_ROUTE = "no such route"
@@ -63,13 +62,8 @@ async def api(
 ) -> AsyncIterator[Api]:
     """One server for the whole module: the cases here are refused (the few accepted ones only
     add keys nobody reads), and a server per case would cost ~0.3 s each."""
-    name = f"mlcp_bad_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
-    settings = make_settings(_replace_db(pg_dsn, name), tmp_path_factory.mktemp("bad") / "data")
+    name, dsn = await create_database(pg_dsn, "mlcp_bad", template_db)
+    settings = make_settings(dsn, tmp_path_factory.mktemp("bad") / "data")
     try:
         async with serve(settings) as base, aiohttp.ClientSession() as session:
             yield Api(base, session, settings)

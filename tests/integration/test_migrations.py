@@ -7,7 +7,6 @@ and one through every migration, then compare what PostgreSQL itself reports abo
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from db import MigrationError, queries
 from db import migrate as migrate_module
 from db.migrate import Migration, load_migrations, load_schema, migrate
-from tests.harness import _replace_db
+from tests.harness import create_database
 
 # Everything PostgreSQL knows about the public schema that a migration can change.
 CATALOG_QUERIES = {
@@ -88,14 +87,9 @@ async def new_database(pg_dsn: str) -> AsyncIterator[NewDatabase]:
     made: list[str] = []
 
     async def make() -> str:
-        name = f"mlcp_m_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(pg_dsn)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
+        name, dsn = await create_database(pg_dsn, "mlcp_m")
         made.append(name)
-        return _replace_db(pg_dsn, name)
+        return dsn
 
     yield make
     admin = await asyncpg.connect(pg_dsn)

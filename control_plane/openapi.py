@@ -199,21 +199,17 @@ OPERATIONS += [
         response=_ref("RunAnswer"),
         errors=(*_AUTH_ERRORS, 409, 429, 502, 503, 504),
     ),
-    Operation(
-        "get",
-        "/model/instances",
-        "Every live instance",
-        "user",
-        response=_INSTANCE_LIST,
-        errors=(401,),
-    ),
-    Operation(
-        "post",
-        "/model/instances",
-        "Every live instance",
-        "user",
-        response=_INSTANCE_LIST,
-        errors=(401,),
+    # The Bytez contract serves this one list on GET and POST alike.
+    *(
+        Operation(
+            method,
+            "/model/instances",
+            "Every live instance",
+            "user",
+            response=_INSTANCE_LIST,
+            errors=(401,),
+        )
+        for method in ("get", "post")
     ),
     Operation(
         "post",

@@ -15,6 +15,7 @@ import uvicorn
 from control_plane import auth
 from control_plane.app import create_app
 from control_plane.bootstrap import migrate_database
+from control_plane.errors import NotFound
 from control_plane.schemas import SCOPES, render_key
 from control_plane.settings import Settings
 from db import DatabaseError, queries
@@ -63,9 +64,13 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
         if args.keys_cmd == "list":
             print(json.dumps([render_key(k) for k in await queries.list_keys(conn)], indent=2))
             return 0
-        row = await queries.revoke_key(conn, args.id)
-        if row is None:
+        try:
+            row = await auth.revoke_key(conn, args.id)
+        except NotFound:
             print(f"mlcp: no active key with id {args.id}", file=sys.stderr)
+            return 1
+        except auth.LastAdminKey as exc:
+            print(f"mlcp: {exc.message}", file=sys.stderr)
             return 1
         print(json.dumps(render_key(row), indent=2))
         return 0

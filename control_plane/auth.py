@@ -13,11 +13,13 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import asyncpg
 from starlette.datastructures import Headers
 
-from control_plane.errors import Forbidden, Unauthorized
+from control_plane.errors import Conflict, Forbidden, NotFound, Unauthorized
 from db import queries
 from db.queries import Executor
+from db.rows import KeyRow
 
 KEY_PREFIX = "mlcp_"
 MAX_KEY_LEN = 256
@@ -111,3 +113,22 @@ async def create_key(
     secret = secret or generate_key()
     row = await queries.insert_key(db, name, display_prefix(secret), hash_key(secret), scope)
     return secret, row.id
+
+
+class LastAdminKey(Conflict):
+    """This is the last active admin key: create another admin key before revoking it."""
+
+    code = "last_admin_key"
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: int) -> KeyRow:
+    """Revoke a key, refusing the last active admin key (nobody could manage keys after it)."""
+    async with conn.transaction():
+        # Two admins revoking each other's keys at once must not both succeed.
+        await queries.lock_admin_keys(conn)
+        row = await queries.revoke_key(conn, key_id)
+        if row is not None:
+            return row
+        if await queries.get_active_key(conn, key_id) is None:
+            raise NotFound("no such key, or already revoked", code="key_not_found")
+        raise LastAdminKey()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import asyncpg
-
 from control_plane import auth
 from control_plane.catalog import discover, sync_catalog
 from control_plane.settings import Settings
@@ -34,11 +32,19 @@ async def bootstrap_admin_key(pool: Pool, settings: Settings) -> str | None:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK_KEY)
             if settings.admin_key is not None:
                 secret = settings.admin_key.get_secret_value()
-                if await queries.get_active_key_by_hash(conn, auth.hash_key(secret)) is None:
-                    try:
+                digest = auth.hash_key(secret)
+                active = await queries.get_active_key_by_hash(conn, digest)
+                if active is None:
+                    # MLCP_ADMIN_KEY is authoritative: a revoked one is restored, so an operator
+                    # locked out can always get back in by restarting with it set.
+                    if await queries.restore_admin_key(conn, digest) is not None:
+                        logger.warning("MLCP_ADMIN_KEY had been revoked; restored it as admin")
+                    else:
                         await auth.create_key(conn, "bootstrap admin", "admin", secret)
-                    except asyncpg.UniqueViolationError:
-                        logger.warning("MLCP_ADMIN_KEY was revoked earlier; it stays revoked")
+                        logger.info("MLCP_ADMIN_KEY stored as a new admin key")
+                elif active.scope != "admin":
+                    await queries.restore_admin_key(conn, digest)
+                    logger.warning("MLCP_ADMIN_KEY was a user key; made it admin again")
                 return None
             if await queries.count_active_admin_keys(conn) > 0:
                 return None

@@ -161,10 +161,10 @@ OPERATIONS: list[Operation] = [
     Operation(
         "delete",
         "/admin/keys/{key_id}",
-        "Revoke an API key",
+        "Revoke an API key (the last active admin key cannot be revoked: 409)",
         "admin",
         response=_ref("Key"),
-        errors=(401, 403, 404),
+        errors=(401, 403, 404, 409),
     ),
 ]
 

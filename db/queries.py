@@ -68,13 +68,27 @@ async def list_keys(db: Executor) -> list[KeyRow]:
     return [KeyRow.of(r) for r in await db.fetch(sql("list_keys"))]
 
 
+async def count_active_admin_keys(db: Executor) -> int:
+    return int(await db.fetchval(sql("count_active_admin_keys")))
+
+
+async def lock_admin_keys(db: Executor) -> None:
+    await db.execute(sql("lock_admin_keys"))
+
+
 async def revoke_key(db: Executor, key_id: int) -> KeyRow | None:
     row = await db.fetchrow(sql("revoke_key"), key_id)
     return KeyRow.of(row) if row else None
 
 
-async def count_active_admin_keys(db: Executor) -> int:
-    return int(await db.fetchval(sql("count_active_admin_keys")))
+async def get_active_key(db: Executor, key_id: int) -> KeyRow | None:
+    row = await db.fetchrow(sql("get_active_key"), key_id)
+    return KeyRow.of(row) if row else None
+
+
+async def restore_admin_key(db: Executor, key_hash: bytes) -> KeyRow | None:
+    row = await db.fetchrow(sql("restore_admin_key"), key_hash)
+    return KeyRow.of(row) if row else None
 
 
 # -- models -------------------------------------------------------------------------------------

@@ -16,13 +16,35 @@ SELECT id, name, prefix, scope, created_at, revoked_at
 FROM api_keys
 ORDER BY id;
 
--- name: revoke_key
-UPDATE api_keys SET revoked_at = now()
-WHERE id = $1 AND revoked_at IS NULL
-RETURNING id, name, prefix, scope, created_at, revoked_at;
-
 -- name: count_active_admin_keys
 SELECT count(*) FROM api_keys WHERE scope = 'admin' AND revoked_at IS NULL;
+
+-- name: lock_admin_keys
+-- Serialize changes to the set of admin keys until the transaction ends (no $n).
+SELECT pg_advisory_xact_lock(7235931);
+
+-- name: revoke_key
+-- Revoke a key unless it is the last active admin key; the caller holds lock_admin_keys.
+-- $1 = key_id
+UPDATE api_keys SET revoked_at = now()
+WHERE id = $1 AND revoked_at IS NULL
+  AND (scope <> 'admin' OR EXISTS (
+      SELECT 1 FROM api_keys o WHERE o.scope = 'admin' AND o.revoked_at IS NULL AND o.id <> $1))
+RETURNING id, name, prefix, scope, created_at, revoked_at;
+
+-- name: get_active_key
+-- One key that is not revoked, by id.
+-- $1 = key_id
+SELECT id, name, prefix, scope, created_at, revoked_at
+FROM api_keys
+WHERE id = $1 AND revoked_at IS NULL;
+
+-- name: restore_admin_key
+-- Make the key with this hash an active admin key again (MLCP_ADMIN_KEY is authoritative).
+-- $1 = key_hash
+UPDATE api_keys SET revoked_at = NULL, scope = 'admin'
+WHERE key_hash = $1
+RETURNING id, name, prefix, scope, created_at, revoked_at;
 
 -- name: upsert_discovered_model
 INSERT INTO models (name, task, source_kind, source_path, gguf_file, param_bytes, present)

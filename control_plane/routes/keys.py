@@ -37,9 +37,8 @@ async def revoke_key(request: Request, state: AppState, principal: Principal) ->
     # isascii: str.isdigit() also accepts '²' (int() then fails) and other scripts' digits.
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise NotFound("no such key", code="key_not_found")
-    row = await queries.revoke_key(state.pool, int(raw))
-    if row is None:
-        raise NotFound("no such key, or already revoked", code="key_not_found")
+    async with state.pool.acquire() as conn:
+        row = await auth.revoke_key(conn, int(raw))
     state.auth.forget(row.id)
     return JSONResponse(render_key(row))
 

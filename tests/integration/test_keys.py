@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -195,16 +196,51 @@ async def test_bootstrap_generates_only_when_no_admin_key_exists(
     assert again is not None and again != secret
 
 
-async def test_revoked_configured_admin_key_stays_revoked(
-    db: asyncpg.Pool, db_dsn: str, tmp_path: Path
+async def test_revoked_configured_admin_key_is_restored_at_start(
+    db: asyncpg.Pool, db_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings(db_dsn, tmp_path)
     assert await bootstrap_admin_key(db, settings) is None
-    await db.execute("UPDATE api_keys SET revoked_at = now()")
-    # A restart with the same MLCP_ADMIN_KEY must not resurrect it, nor fail to start.
-    assert await bootstrap_admin_key(db, settings) is None
-    assert await queries.get_active_key_by_hash(db, auth.hash_key(ADMIN_KEY)) is None
+    await db.execute("UPDATE api_keys SET revoked_at = now(), scope = 'user'")
+    # MLCP_ADMIN_KEY is authoritative: a restart with it set lets the operator back in.
+    with caplog.at_level("WARNING", logger="control_plane.bootstrap"):
+        assert await bootstrap_admin_key(db, settings) is None
+    row = await queries.get_active_key_by_hash(db, auth.hash_key(ADMIN_KEY))
+    assert row is not None and row.scope == "admin"
     assert await db.fetchval("SELECT count(*) FROM api_keys") == 1
+    assert "restored" in caplog.text
+
+
+async def test_last_admin_key_cannot_be_revoked(api: Api, db: asyncpg.Pool) -> None:
+    (own_id,) = [r["id"] for r in await db.fetch("SELECT id FROM api_keys WHERE scope = 'admin'")]
+    status, body = await api.call("DELETE", f"/admin/keys/{own_id}")
+    assert (status, body["code"]) == (409, "last_admin_key"), body
+    assert (await api.call("GET", "/admin/keys"))[0] == 200
+    # With a second admin key either one may go, but never both.
+    status, other = await api.call("POST", "/admin/keys", {"name": "ops", "scope": "admin"})
+    assert status == 201
+    results = await asyncio.gather(
+        api.call("DELETE", f"/admin/keys/{own_id}", key=other["key"]),
+        api.call("DELETE", f"/admin/keys/{other['id']}"),
+    )
+    assert sorted(r[0] for r in results) == [200, 409], results
+    assert await queries.count_active_admin_keys(db) == 1
+
+
+async def test_restart_with_admin_key_after_it_was_revoked(api: Api, db: asyncpg.Pool) -> None:
+    status, other = await api.call("POST", "/admin/keys", {"name": "ops", "scope": "admin"})
+    assert status == 201
+    (own_id,) = [
+        r["id"]
+        for r in await db.fetch(
+            "SELECT id FROM api_keys WHERE key_hash = $1", auth.hash_key(ADMIN_KEY)
+        )
+    ]
+    assert (await api.call("DELETE", f"/admin/keys/{own_id}", key=other["key"]))[0] == 200
+    assert (await api.call("GET", "/admin/keys"))[0] == 401
+    async with serve(api.settings) as base, aiohttp.ClientSession() as session:
+        restarted = Api(base, session, api.settings)
+        assert (await restarted.call("GET", "/admin/keys"))[0] == 200
 
 
 async def test_concurrent_bootstraps_generate_one_key(

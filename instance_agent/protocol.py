@@ -424,7 +424,7 @@ def validate_prompt(prompt: object) -> Prompt:
             if key not in ("role", "content"):
                 raise InvalidPrompt(f"{where} has unknown field {key!r}; allowed: role, content")
         role, content = message.get("role"), message.get("content")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise InvalidPrompt(f"{where}.role must be one of system, user, assistant")
         if not isinstance(content, str):
             raise InvalidPrompt(f"{where}.content must be a string, not {_type_name(content)}")

@@ -223,8 +223,12 @@ def cold_wait_s(prefer: str | None) -> float:
     """How long a request may wait for a STARTING model: `Prefer: wait=N` (RFC 7240), capped."""
     for part in (prefer or "").split(","):
         name, _, value = part.strip().partition("=")
-        if name.strip().lower() == "wait" and value.strip().isascii() and value.strip().isdigit():
-            return float(min(int(value.strip()), MAX_COLD_WAIT_S))
+        value = value.strip()
+        if name.strip().lower() == "wait" and value.isascii() and value.isdigit():
+            # int() refuses over 4,300 digits (ValueError); anything that long means "the most".
+            return float(
+                min(int(value[:6]) if len(value) <= 6 else MAX_COLD_WAIT_S, MAX_COLD_WAIT_S)
+            )
     return DEFAULT_COLD_WAIT_S
 
 

@@ -25,7 +25,13 @@ async def logs(request: Request, state: AppState, principal: Principal) -> Respo
     if problem:
         raise Invalid(f"'model' {problem}", code="invalid_model")
     raw_tail = request.query_params.get("tail", str(DEFAULT_TAIL))
-    if not raw_tail.isascii() or not raw_tail.isdigit() or not 1 <= int(raw_tail) <= MAX_TAIL:
+    # The length check first: int() refuses strings of over 4,300 digits with a ValueError.
+    if (
+        not raw_tail.isascii()
+        or not raw_tail.isdigit()
+        or len(raw_tail) > 9
+        or not 1 <= int(raw_tail) <= MAX_TAIL
+    ):
         raise Invalid(f"'tail' must be an integer from 1 to {MAX_TAIL}", code="invalid_field")
     row = await queries.latest_instance_for_model(state.pool, model)
     if row is None or not row.handle:

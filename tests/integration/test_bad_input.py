@@ -357,7 +357,9 @@ async def test_bad_model_ids(api: Api, path: str, case: str) -> None:
     status, payload, _ = await send(api, "POST", path, json_request(body), {})
     where = f"{case}: POST {path}"
     assert_envelope(status, payload, where)
-    assert (status, payload["code"]) == (422, "invalid_model"), f"{where}: {payload}"
+    # A lone surrogate is refused with the body, before the model id is looked at.
+    codes = ("invalid_model", "invalid_unicode") if case == "lone surrogate" else ("invalid_model",)
+    assert status == 422 and payload["code"] in codes, f"{where}: {payload}"
     # The refusal never echoes a path it might have touched.
     assert "/etc" not in payload["error"] and str(api.settings.data_dir) not in payload["error"]
 
@@ -428,3 +430,68 @@ async def test_wrong_methods_are_405_in_the_envelope(api: Api, method: str, path
     assert_envelope(status, payload, f"{method} {path}")
     assert (status, payload["code"]) == (405, "method_not_allowed")
     assert "Allow" in headers
+
+
+# -- inputs a fault probe found answered 500 or a misleading 503 (issue 17, defect 3) -----------
+
+PROBED_RUNS: dict[str, tuple[Request, int, str]] = {
+    "role is an object": (
+        json_request({"model": "org/name", "prompt": [{"role": {}, "content": "x"}]}),
+        422,
+        "invalid_prompt",
+    ),
+    "role is a list": (
+        json_request({"model": "org/name", "prompt": [{"role": [1], "content": "x"}]}),
+        422,
+        "invalid_prompt",
+    ),
+    "lone surrogate prompt": (
+        raw('{"model": "org/name", "prompt": "\\ud800"}'),
+        422,
+        "invalid_unicode",
+    ),
+    "lone surrogate in a message": (
+        raw('{"model": "org/name", "prompt": [{"role": "user", "content": "a\\udfffb"}]}'),
+        422,
+        "invalid_unicode",
+    ),
+    "surrogate bytes in UTF-8": (
+        raw(b'{"model": "org/name", "prompt": "\xed\xa0\x80"}'),
+        400,
+        "invalid_json",
+    ),
+    "Prefer: wait with 5,000 digits": (
+        Request(
+            {"Content-Type": "application/json", "Prefer": "wait=" + "9" * 5000},
+            json.dumps({"model": "org/nothing-loaded", "prompt": "x"}).encode(),
+        ),
+        409,
+        "not_loaded",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PROBED_RUNS))
+async def test_probed_run_inputs(api: Api, keys: dict[str, str], case: str) -> None:
+    req, want_status, want_code = PROBED_RUNS[case]
+    status, payload, headers = await send(api, "POST", "/model/run", req, keys)
+    assert_envelope(status, payload, case)
+    assert (status, payload["code"]) == (want_status, want_code), (case, payload)
+    assert "Retry-After" not in headers, case
+
+
+async def test_valid_surrogate_pair_is_text(api: Api, keys: dict[str, str]) -> None:
+    # "\ud83d\ude00" is one emoji, escaped: it must pass the surrogate check.
+    req = raw('{"model": "org/nothing-loaded", "prompt": "\\ud83d\\ude00"}')
+    status, payload, _ = await send(api, "POST", "/model/run", req, keys)
+    assert_envelope(status, payload, "pair")
+    assert payload["code"] != "invalid_unicode", payload
+
+
+@pytest.mark.parametrize("tail", ["9" * 5000, "0" * 5000 + "1", "10000000000"])
+async def test_logs_tail_with_many_digits_is_422(api: Api, keys: dict[str, str], tail: str) -> None:
+    status, payload, _ = await send(
+        api, "GET", f"/model/logs?model=org/name&tail={tail}", Request(), keys
+    )
+    assert_envelope(status, payload, "tail")
+    assert (status, payload["code"]) == (422, "invalid_field"), payload

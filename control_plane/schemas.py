@@ -286,6 +286,9 @@ def render_status(
         "reason": row.reason,
         "inFlight": in_flight,
         "runtime": row.runtime,
+        "device": row.device,
+        "reservedBytes": row.reserved_bytes,
+        "observedBytes": row.observed_mem_bytes,
     }
 
 

@@ -254,7 +254,7 @@ async def test_concurrent_bootstraps_generate_one_key(
     assert await queries.count_active_admin_keys(db) == 1
 
 
-# -- the CLI ------------------------------------------------------------------------------------
+# -- the offline CLI (mlcp admin keys) ---------------------------------------------------------
 
 
 def mlcp(db_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -273,23 +273,23 @@ def mlcp(db_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_cli_create_list_revoke(api: Api, db_dsn: str) -> None:
     import asyncio
 
-    made = await asyncio.to_thread(mlcp, db_dsn, "keys", "create", "--name", "from-cli")
+    made = await asyncio.to_thread(mlcp, db_dsn, "admin", "keys", "create", "--name", "from-cli")
     assert made.returncode == 0, made.stderr
     created = json.loads(made.stdout)
     assert created["name"] == "from-cli" and created["scope"] == "user"
     # The running server accepts a key created by the CLI on the same database.
     assert (await api.call("GET", "/model/list", key=created["key"]))[0] == 200
 
-    listed = await asyncio.to_thread(mlcp, db_dsn, "keys", "list")
+    listed = await asyncio.to_thread(mlcp, db_dsn, "admin", "keys", "list")
     assert listed.returncode == 0, listed.stderr
     entries = json.loads(listed.stdout)
     assert "from-cli" in [e["name"] for e in entries]
     assert created["key"] not in listed.stdout
     assert all("key" not in e for e in entries)
 
-    revoked = await asyncio.to_thread(mlcp, db_dsn, "keys", "revoke", str(created["id"]))
+    revoked = await asyncio.to_thread(mlcp, db_dsn, "admin", "keys", "revoke", str(created["id"]))
     assert revoked.returncode == 0, revoked.stderr
     assert json.loads(revoked.stdout)["revoked"] is not None
-    again = await asyncio.to_thread(mlcp, db_dsn, "keys", "revoke", str(created["id"]))
+    again = await asyncio.to_thread(mlcp, db_dsn, "admin", "keys", "revoke", str(created["id"]))
     assert again.returncode == 1
     assert "no active key" in again.stderr

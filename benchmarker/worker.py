@@ -29,7 +29,7 @@ from benchmarker.estimate import Profile, minimum_bytes, phases_json, required_r
 from benchmarker.measure import Target, measure
 from benchmarker.sources import resolve
 from control_plane.settings import Settings
-from db import queries
+from db import DatabaseUnavailable, queries
 from db.pool import Pool
 from db.rows import ModelJobRow
 
@@ -44,7 +44,14 @@ BACKOFF_BASE_S = 10.0
 BACKOFF_MAX_S = 600.0
 RELEASE_TIMEOUT_S = 5.0
 SHUTDOWN_DEADLINE_S = 5.0
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# DatabaseUnavailable: the pool could not connect (an outage must not end the loop).
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+    DatabaseUnavailable,
+)
 
 Benchmark = Callable[[ModelJobRow], Coroutine[Any, Any, Profile]]
 
@@ -113,13 +120,19 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and process jobs until `stop` is set (the current job is finished first)."""
+        claim_failing = False
         async with self._listening():
             while not stop.is_set():
                 try:
                     job = await self.claim()
                 except _DB_ERRORS as exc:
-                    logger.warning("claiming a model job failed: %s", type(exc).__name__)
-                    job = None
+                    if not claim_failing:  # once per outage, not once per poll
+                        logger.warning("claiming model jobs fails: %s", type(exc).__name__)
+                    claim_failing, job = True, None
+                else:
+                    if claim_failing:
+                        logger.info("claiming model jobs works again")
+                    claim_failing = False
                 if job is None:
                     await self._idle(stop)
                     continue

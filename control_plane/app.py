@@ -19,6 +19,7 @@ from control_plane.activity import Activity
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
 from control_plane.errors import MlcpError
+from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile
 from control_plane.routes import capacity, instances, jobs, keys, logs, models
@@ -78,13 +79,17 @@ def create_app(settings: Settings) -> Starlette:
                 stop_on_exit=settings.stop_instances_on_exit,
             )
             stack.push_async_callback(supervisor.close)
+            outage = DatabaseOutage()
             state = AppState(
                 settings,
                 pool,
-                Authenticator(pool, settings.auth_cache_s),
+                Authenticator(
+                    pool, settings.auth_cache_s, stale_s=settings.auth_stale_s, outage=outage
+                ),
                 session,
                 activity,
                 supervisor,
+                outage,
             )
             # Also on app.state, for tests and tooling that hold the app, not a request.
             app.state.mlcp = state

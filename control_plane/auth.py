@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import asyncpg
 from starlette.datastructures import Headers
 
-from control_plane.errors import Conflict, Forbidden, NotFound, Unauthorized
+from control_plane.errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unauthorized
+from control_plane.outage import OUTAGE_ERRORS, DatabaseOutage
 from db import queries
 from db.queries import Executor
 from db.rows import KeyRow
@@ -67,12 +68,30 @@ def scope_allows(have: str, need: str) -> bool:
 
 
 class Authenticator:
-    """Verifies keys against the database, trusting a verified key for `cache_s` seconds."""
+    """Verifies keys against the database, trusting a verified key for `cache_s` seconds.
 
-    def __init__(self, db: Executor, cache_s: float) -> None:
+    While the database is unreachable, a key verified within the last `stale_s` seconds is
+    still served (stale-while-error), so running instances keep answering known keys through an
+    outage (issue 17); a key never verified gets 503. A revocation made meanwhile applies at the
+    first verification after the database returns.
+    """
+
+    def __init__(
+        self,
+        db: Executor,
+        cache_s: float,
+        *,
+        stale_s: float = 300.0,
+        outage: DatabaseOutage | None = None,
+    ) -> None:
         self._db = db
         self._cache_s = cache_s
+        self._stale_s = stale_s
+        self.outage = outage or DatabaseOutage()
         self._cache: dict[bytes, tuple[float, Principal]] = {}
+        # During an outage, requests with known keys do not each wait on a failing connect:
+        # one verification is tried per interval, the others are served from the cache.
+        self._next_try = 0.0
 
     def forget(self, key_id: int | None = None) -> None:
         """Drop cached verifications (all, or those of one key) after a revocation."""
@@ -93,16 +112,35 @@ class Authenticator:
         if cached is not None and now - cached[0] < self._cache_s:
             principal = cached[1]
         else:
-            row = await queries.get_active_key_by_hash(self._db, digest)
-            if row is None or not hmac.compare_digest(row.key_hash, digest):
-                self._cache.pop(digest, None)
-                raise Unauthorized()
-            principal = Principal(row.id, row.name, row.scope)
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (now, principal)
+            principal = await self._verify(digest, cached, now)
         if not scope_allows(principal.scope, need):
             raise Forbidden(f"this route needs an {need} key", code="forbidden")
+        return principal
+
+    async def _verify(
+        self, digest: bytes, cached: tuple[float, Principal] | None, now: float
+    ) -> Principal:
+        usable = cached is not None and now - cached[0] < self._stale_s
+        if cached is not None and usable and self.outage.down and now < self._next_try:
+            return cached[1]
+        try:
+            row = await queries.get_active_key_by_hash(self._db, digest)
+        except OUTAGE_ERRORS as exc:
+            self.outage.failed("verifying a key", exc, now)
+            self._next_try = now + min(self._cache_s, 1.0)
+            if cached is not None and usable:
+                return cached[1]
+            raise ServiceUnavailable(
+                "the database is unreachable", code="database_unavailable", retry_after_s=2
+            ) from exc
+        self.outage.ok(now)
+        if row is None or not hmac.compare_digest(row.key_hash, digest):
+            self._cache.pop(digest, None)
+            raise Unauthorized()
+        principal = Principal(row.id, row.name, row.scope)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now, principal)
         return principal
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from control_plane.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from control_plane.state import AppState, state_of
+from control_plane.state import STATE_KEY, AppState, state_of
 from db import DatabaseUnavailable
 from db.pool import LOST_CONNECTION_ERRORS
 
@@ -75,10 +76,11 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def on_database_unavailable(request: Request, exc: Exception) -> Response:
-    # A database outage is a dependency down (DESIGN: 503 + Retry-After), not a bug worth a 500.
-    logger.warning(
-        "database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__
-    )
+    # A database outage is a dependency down (DESIGN: 503 + Retry-After), not a bug worth a 500;
+    # the outage is logged once, not once per request.
+    state: AppState | None = getattr(request.state, STATE_KEY, None)
+    if state is not None:
+        state.outage.failed(f"{request.method} {request.url.path}", exc, time.monotonic())
     return error_response(
         ServiceUnavailable(
             "the database is unreachable", code="database_unavailable", retry_after_s=2

@@ -4,12 +4,14 @@ tests call them directly."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from control_plane.bootstrap import refresh_catalog
+from control_plane.outage import DatabaseOutage, is_outage
 from control_plane.pending_loads import PENDING_INTERVAL_S, load_pending
 from control_plane.reaper import REAP_INTERVAL_S, reap
 from control_plane.reconciler import RECONCILE_INTERVAL_S, reconcile
@@ -25,15 +27,28 @@ CHECK_INTERVAL_S = 2.0
 ROUTES_INTERVAL_S = 1.0
 
 
-def _guarded(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+def _guarded(
+    name: str, job: Callable[[], Awaitable[object]], outage: DatabaseOutage
+) -> Callable[[], Awaitable[None]]:
     async def run() -> None:
         try:
             await job()
-        except Exception:
-            # A failed pass (database restarting, say) is retried at the next interval.
-            logger.exception("scheduled job %s failed", name)
+        except Exception as exc:
+            # A failed pass is retried at the next interval. A database outage is logged once
+            # for all loops and requests, not as a traceback per pass (5 a second).
+            if is_outage(exc):
+                outage.failed(f"scheduled job {name}", exc, time.monotonic())
+            else:
+                logger.exception("scheduled job %s failed", name)
+        else:
+            if name in _DATABASE_JOBS:
+                outage.ok(time.monotonic())
 
     return run
+
+
+# Jobs whose every pass queries the database, so a pass that succeeds means it answers.
+_DATABASE_JOBS = frozenset({"reaper", "routes", "reconciler"})
 
 
 def build_scheduler(state: AppState) -> AsyncIOScheduler:
@@ -42,7 +57,7 @@ def build_scheduler(state: AppState) -> AsyncIOScheduler:
 
     def every(seconds: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
         scheduler.add_job(
-            _guarded(name, job),
+            _guarded(name, job, state.outage),
             "interval",
             seconds=seconds,
             id=name,

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # round trip (~0.5 ms measured) off every proxied request; revocation through this control
     # plane clears it at once.
     auth_cache_s: float = Field(default=5.0, ge=0)
+    # While the database is unreachable, keys verified this recently are still served, so
+    # running instances keep answering through an outage; unknown keys get 503.
+    auth_stale_s: float = Field(default=300.0, ge=0)
     hf_cache_dir: Path | None = None
     include_packaged_models: bool = True
     catalog_refresh_s: float = Field(default=60.0, gt=0)

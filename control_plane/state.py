@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from starlette.requests import Request
 
 from control_plane.activity import Activity
 from control_plane.auth import Authenticator
+from control_plane.outage import DatabaseOutage
 from control_plane.settings import Settings
 from control_plane.supervisor import Supervisor
 from db.pool import Pool
@@ -24,6 +25,8 @@ class AppState:
     session: aiohttp.ClientSession
     activity: Activity
     supervisor: Supervisor
+    # Shared by the authenticator, the error handler and the scheduled loops.
+    outage: DatabaseOutage = field(default_factory=DatabaseOutage)
 
 
 def state_of(request: Request) -> AppState:

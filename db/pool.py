@@ -30,6 +30,9 @@ LOST_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
     asyncpg.InsufficientResourcesError,
+    # A pooled connection the server shut down under a pending statement ("cannot switch to
+    # state 11; another operation is in progress"), seen on every PostgreSQL fast shutdown here.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -46,8 +49,12 @@ async def _connect_or_unavailable(*args: Any, **kwargs: Any) -> asyncpg.Connecti
     return conn
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
-    """Open a pool whose connections speak UTC and decode jsonb."""
+async def create_pool(dsn: str, *, min_size: int = 0, max_size: int = 10) -> Pool:
+    """Open a pool whose connections speak UTC and decode jsonb.
+
+    No connection floor by default: asyncpg restores a floor in a loop of its own that logs a
+    traceback per retry while the database is down; connections open on demand instead.
+    """
     pool: Pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,

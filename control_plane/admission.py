@@ -13,16 +13,20 @@ from typing import Any
 
 from benchmarker.estimate import Phase, Profile, ram_for_concurrency
 from control_plane import capacity
-from control_plane.errors import Conflict, Invalid, ServiceUnavailable
+from control_plane.errors import CapacityFull, InsufficientMemory, StateChanging
 from control_plane.placement import (
     Decision,
     Evict,
     Fit,
     Full,
+    LoadPlan,
     NeverFits,
+    Place,
     Reservation,
+    Retune,
+    Stopping,
     bytes_to_gb,
-    decide,
+    plan_load,
 )
 from control_plane.reaper import STALE_ACTIVITY_S
 from control_plane.settings import Settings
@@ -34,30 +38,12 @@ from db.rows import InstanceRow, ModelProfileRow, ModelRow, ReservationRow
 DEVICE_KIND = "cpu"
 
 
-class NotBenchmarked(Conflict):
-    """The model has not been benchmarked yet."""
-
-    code = "not_benchmarked"
-
-
-class NeverFitsError(Invalid):
-    """The model can never fit on this host."""
-
-    code = "insufficient_memory"
-
-
-class HostFull(ServiceUnavailable):
-    """Not enough memory is free now, and nothing idle can be evicted."""
-
-    code = "capacity_full"
-
-
 @dataclass(frozen=True)
 class Admission:
-    decision: Decision
-    need_bytes: int
-    row: InstanceRow | None  # the new STARTING instance; None for a dry run or a lost race
-    evicted: tuple[InstanceRow, ...] = ()
+    plan: LoadPlan
+    need_bytes: int | None
+    row: InstanceRow | None = None  # the new STARTING instance (a Place that was carried out)
+    evicted: tuple[InstanceRow, ...] = ()  # stopped to make room; gone before the start
 
 
 def profile_from_row(row: ModelProfileRow) -> Profile:
@@ -85,25 +71,53 @@ async def need_bytes(pool: Pool, model: ModelRow, concurrency: int) -> int | Non
     return model.required_ram_bytes
 
 
-def plan_body(model: str, concurrency: int, need: int, decision: Decision) -> dict[str, Any]:
-    """The admission plan as shown for `"dryRun": true`."""
+def plan_body(model: str, concurrency: int, admission: Admission) -> dict[str, Any]:
+    """The admission plan as shown for `"dryRun": true`: what the real call would do."""
+    need = admission.need_bytes
+    plan = admission.plan
     out: dict[str, Any] = {
+        "dryRun": True,
         "model": model,
         "concurrency": concurrency,
         "requiredBytes": need,
-        "requiredRAM": bytes_to_gb(need),
+        "requiredRAM": None if need is None else bytes_to_gb(need),
         "device": None,
         "evictions": [],
         "headroomBytes": None,
+        "loaded": isinstance(plan, Retune),
     }
+    if isinstance(plan, Retune):
+        out["device"] = plan.live.device
+        if plan.decision is None:
+            out.update(decision="loaded", requiredBytes=plan.live.mem_bytes)
+            return out
+        out.update(_decision_body(plan.decision))
+        if out["decision"] == "fits":
+            out["decision"] = "grow"
+        return out
+    if isinstance(plan, Place):
+        out.update(_decision_body(plan.decision))
+        return out
+    if isinstance(plan, Stopping):
+        out.update(decision="stopping")
+        return out
+    out.update(decision="not_benchmarked")
+    return out
+
+
+def _decision_body(decision: Decision) -> dict[str, Any]:
     if isinstance(decision, Fit):
-        out.update(decision="fits", device=decision.device, headroomBytes=decision.headroom_bytes)
-    elif isinstance(decision, Evict):
-        out.update(
-            decision="evict",
-            device=decision.device,
-            headroomBytes=decision.headroom_bytes,
-            evictions=[
+        return {
+            "decision": "fits",
+            "device": decision.device,
+            "headroomBytes": decision.headroom_bytes,
+        }
+    if isinstance(decision, Evict):
+        return {
+            "decision": "evict",
+            "device": decision.device,
+            "headroomBytes": decision.headroom_bytes,
+            "evictions": [
                 {
                     "model": v.model,
                     "reservedBytes": v.mem_bytes,
@@ -111,14 +125,14 @@ def plan_body(model: str, concurrency: int, need: int, decision: Decision) -> di
                 }
                 for v in decision.victims
             ],
-        )
-    elif isinstance(decision, NeverFits):
-        out.update(decision="never_fits", largestDeviceBytes=decision.largest_device_bytes)
-    else:
-        out.update(
-            decision="full", freeBytes=decision.free_bytes, retryAfterSeconds=decision.retry_after_s
-        )
-    return out
+        }
+    if isinstance(decision, NeverFits):
+        return {"decision": "never_fits", "largestDeviceBytes": decision.largest_device_bytes}
+    return {
+        "decision": "full",
+        "freeBytes": decision.free_bytes,
+        "retryAfterSeconds": decision.retry_after_s,
+    }
 
 
 async def admit(
@@ -132,29 +146,33 @@ async def admit(
     now: datetime,
     *,
     dry_run: bool = False,
+    benchmark: bool = False,
 ) -> Admission:
-    """Decide, and unless `dry_run`, record the new instance and its evictions atomically."""
+    """Plan a load of `model` and, unless `dry_run`, carry out its memory side atomically.
+
+    In one transaction under the admission lock: read every reservation, plan (placement.py),
+    and write the plan: evictions, the new STARTING instance, or a live instance's larger
+    reservation. A plan that places nothing raises the error it stands for (not on a dry run).
+    Settings of a live instance are the caller's to apply once the evictions are gone.
+    """
     need = await need_bytes(pool, model, concurrency)
-    if need is None:
-        raise NotBenchmarked(
-            f"model {model.name} has not been benchmarked; request it first with "
-            'POST /model/job, or load with "benchmark": true',
-        )
     devices = capacity.devices(capacity.observe(settings.host_memory_bytes, settings.use_gpus))
     async with pool.acquire() as conn, conn.transaction():
         await queries.lock_admission(conn)
-        rows = await queries.reservations(conn, STALE_ACTIVITY_S)
-        held = _held(rows)
-        decision = decide(need, devices, held, now)
-        if dry_run:
-            return Admission(decision, need, None)
-        if any(r.model == model.name for r in held):
-            # A concurrent load of the same model won: evicting for it would stop instances for
-            # nothing (the insert below would do nothing). The caller treats it as a repeat.
-            return Admission(decision, need, None)
-        _refuse(decision, model.name, need, concurrency)
-        assert isinstance(decision, Fit | Evict)
-        evicted = await _evict(conn, decision, model.name)
+        held = _held(await queries.reservations(conn, STALE_ACTIVITY_S))
+        plan = plan_load(model.name, need, devices, held, now, benchmark=benchmark, dry_run=dry_run)
+        if dry_run or not isinstance(plan, Place | Retune) or need is None:
+            return Admission(plan, need)
+        if isinstance(plan, Retune):
+            if plan.decision is None:
+                return Admission(plan, need)
+            _refuse(plan.decision, model.name, need, concurrency)
+            evicted = await _evict(conn, plan.decision, model.name)
+            await queries.set_reserved_bytes(conn, plan.live.instance_id, need)
+            return Admission(plan, need, None, evicted)
+        _refuse(plan.decision, model.name, need, concurrency)
+        assert isinstance(plan.decision, Fit | Evict)
+        evicted = await _evict(conn, plan.decision, model.name)
         row = await queries.insert_admitted_instance(
             conn,
             model.name,
@@ -162,11 +180,14 @@ async def admit(
             expiration_s,
             runtime,
             owner,
-            decision.device,
+            plan.decision.device,
             need,
             "load requested",
         )
-        return Admission(decision, need, row, tuple(evicted))
+        if row is None:
+            # Only a live row written without the admission lock could be in the way.
+            raise StateChanging(f"an instance of {model.name} appeared meanwhile; retry")
+        return Admission(plan, need, row, evicted)
 
 
 def _held(rows: list[ReservationRow]) -> list[Reservation]:
@@ -188,12 +209,12 @@ def _held(rows: list[ReservationRow]) -> list[Reservation]:
 def _refuse(decision: Decision, model: str, need: int, concurrency: int) -> None:
     """Raise the error a decision that places nothing stands for."""
     if isinstance(decision, NeverFits):
-        raise NeverFitsError(
+        raise InsufficientMemory(
             f"model {model} needs {bytes_to_gb(need)} GB at concurrency {concurrency}; "
             f"the largest device here has {bytes_to_gb(decision.largest_device_bytes)} GB usable"
         )
     if isinstance(decision, Full):
-        raise HostFull(
+        raise CapacityFull(
             f"not enough memory for {model} ({bytes_to_gb(need)} GB): "
             f"{bytes_to_gb(decision.free_bytes)} GB free and no idle instance to evict",
             retry_after_s=decision.retry_after_s,
@@ -211,39 +232,8 @@ async def _evict(conn: Executor, decision: Decision, model: str) -> tuple[Instan
             if moved is None:
                 # It became busy since it was read: give up this plan (the transaction rolls
                 # back) and let the client retry.
-                raise HostFull(
+                raise CapacityFull(
                     "an instance chosen for eviction became busy; retry", retry_after_s=1
                 )
             evicted.append(moved)
     return tuple(evicted)
-
-
-async def grow(
-    pool: Pool,
-    settings: Settings,
-    live: InstanceRow,
-    model: ModelRow,
-    concurrency: int,
-    now: datetime,
-) -> tuple[InstanceRow, ...]:
-    """Re-admit a live instance whose concurrency grows; return what must be evicted first.
-
-    More concurrent requests need more memory (the batch grows): the new figure must fit on the
-    instance's own device beside everything else, or the load is refused like a new one.
-    """
-    need = await need_bytes(pool, model, concurrency)
-    if need is None or need <= live.reserved_bytes:
-        return ()
-    devices = [
-        d
-        for d in capacity.devices(capacity.observe(settings.host_memory_bytes, settings.use_gpus))
-        if d.name == live.device
-    ]
-    async with pool.acquire() as conn, conn.transaction():
-        await queries.lock_admission(conn)
-        others = [r for r in await queries.reservations(conn, STALE_ACTIVITY_S) if r.id != live.id]
-        decision = decide(need, devices, _held(others), now)
-        _refuse(decision, model.name, need, concurrency)
-        evicted = await _evict(conn, decision, model.name)
-        await queries.set_reserved_bytes(conn, live.id, need)
-        return evicted

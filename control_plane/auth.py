@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import asyncpg
 from starlette.datastructures import Headers
 
-from control_plane.errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unauthorized
+from control_plane.errors import (
+    DatabaseUnavailable,
+    Forbidden,
+    KeyNotFound,
+    LastAdminKey,
+    Unauthorized,
+)
 from control_plane.outage import OUTAGE_ERRORS, DatabaseOutage
 from db import queries
 from db.queries import Executor
@@ -114,7 +120,7 @@ class Authenticator:
         else:
             principal = await self._verify(digest, cached, now)
         if not scope_allows(principal.scope, need):
-            raise Forbidden(f"this route needs an {need} key", code="forbidden")
+            raise Forbidden(f"this route needs an {need} key")
         return principal
 
     async def _verify(
@@ -130,9 +136,7 @@ class Authenticator:
             self._next_try = now + min(self._cache_s, 1.0)
             if cached is not None and usable:
                 return cached[1]
-            raise ServiceUnavailable(
-                "the database is unreachable", code="database_unavailable", retry_after_s=2
-            ) from exc
+            raise DatabaseUnavailable("the database is unreachable") from exc
         self.outage.ok(now)
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             self._cache.pop(digest, None)
@@ -153,12 +157,6 @@ async def create_key(
     return secret, row.id
 
 
-class LastAdminKey(Conflict):
-    """This is the last active admin key: create another admin key before revoking it."""
-
-    code = "last_admin_key"
-
-
 async def revoke_key(conn: asyncpg.Connection, key_id: int) -> KeyRow:
     """Revoke a key, refusing the last active admin key (nobody could manage keys after it)."""
     async with conn.transaction():
@@ -168,5 +166,5 @@ async def revoke_key(conn: asyncpg.Connection, key_id: int) -> KeyRow:
         if row is not None:
             return row
         if await queries.get_active_key(conn, key_id) is None:
-            raise NotFound("no such key, or already revoked", code="key_not_found")
+            raise KeyNotFound("no such key, or already revoked")
         raise LastAdminKey()

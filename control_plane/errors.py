@@ -1,22 +1,55 @@
-"""The control plane's errors, each rendered as {"error": ..., "code": ...} by one handler.
+"""Every error the control plane answers with, by meaning; one handler renders the envelope.
+
+Each class fixes its HTTP status and its stable `code`; its docstring is the default message.
+Routes raise these and nothing else reaches a client: foreign errors (the agent's, asyncpg's,
+aiohttp's) are translated where they are caught. Code that needs to react to an error tests it
+with `isinstance`, never by comparing code strings. README.md lists every code with its status.
 
 Exception tree::
 
-    MlcpError
+    MlcpError (500 internal_error: only for bugs; the message never echoes the cause)
     ├── BadRequest (400)
-    ├── Unauthorized (401)
-    ├── Forbidden (403)
+    │   ├── InvalidJson (400 invalid_json)
+    │   ├── InvalidHeader (400 invalid_header)
+    │   └── HttpProtocolError (400 http_error)
+    ├── Unauthorized (401 unauthorized)
+    ├── Forbidden (403 forbidden)
     ├── NotFound (404)
-    ├── MethodNotAllowed (405)
+    │   ├── RouteNotFound (404 not_found)
+    │   ├── ModelNotFound (404 model_not_found)
+    │   ├── NotLoaded (404 not_loaded)
+    │   └── KeyNotFound (404 key_not_found)
+    ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409)
-    ├── PayloadTooLarge (413)
-    ├── UnsupportedMediaType (415)
-    ├── Invalid (422)
-    ├── TooManyRequests (429)
-    ├── InternalError (500, only for bugs; the message never echoes the cause)
-    ├── BadGateway (502)
-    ├── ServiceUnavailable (503, with Retry-After)
-    └── GatewayTimeout (504)
+    │   ├── NotBenchmarked (409 not_benchmarked)
+    │   ├── BenchmarkFailed (409 benchmark_failed)
+    │   ├── InstanceStopping (409 instance_stopping, Retry-After)
+    │   └── LastAdminKey (409 last_admin_key)
+    ├── PayloadTooLarge (413 payload_too_large)
+    ├── UnsupportedMediaType (415 unsupported_media_type)
+    ├── Invalid (422 invalid_request)
+    │   ├── InvalidBody (422 invalid_body)
+    │   ├── UnknownField (422 unknown_field)
+    │   ├── InvalidField (422 invalid_field)
+    │   ├── InvalidModelId (422 invalid_model)
+    │   ├── InvalidPrompt (422 invalid_prompt)
+    │   ├── InvalidParams (422 invalid_params)
+    │   ├── InvalidUnicode (422 invalid_unicode)
+    │   ├── UnsupportedTask (422 unsupported_task)
+    │   ├── InsufficientMemory (422 insufficient_memory)
+    │   └── ModelUnavailable (422 model_unavailable)
+    ├── InstanceError (502)
+    │   ├── InstanceFailed (502 instance_failed)
+    │   └── InvalidAnswer (502 instance_error)
+    ├── Unavailable (503, always with Retry-After)
+    │   ├── CapacityFull (503 capacity_full)
+    │   ├── Loading (503 loading)
+    │   ├── InstanceBusy (503 instance_busy)
+    │   ├── StateChanging (503 state_changing)
+    │   ├── GenerationFailed (503 generation_failed)
+    │   ├── RuntimeFailed (503 runtime_failed)
+    │   └── DatabaseUnavailable (503 database_unavailable)
+    └── InstanceTimeout (504 instance_timeout)
 """
 
 from __future__ import annotations
@@ -25,21 +58,18 @@ from typing import ClassVar
 
 
 class MlcpError(Exception):
-    """Something went wrong."""
+    """Internal error."""
 
     status_code: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    # Seconds a client should wait before retrying, sent as Retry-After; None sends none.
+    default_retry_after_s: ClassVar[int | None] = None
 
-    def __init__(
-        self,
-        message: str | None = None,
-        *,
-        code: str | None = None,
-        retry_after_s: int | None = None,
-    ) -> None:
+    def __init__(self, message: str | None = None, *, retry_after_s: int | None = None) -> None:
         self.message = message or (type(self).__doc__ or "error").strip()
-        self.error_code = code or self.code
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = (
+            retry_after_s if retry_after_s is not None else (self.default_retry_after_s)
+        )
         super().__init__(self.message)
 
     def headers(self) -> dict[str, str]:
@@ -48,11 +78,35 @@ class MlcpError(Exception):
         return {"Retry-After": str(max(1, int(self.retry_after_s)))}
 
 
+# -- 400 -------------------------------------------------------------------------------------
+
+
 class BadRequest(MlcpError):
-    """The request body is not valid JSON."""
+    """The request could not be read."""
 
     status_code = 400
     code = "invalid_json"
+
+
+class InvalidJson(BadRequest):
+    """The request body is not valid JSON."""
+
+    code = "invalid_json"
+
+
+class InvalidHeader(BadRequest):
+    """A request header is invalid."""
+
+    code = "invalid_header"
+
+
+class HttpProtocolError(BadRequest):
+    """The request does not follow HTTP."""
+
+    code = "http_error"
+
+
+# -- 401, 403 --------------------------------------------------------------------------------
 
 
 class Unauthorized(MlcpError):
@@ -69,11 +123,38 @@ class Forbidden(MlcpError):
     code = "forbidden"
 
 
+# -- 404, 405 --------------------------------------------------------------------------------
+
+
 class NotFound(MlcpError):
     """Not found."""
 
     status_code = 404
     code = "not_found"
+
+
+class RouteNotFound(NotFound):
+    """No such route."""
+
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """The model is not in the catalog."""
+
+    code = "model_not_found"
+
+
+class NotLoaded(NotFound):
+    """The model is not loaded: POST /model/load first."""
+
+    code = "not_loaded"
+
+
+class KeyNotFound(NotFound):
+    """No such key."""
+
+    code = "key_not_found"
 
 
 class MethodNotAllowed(MlcpError):
@@ -83,11 +164,42 @@ class MethodNotAllowed(MlcpError):
     code = "method_not_allowed"
 
 
+# -- 409 -------------------------------------------------------------------------------------
+
+
 class Conflict(MlcpError):
     """The request conflicts with the current state."""
 
     status_code = 409
     code = "conflict"
+
+
+class NotBenchmarked(Conflict):
+    """The model has not been benchmarked yet: request it with POST /model/job."""
+
+    code = "not_benchmarked"
+
+
+class BenchmarkFailed(Conflict):
+    """The model cannot be benchmarked."""
+
+    code = "benchmark_failed"
+
+
+class InstanceStopping(Conflict):
+    """The model's instance is stopping; load it again in a moment."""
+
+    code = "instance_stopping"
+    default_retry_after_s = 2
+
+
+class LastAdminKey(Conflict):
+    """This is the last active admin key: create another admin key before revoking it."""
+
+    code = "last_admin_key"
+
+
+# -- 413, 415 --------------------------------------------------------------------------------
 
 
 class PayloadTooLarge(MlcpError):
@@ -104,6 +216,9 @@ class UnsupportedMediaType(MlcpError):
     code = "unsupported_media_type"
 
 
+# -- 422 -------------------------------------------------------------------------------------
+
+
 class Invalid(MlcpError):
     """The request is invalid."""
 
@@ -111,36 +226,156 @@ class Invalid(MlcpError):
     code = "invalid_request"
 
 
-class TooManyRequests(MlcpError):
-    """Too many requests."""
+class InvalidBody(Invalid):
+    """The request body must be a JSON object."""
 
-    status_code = 429
-    code = "rate_limited"
-
-
-class InternalError(MlcpError):
-    """Internal error."""
-
-    status_code = 500
-    code = "internal_error"
+    code = "invalid_body"
 
 
-class BadGateway(MlcpError):
+class UnknownField(Invalid):
+    """The request has a field this route does not take."""
+
+    code = "unknown_field"
+
+
+class InvalidField(Invalid):
+    """A field has an invalid value."""
+
+    code = "invalid_field"
+
+
+class InvalidModelId(Invalid):
+    """'model' must be a model id like 'org/name'."""
+
+    code = "invalid_model"
+
+
+class InvalidPrompt(Invalid):
+    """The prompt is invalid."""
+
+    code = "invalid_prompt"
+
+
+class InvalidParams(Invalid):
+    """The generation parameters are invalid."""
+
+    code = "invalid_params"
+
+
+class InvalidUnicode(Invalid):
+    """Strings must be valid Unicode (no lone surrogates)."""
+
+    code = "invalid_unicode"
+
+
+class UnsupportedTask(Invalid):
+    """The model's task cannot be served by this route."""
+
+    code = "unsupported_task"
+
+
+class InsufficientMemory(Invalid):
+    """The model can never fit on this host."""
+
+    code = "insufficient_memory"
+
+
+class ModelUnavailable(Invalid):
+    """The model's files could not be prepared."""
+
+    code = "model_unavailable"
+
+
+# -- 502, 504 --------------------------------------------------------------------------------
+
+
+class InstanceError(MlcpError):
     """The model instance failed."""
 
     status_code = 502
     code = "instance_failed"
 
 
-class ServiceUnavailable(MlcpError):
-    """The service is unavailable; try again later."""
+class InstanceFailed(InstanceError):
+    """The model instance failed while serving the request."""
 
-    status_code = 503
-    code = "unavailable"
+    code = "instance_failed"
 
 
-class GatewayTimeout(MlcpError):
+class InvalidAnswer(InstanceError):
+    """The model instance sent an invalid answer."""
+
+    code = "instance_error"
+
+
+class InstanceTimeout(MlcpError):
     """The model instance did not answer in time."""
 
     status_code = 504
     code = "instance_timeout"
+
+
+# -- 503 -------------------------------------------------------------------------------------
+
+
+class Unavailable(MlcpError):
+    """The service is unavailable; try again later."""
+
+    status_code = 503
+    code = "unavailable"
+    default_retry_after_s = 1
+
+
+class CapacityFull(Unavailable):
+    """Not enough memory is free now, and nothing idle can be evicted."""
+
+    code = "capacity_full"
+
+
+class Loading(Unavailable):
+    """The model is loading; retry shortly, or send 'Prefer: wait=N'."""
+
+    code = "loading"
+    default_retry_after_s = 2
+
+
+class InstanceBusy(Unavailable):
+    """The instance is serving as many requests as it can and its queue is full."""
+
+    code = "instance_busy"
+
+
+class StateChanging(Unavailable):
+    """The instance is changing state; retry."""
+
+    code = "state_changing"
+
+
+class GenerationFailed(Unavailable):
+    """Generation failed."""
+
+    code = "generation_failed"
+
+
+class RuntimeFailed(Unavailable):
+    """The runtime (processes, the Docker engine) could not do what an instance needed."""
+
+    code = "runtime_failed"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database is unreachable."""
+
+    code = "database_unavailable"
+    default_retry_after_s = 2
+
+
+def error_classes() -> list[type[MlcpError]]:
+    """Every class of the tree whose code a client can see, root first."""
+    seen: list[type[MlcpError]] = []
+    todo: list[type[MlcpError]] = [MlcpError]
+    while todo:
+        cls = todo.pop(0)
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return seen

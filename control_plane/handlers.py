@@ -14,14 +14,14 @@ from starlette.responses import JSONResponse, Response
 from control_plane.auth import Principal
 from control_plane.bodies import read_json
 from control_plane.errors import (
-    InternalError,
+    DatabaseUnavailable,
+    HttpProtocolError,
     MethodNotAllowed,
     MlcpError,
-    NotFound,
-    ServiceUnavailable,
+    RouteNotFound,
 )
 from control_plane.state import STATE_KEY, AppState, state_of
-from db import DatabaseUnavailable
+from db import DatabaseUnavailable as DatabaseDown
 from db.pool import LOST_CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ Handler = Callable[[Request, AppState, Principal], Awaitable[Response]]
 
 def error_response(exc: MlcpError) -> JSONResponse:
     return JSONResponse(
-        {"error": exc.message, "code": exc.error_code},
+        {"error": exc.message, "code": exc.code},
         status_code=exc.status_code,
         headers=exc.headers(),
     )
@@ -65,36 +65,32 @@ async def on_mlcp_error(request: Request, exc: Exception) -> Response:
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return error_response(NotFound("no such route"))
+        return error_response(RouteNotFound("no such route"))
     if exc.status_code == 405:
         resp = error_response(MethodNotAllowed())
         if exc.headers:
             resp.headers.update(exc.headers)
         return resp
-    err = MlcpError(exc.detail if isinstance(exc.detail, str) else None, code="http_error")
-    return JSONResponse({"error": err.message, "code": err.error_code}, status_code=exc.status_code)
+    err = HttpProtocolError(exc.detail if isinstance(exc.detail, str) else None)
+    return JSONResponse({"error": err.message, "code": err.code}, status_code=exc.status_code)
 
 
 async def on_database_unavailable(request: Request, exc: Exception) -> Response:
-    # A database outage is a dependency down (DESIGN: 503 + Retry-After), not a bug worth a 500;
+    # A database outage is a dependency down (503 + Retry-After), not a bug worth a 500;
     # the outage is logged once, not once per request.
     state: AppState | None = getattr(request.state, STATE_KEY, None)
     if state is not None:
         state.outage.failed(f"{request.method} {request.url.path}", exc, time.monotonic())
-    return error_response(
-        ServiceUnavailable(
-            "the database is unreachable", code="database_unavailable", retry_after_s=2
-        )
-    )
+    return error_response(DatabaseUnavailable("the database is unreachable"))
 
 
 # Handlers for every exception that means "the database is unavailable", for create_app.
 DATABASE_HANDLERS = {
-    cls: on_database_unavailable for cls in (DatabaseUnavailable, *LOST_CONNECTION_ERRORS)
+    cls: on_database_unavailable for cls in (DatabaseDown, *LOST_CONNECTION_ERRORS)
 }
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     # Never echo the exception: messages can hold paths, SQL or secrets.
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(InternalError())
+    return error_response(MlcpError())

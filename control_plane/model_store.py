@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from control_plane.errors import MlcpError
+from control_plane.errors import ModelUnavailable
 from control_plane.schemas import is_valid_model_id
 from db.rows import ModelRow
 
@@ -24,11 +24,8 @@ CONVERT_TIMEOUT_S = 600.0
 _locks: dict[str, asyncio.Lock] = {}
 
 
-class ModelStoreError(MlcpError):
-    """The model's files could not be prepared."""
-
-    status_code = 422
-    code = "model_unavailable"
+# The model's files could not be prepared.
+ModelStoreError = ModelUnavailable
 
 
 @dataclass(frozen=True)

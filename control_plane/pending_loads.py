@@ -1,12 +1,12 @@
-"""Loads asked with "benchmark": true: started once their model is measured."""
+"""Loads asked with "benchmark": true: started through the one load path once measured."""
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 
-from control_plane.admission import admit
 from control_plane.errors import MlcpError
+from control_plane.loading import load
+from control_plane.schemas import LoadRequest
 from control_plane.state import AppState
 from db import queries
 
@@ -25,28 +25,9 @@ async def load_pending(state: AppState) -> None:
                 )
                 await queries.delete_pending_load(state.pool, pending.model)
             continue
-        model = await queries.get_model(state.pool, pending.model)
-        if model is None:
-            await queries.delete_pending_load(state.pool, pending.model)
-            continue
+        request = LoadRequest(pending.model, pending.concurrency, pending.expiration_s)
         try:
-            live = await state.supervisor.update_live(
-                model.name, pending.concurrency, pending.expiration_s
-            )
-            if live is None:
-                await state.activity.flush(state.pool)
-                admission = await admit(
-                    state.pool,
-                    state.settings,
-                    state.supervisor.runtime.name,
-                    model,
-                    pending.concurrency,
-                    pending.expiration_s,
-                    pending.owner_key_id,
-                    datetime.now(UTC),
-                )
-                if admission.row is not None:
-                    state.supervisor.launch(admission.row, model, admission.evicted)
+            await load(state, request, pending.owner_key_id)
         except MlcpError as exc:
             if exc.retry_after_s is not None:
                 # Full for now, or the model's previous instance is still stopping: both pass.

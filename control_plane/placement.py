@@ -135,3 +135,70 @@ def retry_after(busy: list[Reservation]) -> int:
 
 def bytes_to_gb(mem_bytes: int) -> float:
     return math.floor(mem_bytes / 1e7) / 100
+
+
+# -- the plan for one /model/load --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Place:
+    """No instance of the model is live: place a new one (or refuse, as `decision` says)."""
+
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class Retune:
+    """The model is live: change its settings; `decision` places the extra memory it needs."""
+
+    live: Reservation
+    decision: Decision | None  # None: its reservation already covers the new concurrency
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """The model's instance is stopping: nothing can be placed for it until it is gone."""
+
+    instance_id: int
+
+
+@dataclass(frozen=True)
+class QueueBenchmark:
+    """The model is not measured yet and the load asked to benchmark it first."""
+
+
+@dataclass(frozen=True)
+class NotMeasured:
+    """The model is not measured yet: nothing can be reserved for it."""
+
+
+LoadPlan = Place | Retune | Stopping | QueueBenchmark | NotMeasured
+
+
+def plan_load(
+    model: str,
+    need_bytes: int | None,
+    devices: list[Device],
+    reservations: list[Reservation],
+    now: datetime,
+    *,
+    benchmark: bool = False,
+    dry_run: bool = False,
+) -> LoadPlan:
+    """What a load of `model` needing `need_bytes` does, given every reservation held now.
+
+    The same plan answers a dry run and the real call: a live model grows in place (on its own
+    device, beside everything else there), a new one is placed where it fits best.
+    """
+    own = next((r for r in reservations if r.model == model), None)
+    if own is not None and own.state == "STOPPING":
+        return Stopping(own.instance_id)
+    if own is not None:
+        if need_bytes is None or need_bytes <= own.mem_bytes:
+            return Retune(own, None)
+        others = [r for r in reservations if r.instance_id != own.instance_id]
+        here = [d for d in devices if d.name == own.device]
+        return Retune(own, decide(need_bytes, here, others, now))
+    if need_bytes is None:
+        return QueueBenchmark() if benchmark and not dry_run else NotMeasured()
+    return Place(decide(need_bytes, devices, reservations, now))

@@ -1,7 +1,8 @@
 """Forwarding /model/run to an instance agent over a shared aiohttp session.
 
 aiohttp, not httpx: a proxy on httpx's AsyncClient kept 0.03x of direct throughput at 8
-concurrent requests here, aiohttp 0.9x (DESIGN.md). Connections to each agent are reused.
+concurrent requests here, aiohttp 0.9x (measured when the proxy was written; bench_proxy.py
+keeps the figure). Connections to each agent are reused.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from typing import Any
 import aiohttp
 
 from control_plane.errors import (
-    BadGateway,
-    GatewayTimeout,
+    GenerationFailed,
+    InstanceBusy,
+    InstanceFailed,
+    InstanceTimeout,
     Invalid,
+    InvalidAnswer,
+    InvalidParams,
+    InvalidPrompt,
+    Loading,
     MlcpError,
     PayloadTooLarge,
-    ServiceUnavailable,
 )
 
 logger = logging.getLogger(__name__)
@@ -37,10 +43,8 @@ STREAM_TIMEOUT = aiohttp.ClientTimeout(
 )
 
 
-class InstanceGone(BadGateway):
+class InstanceGone(InstanceFailed):
     """The model instance failed while serving the request."""
-
-    code = "instance_failed"
 
 
 # Below uvicorn's 5 s keep-alive in the agent, so the agent never closes a pooled connection just
@@ -59,56 +63,65 @@ def new_session() -> aiohttp.ClientSession:
     )
 
 
+# The agent's error codes (instance_agent/protocol.py) that mean the same here; its messages are
+# written for users. Any other error answer means the instance misbehaved.
+AGENT_ERRORS: dict[str, type[MlcpError]] = {
+    "invalid_prompt": InvalidPrompt,
+    "invalid_params": InvalidParams,
+    "invalid_request": Invalid,
+    "invalid_json": Invalid,
+    "payload_too_large": PayloadTooLarge,
+    "instance_busy": InstanceBusy,
+    "loading": Loading,
+    "generation_failed": GenerationFailed,
+}
+
+
 async def _agent_error(resp: aiohttp.ClientResponse) -> MlcpError:
-    """Translate an agent's error answer into ours (its messages are written for users)."""
+    """Translate an agent's error answer into ours."""
     try:
         body = await resp.json(content_type=None)
     except (ValueError, aiohttp.ClientError):
         body = None
     message = body.get("error") if isinstance(body, dict) else None
     code = body.get("code") if isinstance(body, dict) else None
-    message = message if isinstance(message, str) else None
-    code = code if isinstance(code, str) else None
+    known = isinstance(code, str) and (resp.status < 500 or resp.status == 503)
+    cls = AGENT_ERRORS.get(str(code)) if known else None
+    if cls is None or not isinstance(message, str):
+        return InvalidAnswer("the model instance answered with an error")
     retry = resp.headers.get("Retry-After")
-    retry_s = int(retry) if retry and retry.isdigit() else 1
-    if resp.status in (400, 422):
-        return Invalid(message, code=code or "invalid_request")
-    if resp.status == 413:
-        return PayloadTooLarge(message)
-    if resp.status == 503:
-        return ServiceUnavailable(
-            message or "the instance is busy", code=code or "instance_busy", retry_after_s=retry_s
-        )
-    return BadGateway("the model instance answered with an error", code="instance_error")
+    valid = retry is not None and retry.isascii() and retry.isdigit() and len(retry) < 5
+    retry_s = int(retry) if valid and retry is not None else None
+    return cls(message, retry_after_s=retry_s)
 
 
-async def run(session: aiohttp.ClientSession, endpoint: str, payload: dict[str, Any]) -> Any:
-    """POST /run and return the agent's JSON answer."""
+async def run(
+    session: aiohttp.ClientSession, endpoint: str, payload: dict[str, Any], path: str = "/run"
+) -> Any:
+    """POST `path` (/run) and return the agent's JSON answer."""
     try:
-        async with session.post(endpoint + "/run", json=payload, timeout=RUN_TIMEOUT) as resp:
+        async with session.post(endpoint + path, json=payload, timeout=RUN_TIMEOUT) as resp:
             if resp.status != 200:
                 raise await _agent_error(resp)
             return await resp.json(content_type=None)
     except TimeoutError as exc:
-        raise GatewayTimeout(
+        raise InstanceTimeout(
             f"the model instance did not answer within {RUN_TIMEOUT_S:.0f} s"
         ) from exc
     except aiohttp.ClientConnectionError as exc:
         raise InstanceGone() from exc
     except (aiohttp.ClientError, ValueError) as exc:
-        raise BadGateway(
-            "the model instance sent an invalid answer", code="instance_error"
-        ) from exc
+        raise InvalidAnswer("the model instance sent an invalid answer") from exc
 
 
 async def open_stream(
-    session: aiohttp.ClientSession, endpoint: str, payload: dict[str, Any]
+    session: aiohttp.ClientSession, endpoint: str, payload: dict[str, Any], path: str = "/stream"
 ) -> aiohttp.ClientResponse:
-    """POST /stream; return the open response once the agent accepted the request."""
+    """POST `path` (/stream); return the open response once the agent accepted the request."""
     try:
-        resp = await session.post(endpoint + "/stream", json=payload, timeout=STREAM_TIMEOUT)
+        resp = await session.post(endpoint + path, json=payload, timeout=STREAM_TIMEOUT)
     except TimeoutError as exc:
-        raise GatewayTimeout("the model instance did not answer in time") from exc
+        raise InstanceTimeout("the model instance did not answer in time") from exc
     except aiohttp.ClientError as exc:
         raise InstanceGone() from exc
     if resp.status != 200:
@@ -121,7 +134,7 @@ async def open_stream(
 
 # A line longer than this is not an event our agent would send (they hold a few tokens).
 MAX_EVENT_BYTES = 1 << 20
-INVALID_STREAM = {"error": "the model instance sent an invalid stream", "code": "instance_error"}
+INVALID_STREAM = {"error": "the model instance sent an invalid stream", "code": InvalidAnswer.code}
 
 
 def _parse_lines(lines: list[bytes]) -> tuple[list[dict[str, Any]], bool]:

@@ -1,7 +1,7 @@
 """Public API bodies: every field name is spelled here once, with its validation.
 
-Parsers take the decoded JSON value and return typed requests or raise `Invalid`; renderers turn
-rows into the exact Bytez v1 shapes.
+Parsers take the decoded JSON value and return typed requests or raise an `Invalid` error;
+renderers turn rows into the exact Bytez v1 shapes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from control_plane.errors import Invalid
+from control_plane.errors import (
+    InvalidBody,
+    InvalidField,
+    InvalidModelId,
+    InvalidParams,
+    InvalidPrompt,
+    UnknownField,
+)
 from db.rows import InstanceEventRow, InstanceRow, KeyRow, ModelRow
+from instance_agent.protocol import InvalidPrompt as InvalidPromptError
 from instance_agent.protocol import ProtocolError, validate_params, validate_prompt
 
 # Field names of the public contract.
@@ -72,22 +80,22 @@ def is_valid_model_id(value: object) -> bool:
 
 def require_object(body: object) -> dict[str, Any]:
     if not isinstance(body, dict):
-        raise Invalid("the request body must be a JSON object", code="invalid_body")
+        raise InvalidBody("the request body must be a JSON object")
     return body
 
 
 def reject_unknown(body: dict[str, Any], allowed: frozenset[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise Invalid(f"unknown field {unknown[0]!r}", code="unknown_field")
+        raise UnknownField(f"unknown field {unknown[0]!r}")
 
 
 def parse_model_field(body: dict[str, Any]) -> str:
     if MODEL not in body:
-        raise Invalid("'model' is required", code="invalid_model")
+        raise InvalidModelId("'model' is required")
     problem = model_id_problem(body[MODEL])
     if problem:
-        raise Invalid(f"'model' {problem}", code="invalid_model")
+        raise InvalidModelId(f"'model' {problem}")
     value: str = body[MODEL]
     return value
 
@@ -98,15 +106,15 @@ def parse_int_field(body: dict[str, Any], field: str, *, default: int, lo: int, 
     if value is None:
         return default
     if isinstance(value, bool):
-        raise Invalid(f"'{field}' must be an integer, not a boolean", code="invalid_field")
+        raise InvalidField(f"'{field}' must be an integer, not a boolean")
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
-            raise Invalid(f"'{field}' must be a whole number", code="invalid_field")
+            raise InvalidField(f"'{field}' must be a whole number")
         value = int(value)
     if not isinstance(value, int):
-        raise Invalid(f"'{field}' must be an integer", code="invalid_field")
+        raise InvalidField(f"'{field}' must be an integer")
     if not lo <= value <= hi:
-        raise Invalid(f"'{field}' must be between {lo} and {hi}", code="invalid_field")
+        raise InvalidField(f"'{field}' must be between {lo} and {hi}")
     return value
 
 
@@ -133,7 +141,7 @@ def parse_list_request(body: object) -> str | None:
     reject_unknown(obj, LIST_REQUEST_FIELDS)
     task = obj.get(TASK)
     if task is not None and (not isinstance(task, str) or not 1 <= len(task) <= 64):
-        raise Invalid("'task' must be a task name such as 'text-generation'", code="invalid_field")
+        raise InvalidField("'task' must be a task name such as 'text-generation'")
     return task
 
 
@@ -170,10 +178,10 @@ def parse_key_create(body: object) -> KeyCreateRequest:
     reject_unknown(obj, frozenset({KEY_NAME, KEY_SCOPE}))
     name = obj.get(KEY_NAME, "unnamed")
     if not isinstance(name, str) or not 1 <= len(name) <= 100 or not name.isprintable():
-        raise Invalid("'name' must be 1-100 printable characters", code="invalid_field")
+        raise InvalidField("'name' must be 1-100 printable characters")
     scope = obj.get(KEY_SCOPE, "user")
     if scope not in SCOPES:
-        raise Invalid("'scope' must be 'admin' or 'user'", code="invalid_field")
+        raise InvalidField("'scope' must be 'admin' or 'user'")
     return KeyCreateRequest(name, scope)
 
 
@@ -218,7 +226,7 @@ class LoadRequest:
 def parse_bool_field(body: dict[str, Any], field: str) -> bool:
     value = body.get(field, False)
     if not isinstance(value, bool):
-        raise Invalid(f"'{field}' must be true or false", code="invalid_field")
+        raise InvalidField(f"'{field}' must be true or false")
     return value
 
 
@@ -247,9 +255,9 @@ def parse_run_request(body: object) -> RunRequest:
     model = parse_model_field(obj)
     stream = obj.get(STREAM, False)
     if not isinstance(stream, bool):
-        raise Invalid("'stream' must be true or false", code="invalid_field")
+        raise InvalidField("'stream' must be true or false")
     if PROMPT not in obj:
-        raise Invalid("'prompt' is required", code="invalid_prompt")
+        raise InvalidPrompt("'prompt' is required")
     params = obj.get(PARAMS)
     if params is None:
         params = {}
@@ -257,8 +265,10 @@ def parse_run_request(body: object) -> RunRequest:
         validate_prompt(obj[PROMPT])
         if params != {}:  # the common case; validating nothing costs ~10 µs per request
             validate_params(params)
+    except InvalidPromptError as exc:
+        raise InvalidPrompt(exc.message) from exc
     except ProtocolError as exc:
-        raise Invalid(exc.message, code=exc.code) from exc
+        raise InvalidParams(exc.message) from exc
     return RunRequest(model, {PROMPT: obj[PROMPT], PARAMS: params}, stream)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from control_plane.activity import Activity
-from control_plane.errors import Conflict, MlcpError, NotFound
+from control_plane.errors import InstanceFailed, InstanceStopping, MlcpError
 from control_plane.lifecycle import State, allowed_from, health_timeout_s
 from control_plane.model_store import prepare_model
 from control_plane.runtimes.base import InstanceSpec, Launched, Listed, Runtime
@@ -50,11 +50,8 @@ def mem_limit(reserved_bytes: int) -> int | None:
     return max(MEM_LIMIT_FLOOR_BYTES, int(reserved_bytes * MEM_LIMIT_HEADROOM))
 
 
-class StartFailed(MlcpError):
+class StartFailed(InstanceFailed):
     """The instance did not start."""
-
-    status_code = 502
-    code = "instance_failed"
 
 
 @dataclass(frozen=True)
@@ -158,10 +155,8 @@ class Supervisor:
         if row is None:
             live = await queries.latest_instance_for_model(self.pool, model)
             if live is not None and live.state == State.STOPPING:
-                raise Conflict(
-                    "the model's instance is stopping; load it again in a moment",
-                    code="instance_stopping",
-                    retry_after_s=2,
+                raise InstanceStopping(
+                    "the model's instance is stopping; load it again in a moment"
                 )
             return None
         if row.state == State.RUNNING and row.endpoint:
@@ -270,11 +265,8 @@ class Supervisor:
 
     # -- stop ------------------------------------------------------------------------------
 
-    async def delete(self, model: str) -> InstanceRow:
-        """Stop the model's live instance (user request)."""
-        row = await queries.latest_instance_for_model(self.pool, model)
-        if row is None:
-            raise NotFound(f"model {model} has no instance", code="not_loaded")
+    async def delete(self, row: InstanceRow) -> InstanceRow:
+        """Stop a model's latest instance if it is live (user request); return its row now."""
         if row.state in (State.STARTING, State.RUNNING):
             stopped = await self.stop(row, "deleted by request", drain=False)
             return stopped or row
@@ -405,6 +397,10 @@ class Supervisor:
                 peak,
                 gpu if isinstance(gpu, int) else None,
             )
+
+    def request_failed(self, instance_id: int) -> None:
+        """A proxied request lost its connection: check that instance soon, without waiting."""
+        self._spawn(self.instance_failed_during_request(instance_id))
 
     async def instance_failed_during_request(self, instance_id: int) -> None:
         """A proxied request lost its connection: check that instance now, not at the next pass."""

@@ -129,7 +129,7 @@ def list_keys() -> None:
 def revoke(key_id: Annotated[int, typer.Argument(min=1)]) -> None:
     """Revoke a key by id."""
     from control_plane import auth
-    from control_plane.errors import NotFound
+    from control_plane.errors import LastAdminKey, NotFound
     from control_plane.schemas import render_key
 
     async def work(conn: Any) -> None:
@@ -137,7 +137,7 @@ def revoke(key_id: Annotated[int, typer.Argument(min=1)]) -> None:
             row = await auth.revoke_key(conn, key_id)
         except NotFound:
             raise CliError(f"no active key with id {key_id}") from None
-        except auth.LastAdminKey as exc:
+        except LastAdminKey as exc:
             raise CliError(exc.message) from None
         print(json.dumps(render_key(row), indent=2))
 

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from control_plane.errors import ServiceUnavailable
+from control_plane.errors import DatabaseUnavailable
 from control_plane.handlers import error_response
 from control_plane.openapi import openapi_document
 from control_plane.state import state_of
@@ -26,11 +26,7 @@ async def ready(request: Request) -> Response:
         await asyncio.wait_for(state.pool.fetchval("SELECT 1"), READY_TIMEOUT_S)
     except (OSError, TimeoutError, Exception):
         # Any failure to answer SELECT 1 means "not ready"; the cause is in the pool's own logs.
-        return error_response(
-            ServiceUnavailable(
-                "the database is unreachable", code="database_unavailable", retry_after_s=2
-            )
-        )
+        return error_response(DatabaseUnavailable("the database is unreachable"))
     return JSONResponse({"status": "ready", "database": "ok"})
 
 

@@ -8,7 +8,7 @@ from starlette.routing import Route
 
 from control_plane import auth
 from control_plane.auth import Principal
-from control_plane.errors import NotFound
+from control_plane.errors import KeyNotFound
 from control_plane.handlers import authed, json_body
 from control_plane.schemas import parse_key_create, render_key
 from control_plane.state import AppState
@@ -36,7 +36,7 @@ async def revoke_key(request: Request, state: AppState, principal: Principal) ->
     raw = request.path_params["key_id"]
     # isascii: str.isdigit() also accepts '²' (int() then fails) and other scripts' digits.
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        raise NotFound("no such key", code="key_not_found")
+        raise KeyNotFound("no such key")
     async with state.pool.acquire() as conn:
         row = await auth.revoke_key(conn, int(raw))
     state.auth.forget(row.id)

@@ -7,8 +7,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from control_plane.auth import Principal
-from control_plane.errors import Forbidden, Invalid, NotFound
+from control_plane.errors import Forbidden, InvalidField, InvalidModelId, NotLoaded
 from control_plane.handlers import authed
+from control_plane.loading import not_loaded
 from control_plane.schemas import model_id_problem
 from control_plane.state import AppState
 from db import queries
@@ -23,19 +24,17 @@ async def logs(request: Request, state: AppState, principal: Principal) -> Respo
     model = request.query_params.get("model", "")
     problem = model_id_problem(model)
     if problem:
-        raise Invalid(f"'model' {problem}", code="invalid_model")
+        raise InvalidModelId(f"'model' {problem}")
     raw_tail = request.query_params.get("tail", str(DEFAULT_TAIL))
-    # The length check first: int() refuses strings of over 4,300 digits with a ValueError.
-    if (
-        not raw_tail.isascii()
-        or not raw_tail.isdigit()
-        or len(raw_tail) > 9
-        or not 1 <= int(raw_tail) <= MAX_TAIL
-    ):
-        raise Invalid(f"'tail' must be an integer from 1 to {MAX_TAIL}", code="invalid_field")
+    # Length first: int() refuses strings of more than 4,300 digits with a ValueError.
+    valid = raw_tail.isascii() and raw_tail.isdigit() and len(raw_tail) <= len(str(MAX_TAIL))
+    if not valid or not 1 <= int(raw_tail) <= MAX_TAIL:
+        raise InvalidField(f"'tail' must be an integer from 1 to {MAX_TAIL}")
     row = await queries.latest_instance_for_model(state.pool, model)
-    if row is None or not row.handle:
-        raise NotFound(f"model {model} has no instance with logs", code="not_loaded")
+    if row is None:
+        raise await not_loaded(state, model)
+    if not row.handle:
+        raise NotLoaded(f"model {model} has no instance with logs")
     if not principal.is_admin and row.owner_key_id != principal.key_id:
         raise Forbidden("only an admin or the key that loaded this instance may read its logs")
     text = await state.supervisor.runtime.logs(row.handle, int(raw_tail))

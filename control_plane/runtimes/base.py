@@ -6,15 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from control_plane.errors import MlcpError
-
-
-class RuntimeError_(MlcpError):
-    """The runtime could not start the instance."""
-
-    status_code = 503
-    code = "runtime_failed"
-
 
 @dataclass(frozen=True)
 class InstanceSpec:

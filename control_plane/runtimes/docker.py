@@ -10,7 +10,7 @@ picks; "host" shares the host's network and the agent listens on a free loopback
 runs with --bridge=none, so tests use it).
 
 The docker SDK is synchronous: each operation runs in a worker thread, every request under the
-client's timeout. Engine errors become `RuntimeError_` with a fixed message; the engine's own
+client's timeout. Engine errors become `RuntimeFailed` with a fixed message; the engine's own
 text (which names host paths) is only logged.
 """
 
@@ -31,7 +31,8 @@ import docker
 import docker.errors
 from docker.types import DeviceRequest
 
-from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed, RuntimeError_
+from control_plane.errors import RuntimeFailed
+from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
 from control_plane.runtimes.process import agent_command, exit_reason, free_loopback_port
 
 if TYPE_CHECKING:
@@ -221,19 +222,19 @@ class DockerRuntime:
             return self._client
 
     async def _run(self, what: str, fn: Callable[[DockerClient], T]) -> T:
-        """Run `fn` with the client in a worker thread; engine errors become RuntimeError_."""
+        """Run `fn` with the client in a worker thread; engine errors become RuntimeFailed."""
 
         def call() -> T:
             return fn(self._connect())
 
         try:
             return await asyncio.to_thread(call)
-        except RuntimeError_:
+        except RuntimeFailed:
             raise
         # requests' errors (engine unreachable, timed out) are OSErrors.
         except (docker.errors.DockerException, OSError) as exc:
             logger.warning("docker: could not %s: %s", what, exc)
-            raise RuntimeError_(f"the Docker engine could not {what}") from exc
+            raise RuntimeFailed(f"the Docker engine could not {what}") from exc
 
     async def start(self, spec: InstanceSpec) -> Launched:
         host_port = free_loopback_port() if self.network == "host" else AGENT_PORT
@@ -255,7 +256,7 @@ class DockerRuntime:
                 container.reload()
                 endpoint = endpoint_of(container.attrs)
                 if endpoint is None:
-                    raise RuntimeError_("the instance container has no published port")
+                    raise RuntimeFailed("the instance container has no published port")
             except BaseException:
                 _remove_quietly(container)
                 raise
@@ -267,7 +268,7 @@ class DockerRuntime:
         try:
             return client.containers.create(**config)
         except docker.errors.ImageNotFound as exc:
-            raise RuntimeError_(
+            raise RuntimeFailed(
                 f"the instance image {self.image} is missing: build it with `make image`"
             ) from exc
         except docker.errors.APIError as exc:
@@ -315,7 +316,7 @@ class DockerRuntime:
                 except docker.errors.NotFound:
                     return
                 time.sleep(0.1)
-            raise RuntimeError_("the instance container could not be removed")
+            raise RuntimeFailed("the instance container could not be removed")
 
         await self._run("stop the instance container", stop)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed, RuntimeError_
+from control_plane.errors import RuntimeFailed
+from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
 
 # <cluster>:<instance id>:<generation>
 LABEL_ENV = "MLCP_INSTANCE"
@@ -126,7 +127,7 @@ class ProcessRuntime:
                     start_new_session=True,
                 )
         except OSError as exc:
-            raise RuntimeError_(f"could not start the instance process: {exc.strerror}") from exc
+            raise RuntimeFailed(f"could not start the instance process: {exc.strerror}") from exc
         self._procs[proc.pid] = proc
         handle = str(proc.pid)
         # The log is named by pid too so `logs(handle)` finds it without a lookup table.

@@ -499,3 +499,46 @@ async def test_raising_concurrency_is_admitted_like_a_new_load(aapi: Api) -> Non
     status, huge, _ = await post_load(aapi, "fake/a", concurrency=64)
     assert status == 422 and huge["code"] == "insufficient_memory", huge
     assert (await wait_status(aapi, "fake/a", "RUNNING"))["concurrency"] == 8
+
+
+async def test_loaded_model_dry_run_and_pending_load_plan_and_reserve_growth(aapi: Api) -> None:
+    """A loaded model's dry run shows the real plan; a pending load that grows it reserves."""
+    from control_plane.pending_loads import load_pending
+
+    pool = app_state(aapi).pool
+    phases = [
+        {"concurrency": 1, "peakRssBytes": 1_000_000_000, "tokens": 8, "seconds": 1.0},
+        {"concurrency": 4, "peakRssBytes": 2_000_000_000, "tokens": 32, "seconds": 1.0},
+    ]
+    await pool.execute(
+        "INSERT INTO model_profiles (model, device_kind, required_ram_bytes, load_s, phases)"
+        " VALUES ('fake/a', 'cpu', $2, 1.0, $1)",
+        phases,
+        GB,
+    )
+    await load_running(aapi, "fake/a", "fake/b", "fake/c")
+    reserved = "SELECT reserved_bytes FROM instances WHERE model = 'fake/a'"
+    before = await pool.fetchval(reserved)
+
+    status, plan = await aapi.call(
+        "POST", "/model/load", {"model": "fake/a", "dryRun": True, "concurrency": 1}
+    )
+    assert status == 200 and plan["decision"] == "loaded" and plan["loaded"] is True, plan
+    status, plan = await aapi.call(
+        "POST", "/model/load", {"model": "fake/a", "dryRun": True, "concurrency": 4}
+    )
+    # 2.02 GB at concurrency 4 beside 2 GB of others: 3.6 GB usable, so the idlest must go.
+    assert status == 200 and plan["decision"] == "evict", plan
+    assert [e["model"] for e in plan["evictions"]] == ["fake/b"]
+    assert await pool.fetchval(reserved) == before  # a dry run changes nothing
+
+    await pool.execute(
+        "INSERT INTO pending_loads (model, concurrency, expiration_s) VALUES ('fake/a', 4, 300)"
+    )
+    await load_pending(app_state(aapi))
+    row = await pool.fetchrow(
+        "SELECT concurrency, reserved_bytes FROM instances WHERE model = 'fake/a'"
+    )
+    assert row["concurrency"] == 4 and row["reserved_bytes"] == 2_020_000_000
+    body = await wait_status(aapi, "fake/b", "STOPPED")
+    assert "evicted to make room for fake/a" in body["reason"]

@@ -20,8 +20,9 @@ import docker.errors
 import pytest
 from docker import DockerClient
 
+from control_plane.errors import RuntimeFailed
 from control_plane.reconciler import reconcile
-from control_plane.runtimes.base import InstanceSpec, Launched, RuntimeError_
+from control_plane.runtimes.base import InstanceSpec, Launched
 from control_plane.runtimes.docker import OOM_REASON, DockerRuntime
 from control_plane.state import AppState
 from db import queries
@@ -142,7 +143,7 @@ async def test_exit_reasons(engine: DockerClient, agent_image: str, tmp_path: Pa
 
 async def test_missing_image_is_a_clear_error(engine: DockerClient, tmp_path: Path) -> None:
     runtime = fake_runtime("mlcp-agent:no-such-tag")
-    with pytest.raises(RuntimeError_, match="build it with `make image`"):
+    with pytest.raises(RuntimeFailed, match="build it with `make image`"):
         await runtime.start(spec(fake_model(tmp_path, "fake/ok")))
     assert await runtime.list() == []
 

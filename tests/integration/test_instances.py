@@ -90,7 +90,7 @@ async def test_load_run_status_instances_delete(fapi: Api) -> None:
     assert deleted["reason"] == "deleted by request"
     await wait_gone(pid)
     status, out = await fapi.call("POST", "/model/run", {"model": "fake/ok", "prompt": "x"})
-    assert status == 409 and out["code"] == "not_loaded"
+    assert status == 404 and out["code"] == "not_loaded"
     status, listed = await fapi.call("POST", "/model/instances")
     assert listed == []
 
@@ -140,7 +140,7 @@ async def test_start_failures_are_visible(fapi: Api, model: str, reason: str) ->
     body = await wait_status(fapi, model, "FAILED")
     assert reason in body["reason"]
     status, out = await fapi.call("POST", "/model/run", {"model": model, "prompt": "x"})
-    assert status == 409 and reason in out["error"]
+    assert status == 404 and out["code"] == "not_loaded" and reason in out["error"]
     listed = await fapi.call("GET", "/model/instances")
     assert listed == (200, [])
 

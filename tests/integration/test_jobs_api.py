@@ -13,7 +13,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from control_plane.routes.jobs import MESSAGE_AVAILABLE, MESSAGE_QUEUED
+from control_plane.jobs import MESSAGE_AVAILABLE, MESSAGE_QUEUED
 from tests.harness import Api, make_settings, serve
 from tests.tiny_model import (
     REMOTE_CODE_MARKER,

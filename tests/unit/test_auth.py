@@ -165,7 +165,7 @@ async def test_authenticate_refuses(table: KeyTable, value: str) -> None:
     with pytest.raises(Unauthorized) as info:
         await authn.authenticate(headers(("Authorization", value)))
     assert info.value.status_code == 401
-    assert info.value.error_code == "unauthorized"
+    assert info.value.code == "unauthorized"
 
 
 async def test_oversized_and_unprintable_keys_never_reach_the_database(table: KeyTable) -> None:

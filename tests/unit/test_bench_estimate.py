@@ -21,7 +21,7 @@ from benchmarker.estimate import (
 )
 from benchmarker.measure import classify_exit, device_kind, scrub_paths
 from benchmarker.worker import BACKOFF_MAX_S, retry_delay_s
-from control_plane.routes.jobs import (
+from control_plane.jobs import (
     FAILED_JOB_HOLD_S,
     MESSAGE_AVAILABLE,
     MESSAGE_QUEUED,

@@ -109,7 +109,7 @@ def test_parse_model_request() -> None:
     ]:
         with pytest.raises(Invalid) as info:
             parse_model_request(body)
-        assert info.value.error_code == code
+        assert info.value.code == code
         assert info.value.status_code == 422
 
 

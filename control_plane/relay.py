@@ -1,0 +1,223 @@
+"""Relaying one request to an instance agent and its answer back to the client.
+
+Every route that runs a model comes through here: `call` for a JSON answer, `open_stream` then
+`TextStream` or `EventStream` for a streamed one. Both keep the instance's in-flight count (which
+protects it from the reaper and from eviction), cancel the upstream request when the client goes
+away, count requests the instance refused as busy, and have the supervisor check an instance
+that failed mid-request. `proxy.py` is the wire underneath (aiohttp, the agent's NDJSON events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from sse_starlette.sse import EventSourceResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from control_plane import proxy
+from control_plane.errors import InstanceBusy, InstanceFailed
+from control_plane.state import AppState
+from control_plane.supervisor import Route
+
+STREAM_FAILED = "the model instance failed mid-stream"
+# What a response says when the client left before it was written (nginx's convention).
+CLIENT_CLOSED = 499
+
+# What one agent read becomes: the text that arrived, and the last event when the stream ended
+# ({"done": True, ...stats} or {"error": message, "code": code}).
+Piece = tuple[str, dict[str, Any] | None]
+
+
+class CancelOnDisconnect:
+    """Cancels the running task when the client disconnects inside the block; then says so.
+
+    One watcher task per request. Running the upstream call as a second task and waiting on both
+    with asyncio.wait cost 23 us per request against 12 us for this (uvloop, 2 cores here), and
+    it is the shape asyncio.timeout() uses: cancel the task, then take the cancellation back.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._active = True
+        self.disconnected = False
+
+    def __enter__(self) -> CancelOnDisconnect:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = asyncio.ensure_future(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self._active:
+            self.disconnected = True
+            self._task.cancel()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        self._active = False
+        self._watcher.cancel()
+        # Swallow only our own cancellation, never one asked for by someone else too.
+        return (
+            self.disconnected and self._task.uncancel() == 0 and exc_type is asyncio.CancelledError
+        )
+
+
+def _count_failure(state: AppState, route: Route, exc: BaseException) -> None:
+    if isinstance(exc, proxy.InstanceGone):
+        state.supervisor.request_failed(route.instance_id)
+    elif isinstance(exc, InstanceBusy):
+        state.activity.reject(route.instance_id)
+
+
+async def call(
+    state: AppState, route: Route, payload: dict[str, Any], receive: Receive, path: str = "/run"
+) -> Any | None:
+    """POST `payload` to the agent and return its JSON answer; None if the client left."""
+    state.activity.begin(route.instance_id)
+    completed = False
+    try:
+        answer = None
+        # The client left: cancelling closes the upstream connection, which stops generation.
+        with CancelOnDisconnect(receive) as guard:
+            try:
+                answer = await proxy.run(state.session, route.endpoint, payload, path)
+            except BaseException as exc:
+                _count_failure(state, route, exc)
+                raise
+        if guard.disconnected:
+            return None
+        completed = True
+        return answer
+    finally:
+        state.activity.end(route.instance_id, completed=completed)
+
+
+class Upstream:
+    """An open agent stream and the request it serves: `finish` closes both, exactly once.
+
+    The responses call it in a `finally` too, because a relay generator closed before its first
+    step never runs its own `finally`, and the request would stay in flight (never reaped).
+    """
+
+    def __init__(self, state: AppState, route: Route, resp: aiohttp.ClientResponse) -> None:
+        self.state = state
+        self.route = route
+        self.resp = resp
+        self._finished = False
+
+    def finish(self, *, completed: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if completed:
+            self.resp.release()
+        else:
+            self.resp.close()
+        self.state.activity.end(self.route.instance_id, completed=completed)
+
+
+async def open_stream(
+    state: AppState, route: Route, payload: dict[str, Any], path: str = "/stream"
+) -> Upstream:
+    """Open the agent's stream once it accepted the request; errors before it are raised."""
+    state.activity.begin(route.instance_id)
+    try:
+        resp = await proxy.open_stream(state.session, route.endpoint, payload, path)
+    except BaseException as exc:
+        state.activity.end(route.instance_id, completed=False)
+        _count_failure(state, route, exc)
+        raise
+    return Upstream(state, route, resp)
+
+
+async def pieces(upstream: Upstream) -> AsyncGenerator[Piece, None]:
+    """A piece per agent read; the last one carries 'done' or an error. Finishes upstream."""
+    completed = False
+    try:
+        async for batch in proxy.event_batches(upstream.resp):
+            texts: list[str] = []
+            for event in batch:
+                if "text" in event:
+                    texts.append(str(event["text"]))
+                elif event.get("done"):
+                    completed = True
+                    yield "".join(texts), event
+                    return
+                elif "error" in event:
+                    error = {"error": str(event["error"]), "code": str(event.get("code", "error"))}
+                    yield "".join(texts), error
+                    return
+            if texts:
+                yield "".join(texts), None
+    except (aiohttp.ClientError, TimeoutError):
+        pass
+    finally:
+        upstream.finish(completed=completed)
+    # The agent ended the stream without 'done', or the connection broke: it died or hung.
+    # Reported before the last piece is yielded: the consumer stops reading once it has it.
+    upstream.state.supervisor.request_failed(upstream.route.instance_id)
+    yield "", {"error": STREAM_FAILED, "code": InstanceFailed.code}
+
+
+class TextStream(Response):
+    """Raw text chunks, one per agent read; a failure ends the stream with a line saying so.
+
+    Plain ASGI rather than StreamingResponse over two stacked generators: one generator step
+    per chunk instead of two, one disconnect watcher instead of an anyio task group, and the
+    generator is closed here rather than whenever it is collected.
+    """
+
+    media_type = "text/plain; charset=utf-8"
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers()
+        self._upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with contextlib.aclosing(pieces(self._upstream)) as stream:
+                with CancelOnDisconnect(receive):
+                    await self._relay(stream, send)
+        finally:
+            self._upstream.finish(completed=False)
+
+    async def _relay(self, stream: AsyncIterator[Piece], send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for text, last in stream:
+            if last is not None and "error" in last:
+                text += f"\n[error: {last['code']}] {last['error']}\n"
+            elif last is None and not text:
+                continue
+            # The last piece ends the response in the same write.
+            body = {"type": "http.response.body", "body": text.encode(), "more_body": last is None}
+            await send(body)
+            if last is not None:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+# Turns the pieces of one stream into server-sent events ({"data": ..., "event": ...} dicts).
+EventRenderer = Callable[[AsyncIterator[Piece]], AsyncIterator[dict[str, str]]]
+
+
+class EventStream(EventSourceResponse):
+    """Server-sent events of one agent stream, in the shape `render` gives them."""
+
+    def __init__(self, upstream: Upstream, render: EventRenderer) -> None:
+        super().__init__(render(pieces(upstream)))
+        self._upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._upstream.finish(completed=False)

@@ -194,7 +194,7 @@ async def test_errors_are_one_clear_line_with_exit_1(cli: Cli) -> None:
     assert_clean_error(await cli("list", key=None), "401")
     assert_clean_error(await cli("load", "nobody/nothing"), "not in the catalog")
     assert_clean_error(await cli("run", "fake/ok", "hi"), "not loaded")
-    assert_clean_error(await cli("status", "no/such"), "not loaded")
+    assert_clean_error(await cli("status", "no/such"), "not in the catalog")
     assert_clean_error(await cli("pull", "bad id with spaces"))
     # A URL that answers, but is not a control plane: the JSON envelope is missing.
     assert_clean_error(await cli("list", url=cli.url + "/nothing/here"), "404")

@@ -465,8 +465,8 @@ PROBED_RUNS: dict[str, tuple[Request, int, str]] = {
             {"Content-Type": "application/json", "Prefer": "wait=" + "9" * 5000},
             json.dumps({"model": "org/nothing-loaded", "prompt": "x"}).encode(),
         ),
-        409,
-        "not_loaded",
+        404,
+        "model_not_found",
     ),
 }
 

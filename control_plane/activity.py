@@ -100,5 +100,6 @@ class Activity:
                 c.dirty = True
                 raise
             c.reported_in_flight = in_flight
-            if in_flight == 0 and not c.dirty:
+            # forget() may have dropped it (or a new counter replaced it) during the write.
+            if in_flight == 0 and not c.dirty and self._counters.get(instance_id) is c:
                 del self._counters[instance_id]

@@ -92,6 +92,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._missed: dict[int, int] = {}
         self._started_here: set[int] = set()
+        self._failing: set[int] = set()  # being stopped by fail_and_stop right now
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -336,9 +337,15 @@ class Supervisor:
         """
         if (current := self._routes.get(row.model)) and current.instance_id == row.id:
             del self._routes[row.model]
-        if row.handle:
-            await self.runtime.stop(row.handle, STOP_GRACE_S)
-        await self._fail(row.id, reason)
+        # Stopping it breaks its open requests; their failure checks must not record the kill
+        # ("process is gone") as the reason instead of this one.
+        self._failing.add(row.id)
+        try:
+            if row.handle:
+                await self.runtime.stop(row.handle, STOP_GRACE_S)
+            await self._fail(row.id, reason)
+        finally:
+            self._failing.discard(row.id)
 
     # -- watch -----------------------------------------------------------------------------
 
@@ -404,11 +411,15 @@ class Supervisor:
 
     async def instance_failed_during_request(self, instance_id: int) -> None:
         """A proxied request lost its connection: check that instance now, not at the next pass."""
+        if instance_id in self._failing:
+            return
         row = await queries.get_instance(self.pool, instance_id)
         if row is None or row.state != State.RUNNING or not row.handle:
             return
         for _ in range(10):
             exited = await self.runtime.exited(row.handle)
+            if instance_id in self._failing:
+                return
             if exited is not None:
                 await self.fail_and_stop(row, exited.reason)
                 return

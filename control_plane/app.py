@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from benchmarker.worker import background_worker
 from control_plane import handlers
@@ -118,6 +119,7 @@ def create_app(settings: Settings) -> Starlette:
             MlcpError: handlers.on_mlcp_error,
             HTTPException: handlers.on_http_exception,
             **handlers.DATABASE_HANDLERS,
+            ClientDisconnect: handlers.on_client_disconnect,
             Exception: handlers.on_unexpected,
         },
         lifespan=lifespan,

@@ -90,6 +90,13 @@ DATABASE_HANDLERS = {
 }
 
 
+async def on_client_disconnect(request: Request, exc: Exception) -> Response:
+    # The client went away (or was cut off by a receipt deadline) before its body arrived:
+    # nobody is left to answer, and it is not an error of ours.
+    logger.debug("client left during %s %s", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     # Never echo the exception: messages can hold paths, SQL or secrets.
     logger.exception("unexpected error on %s %s", request.method, request.url.path)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from control_plane.http_guard import HttpLimits
 
 
 class Settings(BaseSettings):
@@ -25,6 +28,14 @@ class Settings(BaseSettings):
     default_expiration_s: int = Field(default=1800, ge=1, le=2_592_000)
 
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # Client limits (control_plane/http_guard.py): a request's line, headers and body must all
+    # arrive within request_timeout_s of its first byte; a new connection may stay silent for
+    # idle_timeout_s (and idle between requests as long); beyond max_connections open
+    # connections a new one is answered 503.
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    idle_timeout_s: float = Field(default=5.0, gt=0)
+    max_header_bytes: int = Field(default=16_384, ge=1024)
+    max_connections: int = Field(default=1024, ge=1)
     # How long a verified key is trusted without asking the database again: keeps a PostgreSQL
     # round trip (~0.5 ms measured) off every proxied request; revocation through this control
     # plane clears it at once.
@@ -54,6 +65,17 @@ class Settings(BaseSettings):
     # network (for engines without a bridge, such as CI's).
     docker_image: str = "mlcp-agent:latest"
     docker_network: Literal["bridge", "host"] = "bridge"
+
+    @property
+    def http_limits(self) -> HttpLimits:
+        from control_plane.http_guard import HttpLimits
+
+        return HttpLimits(
+            idle_s=self.idle_timeout_s,
+            receipt_s=self.request_timeout_s,
+            max_header_bytes=self.max_header_bytes,
+            max_connections=self.max_connections,
+        )
 
     @property
     def model_dir_paths(self) -> list[Path]:

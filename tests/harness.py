@@ -19,6 +19,7 @@ import psutil
 import uvicorn
 
 from control_plane.app import create_app
+from control_plane.http_guard import server_config
 from control_plane.runtimes.process import free_loopback_port as free_port
 from control_plane.settings import Settings
 from control_plane.state import AppState
@@ -111,7 +112,10 @@ async def serve(settings: Settings) -> AsyncIterator[str]:
     """Run create_app(settings) on a real uvicorn server; yield its base URL."""
     port = free_port()
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    # The limits `mlcp serve` runs with (control_plane/http_guard.py), so tests see them too.
+    config = server_config(
+        app, settings.http_limits, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     for _ in range(400):

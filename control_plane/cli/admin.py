@@ -38,17 +38,20 @@ def serve() -> None:
     import uvicorn
 
     from control_plane.app import create_app
+    from control_plane.http_guard import server_config
 
     _logging()
     settings = Settings()
-    uvicorn.run(
+    config = server_config(
         create_app(settings),
+        settings.http_limits,
         host=settings.host,
         port=settings.port,
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    uvicorn.Server(config).run()
 
 
 def _with_db(work: Callable[[Any], Awaitable[None]]) -> None:

@@ -1,0 +1,75 @@
+"""An instance agent SIGKILLed or SIGSTOPped in the middle of a request (issue 17, defect 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.faults.scenario import control_plane
+from tests.harness import Api, instance_pid, load, wait_gone, wait_status
+
+pytestmark = pytest.mark.faults
+
+SLOW = "fake/slow"
+
+
+@pytest.fixture
+async def api(db_dsn: str, tmp_path: Path) -> AsyncIterator[Api]:
+    # A 4 s answer, so the fault lands mid-request.
+    models = {SLOW: {"mode": "slow", "delay_s": 0.4, "tokens": 10}}
+    async with control_plane(db_dsn, tmp_path, models) as served:
+        yield served
+
+
+async def run_once(api: Api) -> tuple[int, dict[str, object], float]:
+    started = time.monotonic()
+    async with api.session.post(
+        api.base + "/model/run",
+        json={"model": SLOW, "prompt": "hi"},
+        headers=api.headers(),
+        timeout=aiohttp.ClientTimeout(total=60),
+    ) as resp:
+        return resp.status, await resp.json(content_type=None), time.monotonic() - started
+
+
+async def test_agent_sigkilled_mid_request(api: Api) -> None:
+    await load(api, SLOW)
+    await wait_status(api, SLOW, "RUNNING")
+    pid = await instance_pid(api, SLOW)
+    request = asyncio.create_task(run_once(api))
+    await asyncio.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    status, body, took = await request
+    assert (status, body["code"]) == (502, "instance_failed"), body
+    assert took < 3, took
+    failed = await wait_status(api, SLOW, "FAILED", timeout_s=10)
+    assert "SIGKILL" in failed["reason"], failed
+
+
+async def test_agent_sigstopped_mid_request(api: Api) -> None:
+    await load(api, SLOW)
+    await wait_status(api, SLOW, "RUNNING")
+    pid = await instance_pid(api, SLOW)
+    request = asyncio.create_task(run_once(api))
+    await asyncio.sleep(0.5)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status, body, _took = await asyncio.wait_for(request, 40)
+        assert status in (502, 504), body
+        failed = await wait_status(api, SLOW, "FAILED", timeout_s=30)
+        # It was killed because it hung: the reason says so, not "killed by SIGKILL".
+        assert "stopped answering health checks" in failed["reason"], failed
+        await wait_gone(pid)
+    finally:
+        # Never leave a stopped process behind, whatever failed above.
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

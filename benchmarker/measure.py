@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 CONCURRENCIES = (1, 2, 4)
 MAX_NEW_TOKENS = 24
+# An embedding model is measured on requests of this many texts, a typical client batch.
+EMBED_TEXTS = 32
 # A chat-sized prompt: long enough that attention and the KV cache are exercised.
 PROMPT = (
     "You are a helpful assistant. Explain in a few sentences why the sky is blue, how a "
@@ -286,10 +288,21 @@ async def _health(http: aiohttp.ClientSession, child: Child) -> dict[str, Any]:
         return body
 
 
-async def _generate(http: aiohttp.ClientSession, child: Child, model: str, n: int) -> int:
-    body = {"prompt": f"{PROMPT} ({n})", "params": {"max_new_tokens": MAX_NEW_TOKENS}}
+async def _generate(
+    http: aiohttp.ClientSession, child: Child, model: str, n: int, *, embeds: bool = False
+) -> int:
+    """One request as users send it: a generation, or for an embedding model a batch of texts.
+
+    Returns the tokens it produced (generated, or for embeddings read).
+    """
+    path = "/embed" if embeds else "/run"
+    body: dict[str, Any] = (
+        {"input": [f"{PROMPT} ({n}.{i})" for i in range(EMBED_TEXTS)]}
+        if embeds
+        else {"prompt": f"{PROMPT} ({n})", "params": {"max_new_tokens": MAX_NEW_TOKENS}}
+    )
     try:
-        async with http.post(child.base_url + "/run", json=body) as resp:
+        async with http.post(child.base_url + path, json=body) as resp:
             payload: dict[str, Any] = await resp.json(content_type=None)
             if resp.status != 200:
                 await asyncio.sleep(0.2)  # let a dying agent finish exiting, to say why
@@ -297,7 +310,7 @@ async def _generate(http: aiohttp.ClientSession, child: Child, model: str, n: in
                     raise child.failure(model)
                 code = payload.get("code", resp.status) if isinstance(payload, dict) else ""
                 raise LoadFailed(f"Load error: generation failed ({code})")
-            return int(payload.get("tokens_generated", 0))
+            return int(payload.get("prompt_tokens" if embeds else "tokens_generated", 0))
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         await asyncio.sleep(0.2)
         if child.proc.returncode is not None:
@@ -332,11 +345,15 @@ async def measure(
             ready = await _wait_ready(http, child, target.model)
             sampler.sample()
             loaded_rss = max(sampler.peak_rss_bytes, _reported_peak(ready)[0])
+            embeds = ready.get("task") == "feature-extraction"
             phases: list[Phase] = []
             for concurrency in sorted(concurrencies):
                 started = time.monotonic()
                 tokens = await asyncio.gather(
-                    *(_generate(http, child, target.model, i) for i in range(concurrency))
+                    *(
+                        _generate(http, child, target.model, i, embeds=embeds)
+                        for i in range(concurrency)
+                    )
                 )
                 seconds = time.monotonic() - started
                 sampler.sample()

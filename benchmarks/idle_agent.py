@@ -1,4 +1,4 @@
-"""The smallest instance agent: answers /health as ready and exits on SIGTERM.
+"""The smallest instance agent: answers /health as healthy and exits on SIGTERM.
 
 Standard library only, so 200 of them start in seconds and fit in memory for the reaper benchmark.
 """
@@ -12,7 +12,8 @@ import sys
 
 HEALTH = json.dumps(
     {
-        "status": "ready",
+        "status": "healthy",
+        "model_loaded": True,
         "memory": {"rssBytes": 1, "peakRssBytes": 1, "gpuBytes": None, "peakGpuBytes": None},
     }
 ).encode()

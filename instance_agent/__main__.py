@@ -17,7 +17,7 @@ from types import FrameType
 import uvicorn
 
 from instance_agent.app import AgentConfig, agent_state, create_app
-from instance_agent.protocol import DEFAULT_MAX_NEW_TOKENS_CAP
+from instance_agent.protocol import DEFAULT_MAX_NEW_TOKENS_CAP, TASKS
 
 EXIT_LOAD_FAILED = 3
 # Streams still open this long after SIGTERM are cancelled; generation itself is aborted at
@@ -53,9 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="load one model and serve it over HTTP")
     serve.add_argument("--model-dir", type=Path, required=True, help="model directory")
     serve.add_argument("--gguf-file", help="a .gguf file inside --model-dir to load instead")
-    serve.add_argument("--model-name", required=True, help="the name /health reports")
+    serve.add_argument(
+        "--model-name", help="the name /health reports (default: the model directory's name)"
+    )
+    serve.add_argument(
+        "--task",
+        choices=TASKS,
+        help="what to serve (default: read from the model's config.json)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--concurrency", type=_positive, default=1, help="requests per batch")
     serve.add_argument("--max-queue", type=_non_negative, default=0, help="requests that wait")
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -89,12 +96,17 @@ class _AgentServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _default_name(model_dir: Path, gguf_file: str | None) -> str:
+    return Path(gguf_file).stem if gguf_file else model_dir.resolve().name
+
+
 def serve(args: argparse.Namespace) -> int:
     """Serve one model until stopped; return the exit code."""
     config = AgentConfig(
         model_dir=args.model_dir,
-        model_name=args.model_name,
+        model_name=args.model_name or _default_name(args.model_dir, args.gguf_file),
         gguf_file=args.gguf_file,
+        task=args.task,
         concurrency=args.concurrency,
         max_queue=args.max_queue,
         device=args.device,

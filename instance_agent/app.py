@@ -1,8 +1,8 @@
-"""The agent's HTTP app: /health, /run and /stream over one model, loaded once in the background.
+"""The agent's HTTP app over one model, loaded once in the background (`instance_agent.state`).
 
-The app answers /health from the first moment (503 "loading"), loads the model on a daemon thread
-so a SIGTERM never waits for a load, and then serves through the batcher. torch is imported only
-by the loader thread (`instance_agent.model`), so importing this module stays light.
+Routes: /health, /run and /stream (the agent protocol), /chat (the single-model server's
+contract, `instance_agent.chat`), /embed for embedding models, PUT /config. /health answers from
+the first moment (503 while loading); torch is imported only by the loader thread.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ import functools
 import json
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,18 +24,22 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from instance_agent.batcher import Batcher
-from instance_agent.memory import MemoryMonitor
+from instance_agent.chat import chat_error as render_chat_error
+from instance_agent.chat import render_chat, validate_chat_body
+from instance_agent.embeddings import EmbedResponse, validate_embed_body
 from instance_agent.protocol import (
-    DEFAULT_MAX_NEW_TOKENS_CAP,
+    HEALTH_NOTE_FAILED,
+    HEALTH_NOTE_LOADING,
+    HEALTH_NOTE_READY,
     MAX_BODY_BYTES,
     NDJSON_MEDIA_TYPE,
     AgentError,
     GenerationFailed,
+    HealthLoading,
     HealthReady,
     InternalError,
     InvalidJson,
     InvalidParams,
-    LoadFailed,
     MethodNotAllowed,
     ModelLoading,
     NotFound,
@@ -51,11 +52,10 @@ from instance_agent.protocol import (
     UnsupportedMediaType,
     validate_run_body,
 )
+from instance_agent.state import AgentConfig, AgentState, agent_state, state_of
 from instance_agent.streaming import EventChannel, Failed, Finished, Row, TextChunk
-from instance_agent.weights import check_model_dir
 
-if TYPE_CHECKING:
-    from instance_agent.model import TransformersEngine
+__all__ = ["AgentConfig", "AgentState", "agent_state", "create_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,90 +67,8 @@ MAX_CONCURRENCY = 64
 _DRAIN_LIMIT_BYTES = 16 * MAX_BODY_BYTES
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    """What the agent serves and how."""
-
-    model_dir: Path
-    model_name: str
-    gguf_file: str | None = None
-    concurrency: int = 1
-    max_queue: int = 0
-    device: str = "cpu"
-    max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
-    # Testing aid: slows every decoding step so tests can observe requests in flight.
-    step_delay_s: float = 0.0
-
-
-class AgentState:
-    """The model slot: loading, then ready (engine and batcher), or failed."""
-
-    def __init__(self, config: AgentConfig, on_load_failed: Callable[[str], None]) -> None:
-        self.config = config
-        self.status: Literal["loading", "ready", "failed"] = "loading"
-        self.engine: TransformersEngine | None = None
-        self.batcher: Batcher | None = None
-        self.load_seconds = 0.0
-        self.memory = MemoryMonitor(gpu=config.device.startswith("cuda"))
-        self._on_load_failed = on_load_failed
-        self._shutting_down = False
-
-    def load(self) -> None:
-        """Load the model (blocking; runs on the loader thread) and start the batcher."""
-        started = time.monotonic()
-        try:
-            # Refuse a bad directory before spending seconds importing torch.
-            check_model_dir(self.config.model_dir, self.config.gguf_file)
-            from instance_agent import model
-
-            engine = model.load_engine(
-                self.config.model_dir,
-                gguf_file=self.config.gguf_file,
-                device=self.config.device,
-                step_delay_s=self.config.step_delay_s,
-                on_step=self.memory.sample,
-            )
-        except LoadFailed as exc:
-            self._fail(exc.message)
-            return
-        except Exception as exc:
-            logger.exception("loading the model failed")
-            self._fail(f"{type(exc).__name__}: {exc}")
-            return
-        batcher = Batcher(
-            engine, concurrency=self.config.concurrency, max_queue=self.config.max_queue
-        )
-        batcher.start()
-        self.engine, self.batcher = engine, batcher
-        self.load_seconds = time.monotonic() - started
-        self.memory.sample()
-        self.status = "ready"
-        if self._shutting_down:
-            batcher.stop(timeout_s=0)
-        logger.info("model %s ready in %.1f s", self.config.model_name, self.load_seconds)
-
-    def _fail(self, reason: str) -> None:
-        self.status = "failed"
-        self._on_load_failed(" ".join(reason.split()))
-
-    def begin_shutdown(self) -> None:
-        """Abort generation at once; never blocks, so a signal watcher may call it."""
-        self._shutting_down = True
-        if self.batcher is not None:
-            self.batcher.stop(timeout_s=0)
-
-    def ready(self) -> tuple[TransformersEngine, Batcher]:
-        """Return the engine and batcher, or raise `ModelLoading`."""
-        if self.status != "ready" or self.engine is None or self.batcher is None:
-            raise ModelLoading()
-        return self.engine, self.batcher
-
-
-def _state(request: Request) -> AgentState:
-    return cast(AgentState, request.app.state.agent)
-
-
-async def _read_run_request(request: Request, config: AgentConfig) -> RunRequest:
+async def _read_json(request: Request) -> Any:
+    """Read a JSON body of at most 1 MiB (415 for another media type, 413 when larger)."""
     content_type = request.headers.get("content-type")
     if content_type is not None:
         media_type = content_type.split(";", 1)[0].strip().lower()
@@ -167,15 +85,19 @@ async def _read_run_request(request: Request, config: AgentConfig) -> RunRequest
     if size > MAX_BODY_BYTES:
         raise PayloadTooLarge()
     try:
-        body = json.loads(b"".join(chunks))
+        return json.loads(b"".join(chunks))
     except (ValueError, RecursionError) as exc:
         raise InvalidJson() from exc
-    return validate_run_body(body, max_new_tokens_cap=config.max_new_tokens_cap)
 
 
 async def _admit(request: Request) -> tuple[Row, Batcher]:
-    state = _state(request)
-    run_request = await _read_run_request(request, state.config)
+    state = state_of(request)
+    body = await _read_json(request)
+    run_request = validate_run_body(body, max_new_tokens_cap=state.config.max_new_tokens_cap)
+    return await _admit_request(state, run_request)
+
+
+async def _admit_request(state: AgentState, run_request: RunRequest) -> tuple[Row, Batcher]:
     engine, batcher = state.ready()
     batcher.reserve()
     try:
@@ -216,34 +138,80 @@ async def _collect(row: Row) -> tuple[str, Finished]:
             raise GenerationFailed(event.message)
 
 
-async def run(request: Request) -> Response:
-    """Generate a whole answer and return it as one JSON body."""
-    row, batcher = await _admit(request)
+async def _generate_whole(
+    request: Request, row: Row, batcher: Batcher
+) -> tuple[str, Finished] | None:
+    """Collect a row's whole answer; None when the client went away first."""
     collecting = asyncio.ensure_future(_collect(row))
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({collecting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
         if not collecting.done():
             # Nobody will read this answer; free the row's place in its batch.
-            return Response(status_code=499)
-        output, finished = collecting.result()
+            return None
+        return collecting.result()
     finally:
         for task in (collecting, disconnect):
             task.cancel()
         if not row.done:
             batcher.cancel(row)
+
+
+async def run(request: Request) -> Response:
+    """Generate a whole answer and return it as one JSON body."""
+    row, batcher = await _admit(request)
+    answer = await _generate_whole(request, row, batcher)
+    if answer is None:
+        return Response(status_code=499)
+    output, finished = answer
     body: RunResponse = {
         "output": output,
         "tokens_generated": finished.tokens_generated,
         "time_seconds": round(finished.time_seconds, 6),
         "tokens_per_second": round(finished.tokens_per_second, 3),
+        "prompt_tokens": finished.prompt_tokens,
+        "finish_reason": finished.finish_reason,
+    }
+    return JSONResponse(body)
+
+
+async def chat(request: Request) -> Response:
+    """`POST /chat`: the single-model server's contract; errors are `{"error": ...}` alone."""
+    try:
+        state = state_of(request)
+        chat_request = validate_chat_body(await _read_json(request))
+        run_request = RunRequest(prompt=chat_request.prompt, params=chat_request.params())
+        row, batcher = await _admit_request(state, run_request)
+        answer = await _generate_whole(request, row, batcher)
+    except AgentError as exc:
+        status, error = render_chat_error(exc)
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return JSONResponse(error, status_code=status, headers=headers)
+    if answer is None:
+        return Response(status_code=499)
+    output, finished = answer
+    return JSONResponse(
+        render_chat(chat_request.prompt, output, finished.tokens_generated, finished.time_seconds)
+    )
+
+
+async def embed(request: Request) -> Response:
+    """`POST /embed {"input": ...}`: normalised sentence embeddings, batched with other requests."""
+    state = state_of(request)
+    texts = validate_embed_body(await _read_json(request))
+    batcher = state.ready_encoder()
+    vectors, tokens = await batcher.embed(texts)
+    body: EmbedResponse = {
+        "embeddings": vectors,
+        "prompt_tokens": tokens,
+        "dimensions": len(vectors[0]) if vectors else 0,
     }
     return JSONResponse(body)
 
 
 async def configure(request: Request) -> Response:
     """`PUT /config {"concurrency": n}`: a repeated load changed the instance's concurrency."""
-    state = _state(request)
+    state = state_of(request)
     if state.batcher is None:
         raise ModelLoading()
     try:
@@ -272,6 +240,8 @@ async def _ndjson_events(row: Row) -> AsyncIterator[bytes]:
                 "tokens_generated": event.tokens_generated,
                 "time_seconds": round(event.time_seconds, 6),
                 "tokens_per_second": round(event.tokens_per_second, 3),
+                "prompt_tokens": event.prompt_tokens,
+                "finish_reason": event.finish_reason,
             }
             yield _ndjson_line(done)
             return
@@ -304,14 +274,23 @@ async def stream(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     """Report loading, or readiness with load, memory and batching figures."""
-    state = _state(request)
+    state = state_of(request)
     config = state.config
     if state.status != "ready" or state.engine is None or state.batcher is None:
-        return JSONResponse({"status": state.status, "model": config.model_name}, status_code=503)
+        waiting: HealthLoading = {
+            "status": "failed" if state.status == "failed" else "loading",
+            "model": config.model_name,
+            "model_loaded": False,
+            "note": HEALTH_NOTE_FAILED if state.status == "failed" else HEALTH_NOTE_LOADING,
+        }
+        return JSONResponse(waiting, status_code=503)
     load = state.batcher.load()
     body: HealthReady = {
-        "status": "ready",
+        "status": "healthy",
         "model": config.model_name,
+        "model_loaded": True,
+        "note": HEALTH_NOTE_READY,
+        "task": state.task,
         "concurrency": state.batcher.concurrency,
         "maxQueue": config.max_queue,
         "inFlight": load.in_flight,
@@ -383,6 +362,8 @@ def create_app(
             Route("/run", run, methods=["POST"]),
             Route("/config", configure, methods=["PUT"]),
             Route("/stream", stream, methods=["POST"]),
+            Route("/chat", chat, methods=["POST"]),
+            Route("/embed", embed, methods=["POST"]),
         ],
         exception_handlers={
             AgentError: _on_agent_error,
@@ -393,8 +374,3 @@ def create_app(
     )
     app.state.agent = state
     return app
-
-
-def agent_state(app: Starlette) -> AgentState:
-    """The typed state of an app made by `create_app`."""
-    return cast(AgentState, app.state.agent)

@@ -226,6 +226,10 @@ class TransformersEngine:
         if any(row.min_new_tokens > 0 for row in rows):
             processors.append(_MinNewTokens(rows, width, self._eos_ids))
         config = self._generation_config(rows[0].params, max(row.max_new_tokens for row in rows))
+        seed = rows[0].params.seed
+        if config.do_sample and seed is not None:
+            # Rows batch together only with the same seed (`GenerationParams.sampling_key`).
+            torch.manual_seed(seed)
         start = time.monotonic()
         for row in rows:
             row.start(self.decode, start)

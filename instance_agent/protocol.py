@@ -11,7 +11,8 @@ Exception tree::
     │   ├── PayloadTooLarge (413 payload_too_large)
     │   ├── UnsupportedMediaType (415 unsupported_media_type)
     │   ├── InvalidParams (422 invalid_params)
-    │   └── InvalidPrompt (422 invalid_prompt)
+    │   ├── InvalidPrompt (422 invalid_prompt)
+    │   └── WrongTask (422 wrong_task: generation asked of an embedding model, or the reverse)
     ├── NotFound (404 not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── ModelLoading (503 loading)
@@ -100,6 +101,12 @@ class InvalidPrompt(ProtocolError):
     code = "invalid_prompt"
 
 
+class WrongTask(ProtocolError):
+    """This model does not serve that kind of request."""
+
+    code = "wrong_task"
+
+
 class NotFound(AgentError):
     """Not found."""
 
@@ -154,11 +161,18 @@ class ErrorBody(TypedDict):
     code: str
 
 
+FinishReason = Literal["stop", "length"]
+
+
 class RunResponse(TypedDict):
     output: str
     tokens_generated: int
     time_seconds: float
     tokens_per_second: float
+    # What OpenAI-style clients need: the prompt's length and why generation ended ("stop": an
+    # end token or a stop string; "length": the token budget or the context ran out).
+    prompt_tokens: int
+    finish_reason: FinishReason
 
 
 class StreamText(TypedDict):
@@ -170,6 +184,8 @@ class StreamDone(TypedDict):
     tokens_generated: int
     time_seconds: float
     tokens_per_second: float
+    prompt_tokens: int
+    finish_reason: FinishReason
 
 
 class StreamError(TypedDict):
@@ -190,14 +206,30 @@ class BatchStats(TypedDict):
     requests: int
 
 
+# What the agent serves: generation (/run, /stream, /chat) or embeddings (/embed).
+Task = Literal["text-generation", "feature-extraction"]
+TASKS: tuple[Task, ...] = ("text-generation", "feature-extraction")
+
+HEALTH_NOTE_READY = "Model is loaded in memory for fast inference"
+HEALTH_NOTE_LOADING = "Model is loading; requests get 503 until it is ready"
+HEALTH_NOTE_FAILED = "Model could not be loaded"
+
+
 class HealthLoading(TypedDict):
-    status: Literal["loading"]
+    status: Literal["loading", "failed"]
     model: str
+    model_loaded: Literal[False]
+    note: str
 
 
 class HealthReady(TypedDict):
-    status: Literal["ready"]
+    # The first four fields are the single-model server's contract (`GET /health` of the Flask
+    # LLM server); the rest are what the control plane and the benchmarker read.
+    status: Literal["healthy"]
     model: str
+    model_loaded: Literal[True]
+    note: str
+    task: Task
     concurrency: int
     maxQueue: int
     inFlight: int
@@ -226,16 +258,25 @@ class GenerationParams:
     do_sample: bool = False
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    # A sampled batch starts from this seed, so a seeded request can be repeated.
+    seed: int | None = None
     # Plain-string prompts go through a chat model's template as one user message (as Ollama's
     # generate does); raw=true sends the text as it is, for plain continuation.
     raw: bool = False
 
     @property
-    def sampling_key(self) -> tuple[bool, float, float, int, float]:
+    def sampling_key(self) -> tuple[bool, float, float, int, float, int | None]:
         """The settings a batch must share; greedy requests ignore the sampling knobs."""
         if not self.do_sample:
-            return (False, 1.0, 1.0, 0, self.repetition_penalty)
-        return (True, self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+            return (False, 1.0, 1.0, 0, self.repetition_penalty, None)
+        return (
+            True,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.repetition_penalty,
+            self.seed,
+        )
 
     def new_tokens_for(self, prompt_tokens: int, *, context_tokens: int, cap: int) -> int:
         """Return how many tokens to generate after a prompt of `prompt_tokens` tokens.
@@ -328,6 +369,7 @@ def _stop(value: object) -> tuple[str, ...]:
 
 _KNOWN_PARAMS = (
     "max_new_tokens",
+    "max_tokens",
     "max_length",
     "min_length",
     "temperature",
@@ -336,8 +378,10 @@ _KNOWN_PARAMS = (
     "do_sample",
     "repetition_penalty",
     "stop",
+    "seed",
     "raw",
 )
+MAX_SEED = 2**63 - 1
 
 # Generous enough for any context a model served here has; the real bound is checked once the
 # prompt is tokenized (`GenerationParams.new_tokens_for`).
@@ -363,11 +407,19 @@ def validate_params(
     do_sample = params.get("do_sample", defaults.do_sample)
     if not isinstance(do_sample, bool):
         raise InvalidParams(f"do_sample must be a boolean, not {_type_name(do_sample)}")
+    # `max_tokens` is what OpenAI and the single-model /chat call it.
+    if "max_new_tokens" in params and "max_tokens" in params:
+        raise InvalidParams("give max_new_tokens or its synonym max_tokens, not both")
+    budget_name = "max_tokens" if "max_tokens" in params else "max_new_tokens"
+    temperature = _float(
+        "temperature", params.get("temperature", defaults.temperature), 0, 5, low_open=False
+    )
+    if temperature == 0:
+        # Temperature 0 means greedy decoding (OpenAI, Ollama, vLLM), whatever do_sample says.
+        do_sample, temperature = False, defaults.temperature
     return GenerationParams(
         max_new_tokens=(
-            _int("max_new_tokens", params["max_new_tokens"], 1, cap)
-            if "max_new_tokens" in params
-            else None
+            _int(budget_name, params[budget_name], 1, cap) if budget_name in params else None
         ),
         max_length=(
             _int("max_length", params["max_length"], 1, cap + _MAX_CONTEXT_TOKENS)
@@ -375,9 +427,7 @@ def validate_params(
             else None
         ),
         min_length=_int("min_length", params.get("min_length", defaults.min_length), 0, cap),
-        temperature=_float(
-            "temperature", params.get("temperature", defaults.temperature), 0, 5, low_open=True
-        ),
+        temperature=temperature,
         top_p=_float("top_p", params.get("top_p", defaults.top_p), 0, 1, low_open=True),
         top_k=_int("top_k", params.get("top_k", defaults.top_k), 0, 1000),
         do_sample=do_sample,
@@ -389,6 +439,7 @@ def validate_params(
             low_open=True,
         ),
         stop=_stop(params["stop"]) if "stop" in params else (),
+        seed=_int("seed", params["seed"], 0, MAX_SEED) if "seed" in params else None,
         raw=_bool("raw", params.get("raw", defaults.raw)),
     )
 

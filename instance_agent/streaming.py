@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from instance_agent.protocol import GenerationParams
+from instance_agent.protocol import FinishReason, GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ class TextChunk:
 class Finished:
     tokens_generated: int
     time_seconds: float
+    prompt_tokens: int = 0
+    # "stop": an end token or a stop string; "length": the token budget or the context ran out.
+    finish_reason: FinishReason = "length"
 
     @property
     def tokens_per_second(self) -> float:
@@ -171,7 +174,7 @@ class Row:
             self.done = True
             return True
         if is_eos:
-            self._finish(now)
+            self._finish(now, reason="stop")
             return True
         assert self._decoder is not None, "start() must come before feed()"
         self.tokens_generated += 1
@@ -179,7 +182,7 @@ class Row:
         if text:
             self.channel.send(TextChunk(text))
         if stopped or self.tokens_generated >= self.max_new_tokens:
-            self._finish(now, stopped=stopped)
+            self._finish(now, stopped=stopped, reason="stop" if stopped else "length")
             return True
         return False
 
@@ -198,14 +201,25 @@ class Row:
         """End the row silently: its client is gone."""
         self.done = True
 
-    def _finish(self, now: float | None, *, stopped: bool = False) -> None:
+    def _finish(
+        self, now: float | None, *, stopped: bool = False, reason: FinishReason = "length"
+    ) -> None:
         self.done = True
         if self.cancelled:
             return
         if not stopped and self._decoder is not None:
             tail, stopped = self._stop_filter.push(self._decoder.flush())
+            if stopped:
+                reason = "stop"
             tail = tail if stopped else tail + self._stop_filter.flush()
             if tail:
                 self.channel.send(TextChunk(tail))
         end = time.monotonic() if now is None else now
-        self.channel.send(Finished(self.tokens_generated, max(0.0, end - self._started_at)))
+        self.channel.send(
+            Finished(
+                self.tokens_generated,
+                max(0.0, end - self._started_at),
+                prompt_tokens=len(self.prompt_ids),
+                finish_reason=reason,
+            )
+        )

@@ -6,11 +6,34 @@ refused outright; this check is cheap enough for the control plane to run before
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from instance_agent.protocol import LoadFailed
+from instance_agent.protocol import LoadFailed, Task
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Architectures whose names end so generate text; any other bare encoder (BertModel, ...) is
+# served for feature extraction, as Hugging Face's pipeline picks a task from the architecture.
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_CONFIG_MAX_BYTES = 1_048_576
+
+
+def detect_task(model_dir: Path, gguf_file: str | None = None) -> Task:
+    """The task a model directory serves, read from its config.json (GGUF files generate text)."""
+    if gguf_file is not None:
+        return "text-generation"
+    path = model_dir / "config.json"
+    try:
+        if path.stat().st_size > _CONFIG_MAX_BYTES:
+            raise LoadFailed(f"{path.name} is larger than 1 MiB")
+        config = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LoadFailed(f"{model_dir} has no readable config.json") from exc
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    if not names or any(name.endswith(_GENERATIVE_SUFFIXES) for name in names):
+        return "text-generation"
+    return "feature-extraction"
 
 
 def check_model_dir(model_dir: Path, gguf_file: str | None = None) -> None:

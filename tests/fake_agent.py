@@ -99,8 +99,11 @@ def create_app(fake: Fake, name: str, exit_after_s: float | None = None) -> Star
             await asyncio.sleep(3600)
         return JSONResponse(
             {
-                "status": "ready",
+                "status": "healthy",
                 "model": name,
+                "model_loaded": True,
+                "note": "Model is loaded in memory for fast inference",
+                "task": "text-generation",
                 "concurrency": fake.concurrency,
                 "maxQueue": fake.max_queue,
                 "inFlight": fake.running,

@@ -132,3 +132,37 @@ def copy_model(source: Path, dest: Path) -> Path:
     """Copy a built model directory, so a test may alter its copy."""
     shutil.copytree(source, dest)
     return dest
+
+
+def build_tiny_encoder(dest: Path) -> Path:
+    """Write a tiny random BERT encoder with a word-piece vocabulary to `dest` (safetensors).
+
+    Its config names `BertModel`, so the agent serves it for feature extraction, as it does
+    all-MiniLM-L6-v2.
+    """
+    import re
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w.lower() for w in re.findall(r"\w+|[^\w\s]", _CORPUS)})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(  # type: ignore[no-untyped-call]
+        vocab_file=str(dest / "vocab.txt"), do_lower_case=True, model_max_length=CONTEXT_TOKENS
+    )
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT_TOKENS,
+        pad_token_id=0,
+    )
+    torch.manual_seed(1234)
+    model = BertModel(config)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest

@@ -11,10 +11,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.agent_process import REPO_ROOT, AgentExited, AgentProcess
 from tests.tiny_model import (
     CONTEXT_TOKENS,
     REMOTE_CODE_MARKER,
@@ -33,98 +32,8 @@ from tests.tiny_model import (
     build_tiny_model,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STEP_DELAY_S = 0.01
 JSON = {"content-type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class AgentExited(RuntimeError):
-    """The agent process ended before it became ready."""
-
-
-class AgentTooSlow(RuntimeError):
-    """The agent process is alive but did not become ready in time."""
-
-
-class AgentProcess:
-    """`python -m instance_agent serve ...` on a free port (after vLLM's RemoteOpenAIServer)."""
-
-    def __init__(self, model_dir: Path, *args: str, model_name: str = "tiny") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "instance_agent",
-            "serve",
-            "--model-dir",
-            str(model_dir),
-            "--model-name",
-            model_name,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *args,
-        ]
-        # A file, not a pipe: nobody drains a pipe while the test runs, and a full one blocks.
-        self._log = tempfile.NamedTemporaryFile(prefix="mlcp-agent-", suffix=".log")
-        self.proc = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.health_seen: list[tuple[int, dict[str, Any]]] = []
-
-    def output(self) -> str:
-        return Path(self._log.name).read_text(errors="replace")
-
-    def health(self) -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
-                return reply.status, json.loads(reply.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Poll /health until ready, telling "exited" from "too slow"."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                raise AgentExited(f"agent exited with code {code}:\n{self.output()[-3000:]}")
-            try:
-                status, body = self.health()
-            except (urllib.error.URLError, OSError):
-                pass
-            else:
-                self.health_seen.append((status, body))
-                if status == 200:
-                    return body
-            if time.monotonic() > deadline:
-                raise AgentTooSlow(f"agent not ready after {timeout_s} s:\n{self.output()[-3000:]}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Terminate, wait, then kill, by this process's PID only."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 @pytest.fixture(scope="session")
@@ -185,11 +94,17 @@ async def wait_idle(http: aiohttp.ClientSession, agent: AgentProcess, timeout_s:
 
 
 def test_health_says_loading_then_ready(agent: AgentProcess) -> None:
-    assert (503, {"status": "loading", "model": "tiny"}) in agent.health_seen
+    loading = {"status": "loading", "model": "tiny", "model_loaded": False}
+    assert any(
+        status == 503 and {**body, "note": None} == {**loading, "note": None}
+        for status, body in agent.health_seen
+    )
     status, health = agent.health()
     assert status == 200
-    assert health["status"] == "ready"
+    assert health["status"] == "healthy"
     assert health["model"] == "tiny"
+    assert health["model_loaded"] is True
+    assert health["task"] == "text-generation"
     assert (health["concurrency"], health["maxQueue"]) == (4, 4)
     assert health["device"] == "cpu"
     assert health["contextLength"] == CONTEXT_TOKENS
@@ -207,7 +122,15 @@ async def test_run_returns_the_continuation(
     params = {"max_new_tokens": 12, "min_length": 12}
     status, body = await run(http, agent, {"prompt": "The quick brown fox", "params": params})
     assert status == 200, body
-    assert set(body) == {"output", "tokens_generated", "time_seconds", "tokens_per_second"}
+    assert set(body) == {
+        "output",
+        "tokens_generated",
+        "time_seconds",
+        "tokens_per_second",
+        "prompt_tokens",
+        "finish_reason",
+    }
+    assert body["finish_reason"] == "length" and body["prompt_tokens"] > 0
     assert isinstance(body["output"], str) and body["output"]
     assert not body["output"].startswith("The quick brown fox")
     assert body["tokens_generated"] == 12
@@ -225,6 +148,7 @@ async def test_streamed_chunks_join_to_the_same_greedy_output(
     assert all(set(chunk) == {"text"} for chunk in chunks)
     assert last["done"] is True
     assert last["tokens_generated"] == 20
+    assert last["finish_reason"] == "length" and last["prompt_tokens"] > 0
     status, body = await run(http, agent, request)
     assert status == 200
     assert "".join(chunk["text"] for chunk in chunks) == body["output"]

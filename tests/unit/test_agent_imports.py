@@ -1,4 +1,4 @@
-"""Only instance_agent/model.py imports torch: the protocol and the app stay light.
+"""Only the engines (instance_agent/model.py, encoder.py) import torch: the rest stays light.
 
 Each check runs in a fresh interpreter: this test process may already hold torch.
 """
@@ -34,6 +34,9 @@ def _heavy_modules_after(code: str) -> list[str]:
         "instance_agent.streaming",
         "instance_agent.memory",
         "instance_agent.weights",
+        "instance_agent.state",
+        "instance_agent.chat",
+        "instance_agent.embeddings",
         "instance_agent.__main__",
     ],
 )

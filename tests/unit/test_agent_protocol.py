@@ -31,8 +31,11 @@ BAD_PARAMS: list[tuple[Any, str]] = [
     ([], "params must be an object"),
     ("max_new_tokens=3", "params must be an object"),
     (7, "params must be an object"),
-    ({"max_tokens": 5}, "'max_tokens'"),
-    ({"seed": 1}, "'seed'"),
+    ({"max_tokens": 5, "max_new_tokens": 5}, "not both"),
+    ({"max_tokens": 0}, "max_tokens must be between 1 and 1024"),
+    ({"max_tokens": "5"}, "max_tokens must be an integer, not a string"),
+    ({"seed": -1}, "seed must be between 0"),
+    ({"seed": 1.5}, "seed must be an integer"),
     ({"num_beams": 2}, "'num_beams'"),
     ({"": 1}, "unknown parameter ''"),
     ({"max_new_tokens": True}, "max_new_tokens must be an integer, not a boolean"),
@@ -49,9 +52,8 @@ BAD_PARAMS: list[tuple[Any, str]] = [
     ({"min_length": -1}, "min_length must be between 0 and 1024"),
     ({"min_length": 1025}, "min_length must be between 0 and 1024"),
     ({"min_length": True}, "not a boolean"),
-    ({"temperature": 0}, "temperature must be above 0"),
-    ({"temperature": 0.0}, "temperature must be above 0"),
-    ({"temperature": -1.0}, "temperature must be above 0"),
+    ({"temperature": -1.0}, "temperature must be at least 0"),
+    ({"temperature": -0.01}, "temperature must be at least 0"),
     ({"temperature": 5.01}, "at most 5"),
     ({"temperature": math.nan}, "temperature must be a finite number"),
     ({"temperature": math.inf}, "temperature must be a finite number"),
@@ -123,6 +125,11 @@ GOOD_PARAMS: list[tuple[Any, GenerationParams]] = [
     ({"stop": "\n"}, GenerationParams(stop=("\n",))),
     ({"stop": ["a", "b", "c", "d"]}, GenerationParams(stop=("a", "b", "c", "d"))),
     ({"stop": []}, GenerationParams()),
+    # Temperature 0 is greedy (OpenAI, Ollama), even beside do_sample.
+    ({"temperature": 0}, GenerationParams()),
+    ({"temperature": 0.0, "do_sample": True}, GenerationParams()),
+    ({"max_tokens": 7}, GenerationParams(max_new_tokens=7)),
+    ({"seed": 42}, GenerationParams(seed=42)),
 ]
 
 

@@ -102,7 +102,7 @@ def test_a_row_ends_at_its_own_budget() -> None:
     done = [row.feed(i, is_eos=False, now=11.0) for i in byte_ids("abcdef")]
     assert done == [False, False, True, True, True, True]
     assert recorder.text() == "abc"
-    assert recorder.events[-1] == Finished(tokens_generated=3, time_seconds=1.0)
+    assert recorder.events[-1] == Finished(3, 1.0, prompt_tokens=3, finish_reason="length")
 
 
 def test_a_row_ends_at_eos_without_counting_it() -> None:
@@ -111,7 +111,7 @@ def test_a_row_ends_at_eos_without_counting_it() -> None:
         row.feed(i, is_eos=False, now=12.0)
     assert row.feed(EOS, is_eos=True, now=12.0)
     assert recorder.text() == "hi"
-    assert recorder.events[-1] == Finished(tokens_generated=2, time_seconds=2.0)
+    assert recorder.events[-1] == Finished(2, 2.0, prompt_tokens=3, finish_reason="stop")
     assert Finished(2, 2.0).tokens_per_second == 1.0
 
 
@@ -120,7 +120,15 @@ def test_a_row_trims_its_stop_string() -> None:
     results = [row.feed(i, is_eos=False) for i in byte_ids("one line\nsecond")]
     assert results.index(True) == len("one line")
     assert recorder.text() == "one line"
-    assert isinstance(recorder.events[-1], Finished)
+    last = recorder.events[-1]
+    assert isinstance(last, Finished) and last.finish_reason == "stop"
+
+
+def test_a_row_ended_with_its_batch_ran_out_of_length() -> None:
+    row, recorder = make_row(GenerationParams())
+    row.feed(ord("a"), is_eos=False)
+    row.finish(now=10.5)
+    assert recorder.events[-1] == Finished(1, 0.5, prompt_tokens=3, finish_reason="length")
 
 
 def test_a_cancelled_row_stops_silently() -> None:

@@ -1,0 +1,157 @@
+"""The agent's one model slot: what it serves, loading it in the background, and its readiness.
+
+The model loads on a daemon thread so a SIGTERM never waits for a load. The task (generation or
+embeddings) is read from the model's config.json unless given; torch is imported only by the
+loader thread (`instance_agent.model` or `instance_agent.encoder`), so importing this stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+
+from instance_agent.batcher import Batcher
+from instance_agent.embeddings import EmbeddingBatcher
+from instance_agent.memory import MemoryMonitor
+from instance_agent.protocol import (
+    DEFAULT_MAX_NEW_TOKENS_CAP,
+    LoadFailed,
+    ModelLoading,
+    Task,
+    WrongTask,
+)
+from instance_agent.weights import check_model_dir, detect_task
+
+if TYPE_CHECKING:
+    from instance_agent.encoder import EncoderEngine
+    from instance_agent.model import TransformersEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What the agent serves and how."""
+
+    model_dir: Path
+    model_name: str
+    gguf_file: str | None = None
+    concurrency: int = 1
+    max_queue: int = 0
+    device: str = "cpu"
+    max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
+    # None: read from the model's config.json (`weights.detect_task`).
+    task: Task | None = None
+    # Testing aid: slows every decoding step so tests can observe requests in flight.
+    step_delay_s: float = 0.0
+
+
+class AgentState:
+    """The model slot: loading, then ready (engine and batcher), or failed."""
+
+    def __init__(self, config: AgentConfig, on_load_failed: Callable[[str], None]) -> None:
+        self.config = config
+        self.status: Literal["loading", "ready", "failed"] = "loading"
+        self.task: Task = config.task or "text-generation"
+        self.engine: TransformersEngine | EncoderEngine | None = None
+        self.batcher: Batcher | EmbeddingBatcher | None = None
+        self.load_seconds = 0.0
+        self.memory = MemoryMonitor(gpu=config.device.startswith("cuda"))
+        self._on_load_failed = on_load_failed
+        self._shutting_down = False
+
+    def load(self) -> None:
+        """Load the model (blocking; runs on the loader thread) and start its batcher."""
+        started = time.monotonic()
+        config = self.config
+        try:
+            # Refuse a bad directory before spending seconds importing torch.
+            check_model_dir(config.model_dir, config.gguf_file)
+            self.task = config.task or detect_task(config.model_dir, config.gguf_file)
+            batcher: Batcher | EmbeddingBatcher
+            if self.task == "feature-extraction":
+                from instance_agent import encoder
+
+                encoder_engine = encoder.load_encoder(config.model_dir, device=config.device)
+                engine: TransformersEngine | EncoderEngine = encoder_engine
+                batcher = EmbeddingBatcher(
+                    encoder_engine, concurrency=config.concurrency, max_queue=config.max_queue
+                )
+            else:
+                from instance_agent import model
+
+                generator = model.load_engine(
+                    config.model_dir,
+                    gguf_file=config.gguf_file,
+                    device=config.device,
+                    step_delay_s=config.step_delay_s,
+                    on_step=self.memory.sample,
+                )
+                engine = generator
+                batcher = Batcher(
+                    generator, concurrency=config.concurrency, max_queue=config.max_queue
+                )
+        except LoadFailed as exc:
+            self._fail(exc.message)
+            return
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        batcher.start()
+        self.engine, self.batcher = engine, batcher
+        self.load_seconds = time.monotonic() - started
+        self.memory.sample()
+        self.status = "ready"
+        if self._shutting_down:
+            batcher.stop(timeout_s=0)
+        logger.info("model %s ready in %.1f s", config.model_name, self.load_seconds)
+
+    def _fail(self, reason: str) -> None:
+        self.status = "failed"
+        self._on_load_failed(" ".join(reason.split()))
+
+    def begin_shutdown(self) -> None:
+        """Abort generation at once; never blocks, so a signal watcher may call it."""
+        self._shutting_down = True
+        if self.batcher is not None:
+            self.batcher.stop(timeout_s=0)
+
+    def ready(self) -> tuple[TransformersEngine, Batcher]:
+        """Return the generating engine and its batcher, or raise `ModelLoading` / `WrongTask`."""
+        if self.status != "ready" or self.engine is None or self.batcher is None:
+            raise ModelLoading()
+        if not isinstance(self.batcher, Batcher):
+            raise WrongTask(
+                f"{self.config.model_name} is an embedding model: it answers /embed, "
+                "not text generation"
+            )
+        return cast("TransformersEngine", self.engine), self.batcher
+
+    def ready_encoder(self) -> EmbeddingBatcher:
+        """Return the embedding batcher, or raise `ModelLoading` / `WrongTask`."""
+        if self.status != "ready" or self.batcher is None:
+            raise ModelLoading()
+        if not isinstance(self.batcher, EmbeddingBatcher):
+            raise WrongTask(
+                f"{self.config.model_name} generates text: it answers /run, /stream and "
+                "/chat, not embeddings"
+            )
+        return self.batcher
+
+
+def state_of(request: Request) -> AgentState:
+    """The agent state of the app serving `request`."""
+    return cast(AgentState, request.app.state.agent)
+
+
+def agent_state(app: Starlette) -> AgentState:
+    """The typed state of an app made by `create_app`."""
+    return cast(AgentState, app.state.agent)

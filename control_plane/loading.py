@@ -35,7 +35,7 @@ from db import queries
 from db.rows import InstanceRow, ModelRow
 
 # Tasks an instance agent can serve.
-RUNNABLE_TASKS = frozenset({"text-generation"})
+RUNNABLE_TASKS = frozenset({"text-generation", "feature-extraction"})
 # A request for a STARTING model waits this long by default for it to become RUNNING.
 DEFAULT_COLD_WAIT_S = 5.0
 MAX_COLD_WAIT_S = 120

@@ -26,6 +26,7 @@ from control_plane.errors import (
     Loading,
     MlcpError,
     PayloadTooLarge,
+    UnsupportedTask,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ AGENT_ERRORS: dict[str, type[MlcpError]] = {
     "instance_busy": InstanceBusy,
     "loading": Loading,
     "generation_failed": GenerationFailed,
+    "wrong_task": UnsupportedTask,
 }
 
 

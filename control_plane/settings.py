@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # Colon- or comma-separated folders (a plain string so a shell user can write it naturally).
     model_dirs: str = ""
     default_expiration_s: int = Field(default=1800, ge=1, le=2_592_000)
+    # Expiry of instances the OpenAI-compatible routes and /chat load on demand.
+    on_demand_expiration_s: int = Field(default=300, ge=1, le=2_592_000)
+    # The model `POST /chat` runs when the body names none; unset, the only running one.
+    default_model: str | None = None
 
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # Client limits (control_plane/http_guard.py): a request's line, headers and body must all

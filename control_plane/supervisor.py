@@ -99,6 +99,10 @@ class Supervisor:
     def route(self, model: str) -> Route | None:
         return self._routes.get(model)
 
+    def running_models(self) -> list[str]:
+        """The models with a RUNNING instance, as of the last route refresh."""
+        return sorted(self._routes)
+
     async def refresh_routes(self) -> None:
         """Reload the routing table from the database (instances other nodes started too)."""
         rows = await queries.live_instances(self.pool)

@@ -310,12 +310,16 @@ def test_hf_cache_blob_symlink_does_not_escape(tmp_path: Path) -> None:
 
 
 def test_packaged_demo_model() -> None:
-    [demo] = packaged_models()
+    demo, embedding = packaged_models()
     assert demo.name == DEMO_MODEL
     assert demo.source_kind == "package"
     assert demo.gguf_file == catalog.DEMO_GGUF
     assert demo.param_bytes is not None and demo.param_bytes > 1_000_000
     assert (Path(demo.source_path) / demo.gguf_file).is_file()
+    assert embedding.name == catalog.EMBEDDING_MODEL
+    assert embedding.task == "feature-extraction"
+    assert embedding.source_kind == "package" and embedding.gguf_file is None
+    assert (Path(embedding.source_path) / "model.safetensors").is_file()
 
 
 def test_discover_merges_sources_first_wins(tmp_path: Path) -> None:
@@ -330,7 +334,13 @@ def test_discover_merges_sources_first_wins(tmp_path: Path) -> None:
     cached_repo(cache, "acme", "shared")
     cached_repo(cache, "acme", "cached-only")
     found = {m.name: m for m in discover([first, second], cache, packaged=True)}
-    assert set(found) == {"acme/shared", "acme/only-second", "acme/cached-only", DEMO_MODEL}
+    assert set(found) == {
+        "acme/shared",
+        "acme/only-second",
+        "acme/cached-only",
+        DEMO_MODEL,
+        catalog.EMBEDDING_MODEL,
+    }
     assert found["acme/shared"].param_bytes == 1
     assert found["acme/cached-only"].source_kind == "hf_cache"
     assert found[DEMO_MODEL].source_kind == "dir"
@@ -338,4 +348,7 @@ def test_discover_merges_sources_first_wins(tmp_path: Path) -> None:
 
 def test_discover_without_packaged(tmp_path: Path) -> None:
     assert discover([], tmp_path / "hub", packaged=False) == []
-    assert names(discover([], tmp_path / "hub", packaged=True)) == [DEMO_MODEL]
+    assert names(discover([], tmp_path / "hub", packaged=True)) == [
+        DEMO_MODEL,
+        catalog.EMBEDDING_MODEL,
+    ]

@@ -10,7 +10,7 @@ import aiohttp
 import asyncpg
 
 from control_plane.bootstrap import refresh_catalog
-from control_plane.catalog import DEMO_MODEL
+from control_plane.catalog import DEMO_MODEL, EMBEDDING_MODEL
 from tests.harness import ADMIN_KEY, Api, make_settings, serve
 
 
@@ -53,7 +53,14 @@ async def test_models_from_model_dirs_are_listed(db_dsn: str, tmp_path: Path) ->
     settings = make_settings(db_dsn, tmp_path / "data", model_dirs=f"{first}, {second}")
     async with serve(settings) as base:
         models = {m["name"]: m for m in await list_models(base)}
-    assert set(models) == {DEMO_MODEL, "acme/tiny-gpt", "acme/classifier", "acme/quant.Q4_0"}
+    assert set(models) == {
+        DEMO_MODEL,
+        EMBEDDING_MODEL,
+        "acme/tiny-gpt",
+        "acme/classifier",
+        "acme/quant.Q4_0",
+    }
+    assert models[EMBEDDING_MODEL]["task"] == "feature-extraction"
     tiny = models["acme/tiny-gpt"]
     assert tiny["task"] == "text-generation"
     assert tiny["requiredRAM"] is None and tiny["benchmarked"] is False
@@ -72,7 +79,7 @@ async def test_post_filters_by_task(db_dsn: str, tmp_path: Path) -> None:
         everything = await list_models(base, {}, "POST")
     assert [m["name"] for m in text_gen] == [DEMO_MODEL]
     assert [m["name"] for m in classify] == ["acme/classifier"]
-    assert len(everything) == 2
+    assert len(everything) == 3  # with the packaged embedding model
 
 
 async def test_benchmarked_model_shows_required_ram(api: Api, db: asyncpg.Pool) -> None:

@@ -11,7 +11,15 @@ _ERROR = {
     "required": ["error", "code"],
     "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
 }
-_MODEL_ID = {"type": "string", "maxLength": 96, "pattern": r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$"}
+# As strict as the server's check (schemas.model_id_problem) or stricter: every id this pattern
+# allows is accepted; no '..' or '--', no part starting or ending with '.' or '-'.
+_ID_PART = r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*"
+_MODEL_ID = {
+    "type": "string",
+    "minLength": 3,
+    "maxLength": 96,
+    "pattern": f"^{_ID_PART}/{_ID_PART}$",
+}
 _TS = {"type": ["string", "null"], "format": "date-time"}
 _MODEL_BODY = {
     "type": "object",
@@ -267,18 +275,25 @@ SCHEMAS["RunBody"] = {
         "model": _MODEL_ID,
         "prompt": {
             "oneOf": [
-                {"type": "string", "minLength": 1},
+                {"type": "string", "minLength": 1, "maxLength": 200_000},
                 {
                     "type": "array",
+                    "minItems": 1,
+                    "maxItems": 256,
+                    "description": "at most 200,000 characters of content in all",
                     "items": {
                         "type": "object",
                         "required": ["role", "content"],
-                        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                        "properties": {
+                            "role": {"enum": ["system", "user", "assistant"]},
+                            "content": {"type": "string"},
+                        },
+                        "additionalProperties": False,
                     },
                 },
             ]
         },
-        "params": {"type": "object"},
+        "params": _ref("GenerationParams"),
         "stream": {"type": "boolean", "default": False},
     },
     "additionalProperties": False,
@@ -294,11 +309,30 @@ SCHEMAS["RunAnswer"] = {
     },
 }
 
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": 64}
+SCHEMAS["GenerationParams"] = {
+    "type": "object",
+    "description": "each range-checked; max_new_tokens is capped per instance",
+    "properties": {
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 1024},
+        "max_length": {"type": "integer", "minimum": 1, "maximum": 1024},
+        "min_length": {"type": "integer", "minimum": 0, "maximum": 1024},
+        "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 5},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "do_sample": {"type": "boolean"},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
+        "stop": {"oneOf": [_STOP_STRING, {"type": "array", "items": _STOP_STRING, "maxItems": 4}]},
+        "raw": {"type": "boolean", "description": "continue the text, no chat template"},
+    },
+    "additionalProperties": False,
+}
+
 # Bodies that may be left out: an empty POST means "all defaults".
 _OPTIONAL_BODIES = frozenset({"ModelListBody", "KeyCreate"})
 SCHEMAS["ModelListBody"] = {
     "type": "object",
-    "properties": {"task": {"type": "string", "maxLength": 64}},
+    "properties": {"task": {"type": ["string", "null"], "minLength": 1, "maxLength": 64}},
     "additionalProperties": False,
 }
 SCHEMAS["ModelJob"] = {
@@ -320,7 +354,8 @@ SCHEMAS["ModelJob"] = {
 SCHEMAS["KeyCreate"] = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 100},
+        # Printable ASCII: stricter than the server (any printable text), never looser.
+        "name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": "^[ -~]+$"},
         "scope": {"enum": ["admin", "user"]},
     },
     "additionalProperties": False,

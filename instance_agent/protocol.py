@@ -332,6 +332,9 @@ def _type_name(value: object) -> str:
 
 
 def _int(name: str, value: object, low: int, high: int) -> int:
+    # JSON (and JSON Schema's "integer") does not tell 916 from 916.0: a whole number is one.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
     # bool is a subclass of int, but `"max_new_tokens": true` is a client bug, not 1.
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidParams(f"{name} must be an integer, not {_type_name(value)}")

@@ -43,7 +43,7 @@ BAD_PARAMS: list[tuple[Any, str]] = [
     ({"max_new_tokens": 0}, "between 1 and 1024"),
     ({"max_new_tokens": -5}, "between 1 and 1024"),
     ({"max_new_tokens": 1025}, "between 1 and 1024"),
-    ({"max_new_tokens": 10.0}, "must be an integer, not a number"),
+    ({"max_new_tokens": 10.5}, "must be an integer, not a number"),
     ({"max_new_tokens": "10"}, "must be an integer, not a string"),
     ({"max_new_tokens": None}, "must be an integer, not null"),
     ({"max_new_tokens": [10]}, "must be an integer, not a list"),

@@ -317,15 +317,23 @@ SCHEMAS["GenerationParams"] = {
         "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 1024},
         "max_length": {"type": "integer", "minimum": 1, "maximum": 1024},
         "min_length": {"type": "integer", "minimum": 0, "maximum": 1024},
-        "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 5},
+        "max_tokens": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 1024,
+            "description": "max_new_tokens by its OpenAI name (not both)",
+        },
+        "temperature": {"type": "number", "minimum": 0, "maximum": 5, "description": "0: greedy"},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 0, "maximum": 1000},
         "do_sample": {"type": "boolean"},
         "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
         "stop": {"oneOf": [_STOP_STRING, {"type": "array", "items": _STOP_STRING, "maxItems": 4}]},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
         "raw": {"type": "boolean", "description": "continue the text, no chat template"},
     },
     "additionalProperties": False,
+    "not": {"required": ["max_new_tokens", "max_tokens"]},
 }
 
 # Bodies that may be left out: an empty POST means "all defaults".

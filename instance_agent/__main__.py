@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--max-new-tokens-cap", type=_positive, default=DEFAULT_MAX_NEW_TOKENS_CAP)
     serve.add_argument(
+        "--handler-timeout-s",
+        type=float,
+        default=60.0,
+        help="a handler project's call answers 504 after this many seconds",
+    )
+    serve.add_argument(
         "--step-delay-s",
         type=_seconds,
         default=0.0,
@@ -112,6 +118,7 @@ def serve(args: argparse.Namespace) -> int:
         device=args.device,
         max_new_tokens_cap=args.max_new_tokens_cap,
         step_delay_s=args.step_delay_s,
+        handler_timeout_s=args.handler_timeout_s,
     )
     load_failed = threading.Event()
     exit_signal = threading.Event()

@@ -1,7 +1,8 @@
 """The agent's HTTP app over one model, loaded once in the background (`instance_agent.state`).
 
 Routes: /health, /run and /stream (the agent protocol), /chat (the single-model server's
-contract, `instance_agent.chat`), /embed for embedding models, PUT /config. /health answers from
+contract, `instance_agent.chat`), /embed for embedding models, /handle for handler projects
+(`instance_agent.user_code`), PUT /config. /health answers from
 the first moment (503 while loading); torch is imported only by the loader thread.
 """
 
@@ -209,6 +210,14 @@ async def embed(request: Request) -> Response:
     return JSONResponse(body)
 
 
+async def handle(request: Request) -> Response:
+    """`POST /handle <any JSON>`: call the project's handler; `{"output", "time_seconds"}`."""
+    state = state_of(request)
+    payload = await _read_json(request)
+    pool = state.ready_handler()
+    return Response(await pool.call(payload), media_type="application/json")
+
+
 async def configure(request: Request) -> Response:
     """`PUT /config {"concurrency": n}`: a repeated load changed the instance's concurrency."""
     state = state_of(request)
@@ -364,6 +373,7 @@ def create_app(
             Route("/stream", stream, methods=["POST"]),
             Route("/chat", chat, methods=["POST"]),
             Route("/embed", embed, methods=["POST"]),
+            Route("/handle", handle, methods=["POST"]),
         ],
         exception_handlers={
             AgentError: _on_agent_error,

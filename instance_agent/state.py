@@ -32,6 +32,7 @@ from instance_agent.weights import check_model_dir, detect_task
 if TYPE_CHECKING:
     from instance_agent.encoder import EncoderEngine
     from instance_agent.model import TransformersEngine
+    from instance_agent.user_code import HandlerPool
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,16 @@ class AgentConfig:
     task: Task | None = None
     # Testing aid: slows every decoding step so tests can observe requests in flight.
     step_delay_s: float = 0.0
+    # A handler project's calls end with 504 after this long.
+    handler_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class HandlerEngine:
+    """What /health reports for a handler project: its code picks its own device."""
+
+    device: str
+    context_tokens: int = 0
 
 
 class AgentState:
@@ -60,8 +71,8 @@ class AgentState:
         self.config = config
         self.status: Literal["loading", "ready", "failed"] = "loading"
         self.task: Task = config.task or "text-generation"
-        self.engine: TransformersEngine | EncoderEngine | None = None
-        self.batcher: Batcher | EmbeddingBatcher | None = None
+        self.engine: TransformersEngine | EncoderEngine | HandlerEngine | None = None
+        self.batcher: Batcher | EmbeddingBatcher | HandlerPool | None = None
         self.load_seconds = 0.0
         self.memory = MemoryMonitor(gpu=config.device.startswith("cuda"))
         self._on_load_failed = on_load_failed
@@ -72,15 +83,28 @@ class AgentState:
         started = time.monotonic()
         config = self.config
         try:
-            # Refuse a bad directory before spending seconds importing torch.
-            check_model_dir(config.model_dir, config.gguf_file)
             self.task = config.task or detect_task(config.model_dir, config.gguf_file)
-            batcher: Batcher | EmbeddingBatcher
-            if self.task == "feature-extraction":
+            if self.task != "handler":
+                # Refuse a bad directory before spending seconds importing torch.
+                check_model_dir(config.model_dir, config.gguf_file)
+            batcher: Batcher | EmbeddingBatcher | HandlerPool
+            engine: TransformersEngine | EncoderEngine | HandlerEngine
+            if self.task == "handler":
+                from instance_agent import user_code
+
+                _, call = user_code.load_handler(config.model_dir)
+                engine = HandlerEngine(device=config.device)
+                batcher = user_code.HandlerPool(
+                    call,
+                    concurrency=config.concurrency,
+                    max_queue=config.max_queue,
+                    timeout_s=config.handler_timeout_s,
+                )
+            elif self.task == "feature-extraction":
                 from instance_agent import encoder
 
                 encoder_engine = encoder.load_encoder(config.model_dir, device=config.device)
-                engine: TransformersEngine | EncoderEngine = encoder_engine
+                engine = encoder_engine
                 batcher = EmbeddingBatcher(
                     encoder_engine, concurrency=config.concurrency, max_queue=config.max_queue
                 )
@@ -130,8 +154,8 @@ class AgentState:
             raise ModelLoading()
         if not isinstance(self.batcher, Batcher):
             raise WrongTask(
-                f"{self.config.model_name} is an embedding model: it answers /embed, "
-                "not text generation"
+                f"{self.config.model_name} does not generate text: it answers "
+                + ("/handle" if self.task == "handler" else "/embed")
             )
         return cast("TransformersEngine", self.engine), self.batcher
 
@@ -141,10 +165,18 @@ class AgentState:
             raise ModelLoading()
         if not isinstance(self.batcher, EmbeddingBatcher):
             raise WrongTask(
-                f"{self.config.model_name} generates text: it answers /run, /stream and "
-                "/chat, not embeddings"
+                f"{self.config.model_name} does not compute embeddings: it answers "
+                + ("/handle" if self.task == "handler" else "/run, /stream and /chat")
             )
         return self.batcher
+
+    def ready_handler(self) -> HandlerPool:
+        """Return the handler pool, or raise `ModelLoading` / `WrongTask`."""
+        if self.status != "ready" or self.batcher is None:
+            raise ModelLoading()
+        if self.task != "handler":
+            raise WrongTask(f"{self.config.model_name} is a model, not a handler project")
+        return cast("HandlerPool", self.batcher)
 
 
 def state_of(request: Request) -> AgentState:

@@ -16,12 +16,16 @@ PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # served for feature extraction, as Hugging Face's pipeline picks a task from the architecture.
 _GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _CONFIG_MAX_BYTES = 1_048_576
+# A directory holding this file is a handler project (`instance_agent.project`).
+HANDLER_SPEC_FILE = "mlcp.yaml"
 
 
 def detect_task(model_dir: Path, gguf_file: str | None = None) -> Task:
     """The task a model directory serves, read from its config.json (GGUF files generate text)."""
     if gguf_file is not None:
         return "text-generation"
+    if (model_dir / HANDLER_SPEC_FILE).is_file():
+        return "handler"
     path = model_dir / "config.json"
     try:
         if path.stat().st_size > _CONFIG_MAX_BYTES:

@@ -37,6 +37,9 @@ def _heavy_modules_after(code: str) -> list[str]:
         "instance_agent.state",
         "instance_agent.chat",
         "instance_agent.embeddings",
+        "instance_agent.project",
+        "instance_agent.handler",
+        "instance_agent.user_code",
         "instance_agent.__main__",
     ],
 )

@@ -17,13 +17,24 @@ from starlette.requests import ClientDisconnect
 from benchmarker.worker import background_worker
 from control_plane import handlers
 from control_plane.activity import Activity
+from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
 from control_plane.errors import MlcpError
 from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile
-from control_plane.routes import capacity, chat, instances, jobs, keys, logs, models, openai
+from control_plane.routes import (
+    async_requests,
+    capacity,
+    chat,
+    instances,
+    jobs,
+    keys,
+    logs,
+    models,
+    openai,
+)
 from control_plane.routes import health as health_routes
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
@@ -102,6 +113,8 @@ def create_app(settings: Settings) -> Starlette:
             stack.push_async_callback(activity.flush, pool)
             # Stops first on the way out: finishes or hands back its job while the pool is open.
             await stack.enter_async_context(background_worker(pool, settings))
+            # Stops before the supervisor: held requests are handed back while instances serve.
+            await stack.enter_async_context(async_worker(state, activity.node_id))
             yield {STATE_KEY: state}
 
     app = Starlette(
@@ -116,6 +129,7 @@ def create_app(settings: Settings) -> Starlette:
             *capacity.routes,
             *openai.routes,
             *chat.routes,
+            *async_requests.routes,
         ],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,

@@ -18,13 +18,15 @@ Exception tree::
     │   ├── RouteNotFound (404 not_found)
     │   ├── ModelNotFound (404 model_not_found)
     │   ├── NotLoaded (404 not_loaded)
-    │   └── KeyNotFound (404 key_not_found)
+    │   ├── KeyNotFound (404 key_not_found)
+    │   └── RequestNotFound (404 request_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409)
     │   ├── NotBenchmarked (409 not_benchmarked)
     │   ├── BenchmarkFailed (409 benchmark_failed)
     │   ├── InstanceStopping (409 instance_stopping, Retry-After)
-    │   └── LastAdminKey (409 last_admin_key)
+    │   ├── LastAdminKey (409 last_admin_key)
+    │   └── RequestFinished (409 request_finished)
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
     ├── Invalid (422 invalid_request)
@@ -38,6 +40,7 @@ Exception tree::
     │   ├── UnsupportedTask (422 unsupported_task)
     │   ├── InsufficientMemory (422 insufficient_memory)
     │   └── ModelUnavailable (422 model_unavailable)
+    ├── TooManyRequests (429 too_many_requests, Retry-After)
     ├── InstanceError (502)
     │   ├── InstanceFailed (502 instance_failed)
     │   └── InvalidAnswer (502 instance_error)
@@ -157,6 +160,12 @@ class KeyNotFound(NotFound):
     code = "key_not_found"
 
 
+class RequestNotFound(NotFound):
+    """No such async request."""
+
+    code = "request_not_found"
+
+
 class MethodNotAllowed(MlcpError):
     """Method not allowed."""
 
@@ -197,6 +206,12 @@ class LastAdminKey(Conflict):
     """This is the last active admin key: create another admin key before revoking it."""
 
     code = "last_admin_key"
+
+
+class RequestFinished(Conflict):
+    """The async request has already finished."""
+
+    code = "request_finished"
 
 
 # -- 413, 415 --------------------------------------------------------------------------------
@@ -306,6 +321,14 @@ class InvalidAnswer(InstanceError):
     """The model instance sent an invalid answer."""
 
     code = "instance_error"
+
+
+class TooManyRequests(MlcpError):
+    """This key has too many async requests queued; retry later."""
+
+    status_code = 429
+    code = "too_many_requests"
+    default_retry_after_s = 5
 
 
 class InstanceTimeout(MlcpError):

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from control_plane.async_requests import clean_up as clean_up_async
 from control_plane.bootstrap import refresh_catalog
 from control_plane.outage import DatabaseOutage, is_outage
 from control_plane.pending_loads import PENDING_INTERVAL_S, load_pending
@@ -25,6 +26,7 @@ logging.getLogger("apscheduler").setLevel(logging.ERROR)
 FLUSH_INTERVAL_S = 0.2
 CHECK_INTERVAL_S = 2.0
 ROUTES_INTERVAL_S = 1.0
+ASYNC_CLEANUP_INTERVAL_S = 60.0
 
 
 def _guarded(
@@ -72,6 +74,9 @@ def build_scheduler(state: AppState) -> AsyncIOScheduler:
     every(ROUTES_INTERVAL_S, "routes", sup.refresh_routes)
     every(RECONCILE_INTERVAL_S, "reconciler", lambda: reconcile(sup, datetime.now(UTC)))
     every(PENDING_INTERVAL_S, "pending-loads", lambda: load_pending(state))
+    every(
+        ASYNC_CLEANUP_INTERVAL_S, "async-cleanup", lambda: clean_up_async(state, datetime.now(UTC))
+    )
     every(
         state.settings.catalog_refresh_s, "catalog", lambda: refresh_catalog(pool, state.settings)
     )

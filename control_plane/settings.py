@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     # Colon- or comma-separated folders (a plain string so a shell user can write it naturally).
     model_dirs: str = ""
     default_expiration_s: int = Field(default=1800, ge=1, le=2_592_000)
-    # Expiry of instances the OpenAI-compatible routes and /chat load on demand.
+    # Expiry of instances the OpenAI-compatible routes, /chat and async requests load on demand.
     on_demand_expiration_s: int = Field(default=300, ge=1, le=2_592_000)
     # The model `POST /chat` runs when the body names none; unset, the only running one.
     default_model: str | None = None
@@ -80,6 +80,14 @@ class Settings(BaseSettings):
             max_header_bytes=self.max_header_bytes,
             max_connections=self.max_connections,
         )
+
+    # Async requests: finished ones are kept this long; a holder that stops heartbeating for
+    # `async_lease_s` loses its requests to another control plane; `async_workers` run at once
+    # per control plane; a key may have `async_max_queued` unfinished (more get 429).
+    async_retention_s: int = Field(default=604_800, ge=1)
+    async_lease_s: float = Field(default=10.0, gt=0)
+    async_workers: int = Field(default=8, ge=1, le=256)
+    async_max_queued: int = Field(default=1000, ge=1)
 
     @property
     def model_dir_paths(self) -> list[Path]:

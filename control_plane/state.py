@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -27,6 +28,8 @@ class AppState:
     supervisor: Supervisor
     # Shared by the authenticator, the error handler and the scheduled loops.
     outage: DatabaseOutage = field(default_factory=DatabaseOutage)
+    # Wakes this control plane's async worker when a request was just stored (else it polls).
+    wake_async: Callable[[], None] = lambda: None
 
 
 def state_of(request: Request) -> AppState:

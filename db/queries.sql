@@ -383,3 +383,116 @@ WHERE i.model = $1 AND e.to_state = 'STOPPING' AND e.reason LIKE 'evicted%';
 UPDATE instances SET reserved_bytes = $2, modified_at = now()
 WHERE id = $1 AND state IN ('STARTING', 'RUNNING')
 RETURNING *;
+
+-- async requests -------------------------------------------------------------------------------
+
+-- name: insert_async_request
+-- Store a request unless its key already has $5 live ones (then no row: the burst bound). Its
+-- fair-share rank follows the key's live requests, so a key's requests stay in order.
+-- $1 = id, $2 = key_id, $3 = model, $4 = input, $5 = max_live
+INSERT INTO async_requests (id, key_id, model, input, key_rank)
+SELECT $1, $2, $3, $4, coalesce(max(key_rank) + 1, 0)
+FROM async_requests
+WHERE key_id = $2 AND state IN ('accepted', 'pending', 'processing')
+HAVING count(*) < $5
+RETURNING *;
+
+-- name: get_async_request
+-- One request of one key.
+-- $1 = id, $2 = key_id
+SELECT * FROM async_requests WHERE id = $1 AND key_id = $2;
+
+-- name: list_async_requests
+-- A key's requests, newest first, after the cursor request (none: from the newest).
+-- $1 = key_id, $2 = after_id, $3 = limit
+SELECT * FROM async_requests
+WHERE key_id = $1
+  AND ($2::uuid IS NULL OR (created_at, id) < (
+      SELECT created_at, id FROM async_requests WHERE id = $2 AND key_id = $1))
+ORDER BY created_at DESC, id DESC
+LIMIT $3;
+
+-- name: cancel_async_request
+-- Cancel a request that has not finished; a processing one is aborted by its holder, whose
+-- heartbeat stops matching.
+-- $1 = id, $2 = key_id
+UPDATE async_requests
+SET state = 'cancelled', reason = 'cancelled by the client', finished_at = now(),
+    lease_token = NULL, heartbeat_at = NULL
+WHERE id = $1 AND key_id = $2 AND state IN ('accepted', 'pending', 'processing')
+RETURNING *;
+
+-- name: claim_async_request
+-- The fairest due request (lowest rank, then oldest) becomes 'pending' under a new lease until
+-- an instance takes it.
+-- $1 = worker_id, $2 = lease_token
+UPDATE async_requests
+SET state = 'pending', lease_token = $2, worker_id = $1, heartbeat_at = now(),
+    pending_at = coalesce(pending_at, now())
+WHERE id = (
+    SELECT id FROM async_requests
+    WHERE state IN ('accepted', 'pending') AND lease_token IS NULL AND run_after <= now()
+    ORDER BY key_rank, created_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING *;
+
+-- name: reclaim_async_requests
+-- Requests whose holder stopped heartbeating: a pending one is queued again, a processing one is
+-- retried while attempts remain, else failed with the reason.
+-- $1 = lease_s
+UPDATE async_requests
+SET state = CASE WHEN state = 'processing' AND attempts >= max_attempts
+                 THEN 'failed' ELSE 'pending' END,
+    reason = CASE WHEN state <> 'processing' THEN reason
+                  WHEN attempts >= max_attempts
+                  THEN 'the control plane processing it stopped, ' || attempts || ' attempts'
+                  ELSE 'retrying: the control plane processing it stopped' END,
+    finished_at = CASE WHEN state = 'processing' AND attempts >= max_attempts THEN now() END,
+    lease_token = NULL, worker_id = NULL, heartbeat_at = NULL
+WHERE state IN ('pending', 'processing') AND lease_token IS NOT NULL
+  AND heartbeat_at < now() - make_interval(secs => $1::double precision)
+RETURNING id, state;
+
+-- name: start_async_request
+-- A leased pending request goes to its instance; no row when it was cancelled meanwhile.
+-- $1 = id, $2 = lease_token
+UPDATE async_requests
+SET state = 'processing', attempts = attempts + 1, started_at = now(), reason = NULL,
+    heartbeat_at = now()
+WHERE id = $1 AND lease_token = $2 AND state = 'pending'
+RETURNING *;
+
+-- name: heartbeat_async_request
+-- Keep the lease; no row when the request was cancelled or taken over.
+-- $1 = id, $2 = lease_token
+UPDATE async_requests SET heartbeat_at = now()
+WHERE id = $1 AND lease_token = $2 AND state IN ('pending', 'processing')
+RETURNING id;
+
+-- name: defer_async_request
+-- Back to the queue with the reason it waits, not spending an attempt, due again in $4 s.
+-- $1 = id, $2 = lease_token, $3 = reason, $4 = delay_s
+UPDATE async_requests
+SET state = 'pending', reason = $3,
+    attempts = CASE WHEN state = 'processing' THEN greatest(attempts - 1, 0) ELSE attempts END,
+    run_after = now() + make_interval(secs => $4::double precision),
+    lease_token = NULL, worker_id = NULL, heartbeat_at = NULL
+WHERE id = $1 AND lease_token = $2 AND state IN ('pending', 'processing')
+RETURNING id;
+
+-- name: finish_async_request
+-- 'success' with its result or 'failed' with its reason; no row when cancelled or taken over.
+-- $1 = id, $2 = lease_token, $3 = state, $4 = result, $5 = reason
+UPDATE async_requests
+SET state = $3, result = $4, reason = $5, finished_at = now(), lease_token = NULL,
+    heartbeat_at = NULL
+WHERE id = $1 AND lease_token = $2 AND state IN ('pending', 'processing')
+RETURNING id;
+
+-- name: delete_finished_async_requests
+-- Requests finished before the cutoff (the retention period).
+-- $1 = cutoff
+DELETE FROM async_requests WHERE finished_at < $1
+RETURNING id;

@@ -170,3 +170,24 @@ class PendingLoadRow:
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> PendingLoadRow:
         return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class AsyncRequestRow:
+    id: UUID
+    key_id: int
+    model: str
+    input: dict[str, Any]
+    state: str
+    reason: str | None
+    result: dict[str, Any] | None
+    attempts: int
+    lease_token: UUID | None
+    created_at: datetime
+    pending_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> AsyncRequestRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})

@@ -17,7 +17,7 @@ def test_every_route_is_documented(tmp_path: Path) -> None:
     app = create_app(make_settings("postgresql://127.0.0.1:1/none", tmp_path))
     text = DOC.read_text()
     # A documented path is written in backticks, optionally after its methods.
-    documented = set(re.findall(r"(/[A-Za-z0-9_./{}-]*)", text))
+    documented = set(re.findall(r"(/[A-Za-z0-9_./{}:-]*)", text))
     missing = []
     for route in app.routes:
         if isinstance(route, Route | Mount) and route.path and route.path not in documented:

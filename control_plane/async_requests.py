@@ -1,0 +1,151 @@
+"""Async requests: validate and store a submission, render one, cancel one, clean up old ones.
+
+A request is stored `accepted` and answered 202 only once committed; the worker loop
+(async_worker.py) moves it through `pending` (waiting for an instance, with the reason) and
+`processing` to `success` or `failed`; a client may `cancel` it until it finishes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from control_plane.errors import (
+    InvalidField,
+    InvalidModelId,
+    InvalidParams,
+    InvalidPrompt,
+    NotBenchmarked,
+    RequestFinished,
+    RequestNotFound,
+    TooManyRequests,
+)
+from control_plane.jobs import is_measured
+from control_plane.loading import check_runnable
+from control_plane.schemas import iso, model_id_problem, reject_unknown, require_object
+from control_plane.state import AppState
+from db import async_queries as aq
+from db import queries
+from db.rows import AsyncRequestRow
+from instance_agent.protocol import InvalidPrompt as InvalidPromptError
+from instance_agent.protocol import ProtocolError, validate_params, validate_prompt
+
+FINISHED = frozenset({"success", "failed", "cancelled"})
+INPUT, URL = "input", "URL"
+MAX_PAGE = 100
+
+
+@dataclass(frozen=True)
+class Submission:
+    model: str
+    input: dict[str, Any]
+
+
+def parse_submission(model: str, body: object) -> Submission:
+    """The body of `POST /v1/async/{model}`: `{"input": {"prompt", "params"}}`."""
+    problem = model_id_problem(model)
+    if problem:
+        raise InvalidModelId(f"the model in the path {problem}")
+    obj = require_object(body)
+    reject_unknown(obj, frozenset({INPUT, URL}))
+    data = obj.get(INPUT)
+    if not isinstance(data, dict):
+        raise InvalidField("'input' must be an object")
+    if obj.get(URL) is not None:
+        raise InvalidField("a text-generation model takes no upload: leave out 'URL'")
+    reject_unknown(data, frozenset({"prompt", "params"}))
+    if "prompt" not in data:
+        raise InvalidPrompt("'input.prompt' is required")
+    params = data.get("params") or {}
+    try:
+        validate_prompt(data["prompt"])
+        validate_params(params)
+    except InvalidPromptError as exc:
+        raise InvalidPrompt(exc.message) from exc
+    except ProtocolError as exc:
+        raise InvalidParams(exc.message) from exc
+    return Submission(model, {"prompt": data["prompt"], "params": params})
+
+
+async def submit(state: AppState, key_id: int, sub: Submission) -> AsyncRequestRow:
+    """Store the request (committed when this returns) after checking its model can run."""
+    model = check_runnable(await queries.get_model(state.pool, sub.model), sub.model)
+    if not is_measured(model):
+        raise NotBenchmarked(
+            f"model {sub.model} has not been benchmarked; request it first with POST /model/job"
+        )
+    row = await aq.insert_async_request(
+        state.pool, uuid.uuid4(), key_id, sub.model, sub.input, state.settings.async_max_queued
+    )
+    if row is None:
+        raise TooManyRequests(
+            f"this key has {state.settings.async_max_queued} unfinished async requests; "
+            "retry once some finish"
+        )
+    state.wake_async()
+    return row
+
+
+def parse_request_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError as exc:
+        raise RequestNotFound("no such async request") from exc
+
+
+async def get(state: AppState, key_id: int, request_id: str) -> AsyncRequestRow:
+    row = await aq.get_async_request(state.pool, parse_request_id(request_id), key_id)
+    if row is None:
+        raise RequestNotFound("no such async request")
+    return row
+
+
+async def cancel(state: AppState, key_id: int, request_id: str) -> AsyncRequestRow:
+    """Cancel an unfinished request of this key; a finished one is 409."""
+    rid = parse_request_id(request_id)
+    row = await aq.cancel_async_request(state.pool, rid, key_id)
+    if row is not None:
+        return row
+    current = await aq.get_async_request(state.pool, rid, key_id)
+    if current is None:
+        raise RequestNotFound("no such async request")
+    raise RequestFinished(f"the async request has already finished ({current.state})")
+
+
+def urls(base: str, request_id: uuid.UUID) -> dict[str, str]:
+    url = f"{base.rstrip('/')}/v1/async/requests/{request_id}"
+    return {"GET": url, "cancel": f"{url}/cancel"}
+
+
+def render(row: AsyncRequestRow, base: str) -> dict[str, Any]:
+    """A request as polled: status, the result once success, the error once failed."""
+    return {
+        "id": str(row.id),
+        "model": row.model,
+        "status": row.state,
+        "result": row.result if row.state == "success" else None,
+        "error": row.reason if row.state in ("failed", "cancelled") else None,
+        # Why a pending request waits (loading its model, retrying); null otherwise.
+        "reason": row.reason if row.state in ("accepted", "pending") else None,
+        "attempts": row.attempts,
+        "timestamps": {
+            "accepted": iso(row.created_at),
+            "pending": iso(row.pending_at),
+            "processing": iso(row.started_at),
+            "finished": iso(row.finished_at),
+        },
+        "urls": urls(base, row.id),
+    }
+
+
+def retention_cutoff(now: datetime, retention_s: float) -> datetime:
+    """Requests finished before this are deleted."""
+    return now - timedelta(seconds=retention_s)
+
+
+async def clean_up(state: AppState, now: datetime) -> int:
+    """Delete requests finished longer ago than the retention period; how many went."""
+    cutoff = retention_cutoff(now, state.settings.async_retention_s)
+    return len(await aq.delete_finished_async_requests(state.pool, cutoff))

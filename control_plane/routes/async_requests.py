@@ -1,0 +1,85 @@
+"""/v1/async: submit an async request, poll it, list, cancel (control_plane/async_requests.py)."""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from control_plane import async_requests as ar
+from control_plane.auth import Principal
+from control_plane.errors import InvalidField
+from control_plane.handlers import authed, json_body
+from control_plane.state import AppState
+from db import async_queries as aq
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url)
+
+
+@authed("user")
+async def submit(request: Request, state: AppState, principal: Principal) -> Response:
+    """Store an async request for the model in the path; 202 once it is committed."""
+    sub = ar.parse_submission(request.path_params["model"], await json_body(request, state))
+    row = await ar.submit(state, principal.key_id, sub)
+    return JSONResponse(
+        {"response": {"id": str(row.id), "urls": ar.urls(_base(request), row.id)}},
+        status_code=202,
+    )
+
+
+@authed("user")
+async def poll(request: Request, state: AppState, principal: Principal) -> Response:
+    """One request of this key: its status, result or error, and timestamps."""
+    row = await ar.get(state, principal.key_id, request.path_params["id"])
+    return JSONResponse(ar.render(row, _base(request)))
+
+
+@authed("user")
+async def cancel(request: Request, state: AppState, principal: Principal) -> Response:
+    """Cancel a request that has not finished (409 once it has)."""
+    row = await ar.cancel(state, principal.key_id, request.path_params["id"])
+    return JSONResponse(ar.render(row, _base(request)))
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return 20
+    if (
+        not (text.isascii() and text.isdigit() and len(text) <= 3)
+        or not 1 <= int(text) <= ar.MAX_PAGE
+    ):
+        raise InvalidField(f"'limit' must be a whole number from 1 to {ar.MAX_PAGE}")
+    return int(text)
+
+
+@authed("user")
+async def list_requests(request: Request, state: AppState, principal: Principal) -> Response:
+    """This key's requests, newest first; `?limit=N&after=<id>` pages on."""
+    limit = _limit(request.query_params.get("limit"))
+    after_text = request.query_params.get("after")
+    after = None
+    if after_text is not None:
+        try:
+            after = uuid.UUID(after_text)
+        except ValueError as exc:
+            raise InvalidField("'after' must be a request id") from exc
+    rows = await aq.list_async_requests(state.pool, principal.key_id, after, limit)
+    base = _base(request)
+    nxt = None
+    if len(rows) == limit:
+        nxt = f"{base.rstrip('/')}/v1/async/requests?limit={limit}&after={rows[-1].id}"
+    return JSONResponse({"requests": [ar.render(r, base) for r in rows], "next": nxt})
+
+
+# The request routes come first: a model path could otherwise swallow "requests/...".
+routes = [
+    Route("/v1/async/requests", list_requests, methods=["GET"]),
+    Route("/v1/async/requests/{id}", poll, methods=["GET"]),
+    Route("/v1/async/requests/{id}", cancel, methods=["DELETE"]),
+    Route("/v1/async/requests/{id}/cancel", cancel, methods=["POST"]),
+    Route("/v1/async/{model:path}", submit, methods=["POST"]),
+]

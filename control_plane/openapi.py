@@ -103,6 +103,7 @@ class Operation:
     errors: tuple[int, ...] = ()
     ok_status: int = 200
     content_types: tuple[str, ...] = ("application/json",)
+    parameters: tuple[dict[str, Any], ...] = ()
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -396,6 +397,8 @@ def _operation(op: Operation) -> dict[str, Any]:
                 "schema": {"type": "integer", "minimum": 1, "maximum": 5000, "default": 200},
             },
         ]
+    if op.parameters:
+        out["parameters"] = list(op.parameters)
     responses: dict[str, Any] = {
         str(op.ok_status): {
             "description": "OK",
@@ -413,8 +416,10 @@ def _operation(op: Operation) -> dict[str, Any]:
 
 @cache
 def openapi_document() -> dict[str, Any]:
+    from control_plane import openapi_async  # its table builds on this module's
+
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in [*OPERATIONS, *openapi_async.OPERATIONS]:
         paths.setdefault(op.path, {})[op.method] = _operation(op)
     return {
         "openapi": "3.1.0",
@@ -425,7 +430,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": dict(SCHEMAS),
+            "schemas": {**SCHEMAS, **openapi_async.SCHEMAS},
             "securitySchemes": {
                 "ApiKey": {
                     "type": "apiKey",

@@ -1,0 +1,118 @@
+"""The OpenAPI entries of the async-request routes (/v1/async), merged into openapi.py's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from control_plane.openapi import _MODEL_ID, _TS, Operation
+
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+_MODEL = {"name": "model", "in": "path", "required": True, "schema": _MODEL_ID}
+_URLS = {
+    "type": "object",
+    "properties": {"GET": {"type": "string"}, "cancel": {"type": "string"}},
+}
+_REF = {"$ref": "#/components/schemas/AsyncRequest"}
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "AsyncSubmit": {
+        "type": "object",
+        "required": ["input"],
+        "properties": {
+            "input": {
+                "type": "object",
+                "required": ["prompt"],
+                "properties": {"prompt": {}, "params": {"type": "object"}},
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+    "AsyncAccepted": {
+        "type": "object",
+        "properties": {
+            "response": {
+                "type": "object",
+                "properties": {"id": {"type": "string"}, "urls": _URLS},
+            }
+        },
+    },
+    "AsyncRequest": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "model": {"type": "string"},
+            "status": {
+                "enum": ["accepted", "pending", "processing", "success", "failed", "cancelled"]
+            },
+            "result": {"type": ["object", "null"], "description": "{text} once success"},
+            "error": {"type": ["string", "null"]},
+            "reason": {"type": ["string", "null"], "description": "why it waits"},
+            "attempts": {"type": "integer"},
+            "timestamps": {
+                "type": "object",
+                "properties": {k: _TS for k in ("accepted", "pending", "processing", "finished")},
+            },
+            "urls": _URLS,
+        },
+    },
+}
+
+OPERATIONS = [
+    Operation(
+        "post",
+        "/v1/async/{model}",
+        "Submit an async request; 202 once it is stored",
+        "user",
+        body="AsyncSubmit",
+        response={"$ref": "#/components/schemas/AsyncAccepted"},
+        errors=(400, 401, 404, 409, 413, 415, 422, 429),
+        ok_status=202,
+        parameters=(_MODEL,),
+    ),
+    Operation(
+        "get",
+        "/v1/async/requests",
+        "This key's async requests, newest first",
+        "user",
+        response={
+            "type": "object",
+            "properties": {
+                "requests": {"type": "array", "items": _REF},
+                "next": {"type": ["string", "null"]},
+            },
+        },
+        errors=(401, 422),
+        parameters=(
+            {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer"}},
+            {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+        ),
+    ),
+    Operation(
+        "get",
+        "/v1/async/requests/{id}",
+        "Poll an async request",
+        "user",
+        response=_REF,
+        errors=(401, 404),
+        parameters=(_ID,),
+    ),
+    Operation(
+        "delete",
+        "/v1/async/requests/{id}",
+        "Cancel an async request",
+        "user",
+        response=_REF,
+        errors=(401, 404, 409),
+        parameters=(_ID,),
+    ),
+    Operation(
+        "post",
+        "/v1/async/requests/{id}/cancel",
+        "Cancel an async request",
+        "user",
+        response=_REF,
+        errors=(401, 404, 409),
+        parameters=(_ID,),
+    ),
+]

@@ -21,6 +21,7 @@ from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
 from control_plane.errors import MlcpError
+from control_plane.events import EventHub
 from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile
@@ -28,6 +29,7 @@ from control_plane.routes import (
     async_requests,
     capacity,
     chat,
+    events,
     instances,
     jobs,
     keys,
@@ -91,6 +93,9 @@ def create_app(settings: Settings) -> Starlette:
                 stop_on_exit=settings.stop_instances_on_exit,
             )
             stack.push_async_callback(supervisor.close)
+            event_hub = EventHub(dsn, pool)
+            await event_hub.start()
+            stack.push_async_callback(event_hub.close)
             outage = DatabaseOutage()
             state = AppState(
                 settings,
@@ -101,6 +106,7 @@ def create_app(settings: Settings) -> Starlette:
                 session,
                 activity,
                 supervisor,
+                event_hub,
                 outage,
             )
             # Also on app.state, for tests and tooling that hold the app, not a request.
@@ -130,6 +136,7 @@ def create_app(settings: Settings) -> Starlette:
             *openai.routes,
             *chat.routes,
             *async_requests.routes,
+            *events.routes,
         ],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,

@@ -65,6 +65,9 @@ _STATUS = {
         "reason": {"type": ["string", "null"]},
         "inFlight": {"type": "integer"},
         "runtime": {"type": "string"},
+        "device": {"type": "string"},
+        "reservedBytes": {"type": "integer"},
+        "observedBytes": {"type": ["integer", "null"]},
         "endpoint": {"type": ["string", "null"], "description": "admin keys only"},
         "history": {
             "type": "array",
@@ -245,6 +248,16 @@ OPERATIONS += [
         response={"type": "string"},
         errors=(401, 403, 404, 422),
         content_types=("text/plain",),
+    ),
+    Operation(
+        "get",
+        "/events",
+        "Lifecycle events (server-sent events: `event: lifecycle`, `id`, JSON `data`); "
+        "?tail=N, ?follow=0, Last-Event-ID replay; admins see all, users their own",
+        "user",
+        response={"type": "string"},
+        errors=(400, 401),
+        content_types=("text/event-stream",),
     ),
 ]
 SCHEMAS["LoadBody"] = {

@@ -10,6 +10,7 @@ from starlette.requests import Request
 
 from control_plane.activity import Activity
 from control_plane.auth import Authenticator
+from control_plane.events import EventHub
 from control_plane.outage import DatabaseOutage
 from control_plane.settings import Settings
 from control_plane.supervisor import Supervisor
@@ -26,6 +27,7 @@ class AppState:
     session: aiohttp.ClientSession
     activity: Activity
     supervisor: Supervisor
+    events: EventHub
     # Shared by the authenticator, the error handler and the scheduled loops.
     outage: DatabaseOutage = field(default_factory=DatabaseOutage)
     # Wakes this control plane's async worker when a request was just stored (else it polls).

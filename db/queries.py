@@ -15,6 +15,7 @@ from db.rows import (
     InstanceEventRow,
     InstanceRow,
     KeyRow,
+    LifecycleEventRow,
     ModelJobRow,
     ModelProfileRow,
     ModelRow,
@@ -408,3 +409,29 @@ async def evictions_for_model(db: Executor, model: str) -> int:
 
 async def set_reserved_bytes(db: Executor, instance_id: int, mem_bytes: int) -> InstanceRow | None:
     return _instance(await db.fetchrow(sql("set_reserved_bytes"), instance_id, mem_bytes))
+
+
+# -- lifecycle events ---------------------------------------------------------------------------
+
+
+async def max_event_id(db: Executor) -> int:
+    return int(await db.fetchval(sql("max_event_id")))
+
+
+async def events_after(
+    db: Executor, after_id: int, owner_key_id: int | None, limit: int
+) -> list[LifecycleEventRow]:
+    rows = await db.fetch(sql("events_after"), after_id, owner_key_id, limit)
+    return [LifecycleEventRow.of(r) for r in rows]
+
+
+async def events_tail(
+    db: Executor, owner_key_id: int | None, limit: int
+) -> list[LifecycleEventRow]:
+    return [
+        LifecycleEventRow.of(r) for r in await db.fetch(sql("events_tail"), owner_key_id, limit)
+    ]
+
+
+async def events_by_ids(db: Executor, ids: Sequence[int]) -> list[LifecycleEventRow]:
+    return [LifecycleEventRow.of(r) for r in await db.fetch(sql("events_by_ids"), list(ids))]

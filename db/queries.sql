@@ -496,3 +496,31 @@ RETURNING id;
 -- $1 = cutoff
 DELETE FROM async_requests WHERE finished_at < $1
 RETURNING id;
+
+-- name: max_event_id
+-- The newest lifecycle event's id, 0 when there is none (no $n).
+SELECT coalesce(max(id), 0) FROM lifecycle_events;
+
+-- name: events_after
+-- Lifecycle events after a cursor, oldest first; a NULL owner means every event (admin), else
+-- that key's instances and the shared job events.
+-- $1 = after_id, $2 = owner_key_id, $3 = limit
+SELECT * FROM lifecycle_events
+WHERE id > $1 AND ($2::bigint IS NULL OR owner_key_id = $2 OR owner_key_id IS NULL)
+ORDER BY id
+LIMIT $3;
+
+-- name: events_tail
+-- The newest lifecycle events one viewer may see, oldest first (visibility as events_after).
+-- $1 = owner_key_id, $2 = limit
+SELECT * FROM (
+    SELECT * FROM lifecycle_events
+    WHERE $1::bigint IS NULL OR owner_key_id = $1 OR owner_key_id IS NULL
+    ORDER BY id DESC
+    LIMIT $2
+) newest ORDER BY id;
+
+-- name: events_by_ids
+-- The lifecycle events a notification named.
+-- $1 = ids
+SELECT * FROM lifecycle_events WHERE id = ANY($1::bigint[]) ORDER BY id;

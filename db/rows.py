@@ -191,3 +191,21 @@ class AsyncRequestRow:
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> AsyncRequestRow:
         return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class LifecycleEventRow:
+    id: int
+    kind: str
+    model: str
+    instance_id: int | None
+    job_id: int | None
+    owner_key_id: int | None
+    from_state: str | None
+    to_state: str
+    reason: str | None
+    at: datetime
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> LifecycleEventRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})

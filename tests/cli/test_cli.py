@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from json import loads as json_loads
 from pathlib import Path
 
 from tests.cli.conftest import Cli, Result, cli_env
@@ -225,3 +226,41 @@ def test_help_needs_no_server(tmp_path: Path) -> None:
     assert done.returncode == 0
     for command in ("list", "pull", "load", "ps", "run", "stop", "status", "logs", "events"):
         assert command in done.stdout.decode()
+
+
+async def test_events_lists_and_follows(cli: Cli, capi: Api) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "control_plane",
+        "events",
+        "-f",
+        "--json",
+        env=cli.env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        await asyncio.wait_for(app_state(capi).events.listening.wait(), 10)
+        for _ in range(200):  # subscribed before the transition happens
+            if app_state(capi).events.subscribers:
+                break
+            await asyncio.sleep(0.05)
+        assert (await cli("load", "fake/ok")).code == 0
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        event = json_loads(line)
+        assert event["model"] == "fake/ok" and event["to"] == "STARTING"
+        assert event["kind"] == "instance"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 130
+    await wait_status(capi, "fake/ok", "RUNNING")
+    listed = await cli("events", "--json", "-n", "10")
+    assert listed.code == 0, listed
+    moves = [json_loads(x)["to"] for x in listed.out.splitlines()]
+    assert moves == ["STARTING", "RUNNING"]
+    table = await cli("events")
+    assert "fake/ok" in table.out and "STARTING -> RUNNING" in table.out
+    replay = await cli("events", "--json", "--since", "0")
+    assert [json_loads(x)["to"] for x in replay.out.splitlines()] == ["STARTING", "RUNNING"]

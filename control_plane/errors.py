@@ -11,7 +11,9 @@ Exception tree::
     ├── BadRequest (400)
     │   ├── InvalidJson (400 invalid_json)
     │   ├── InvalidHeader (400 invalid_header)
-    │   └── HttpProtocolError (400 http_error)
+    │   ├── HttpProtocolError (400 http_error)
+    │   ├── InvalidLastEventId (400 invalid_last_event_id)
+    │   └── InvalidQuery (400 invalid_query)
     ├── Unauthorized (401 unauthorized)
     ├── Forbidden (403 forbidden)
     ├── NotFound (404)
@@ -107,6 +109,18 @@ class HttpProtocolError(BadRequest):
     """The request does not follow HTTP."""
 
     code = "http_error"
+
+
+class InvalidLastEventId(BadRequest):
+    """Last-Event-ID must be the id of an event (a non-negative integer)."""
+
+    code = "invalid_last_event_id"
+
+
+class InvalidQuery(BadRequest):
+    """A query parameter has an invalid value."""
+
+    code = "invalid_query"
 
 
 # -- 401, 403 --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from control_plane import events as hub
 from control_plane.auth import Principal
-from control_plane.errors import BadRequest
+from control_plane.errors import BadRequest, InvalidLastEventId, InvalidQuery
 from control_plane.handlers import authed
 from control_plane.state import AppState
 
@@ -29,10 +29,10 @@ PING_S = 10
 _MAX_ID_DIGITS = 18
 
 
-def _int_param(raw: str, name: str, high: int, code: str) -> int:
+def _int_param(raw: str, name: str, high: int, error: type[BadRequest]) -> int:
     raw = raw.strip()
     if not raw.isascii() or not raw.isdigit() or len(raw) > _MAX_ID_DIGITS or int(raw) > high:
-        raise BadRequest(f"'{name}' must be an integer from 0 to {high}", code=code)
+        raise error(f"'{name}' must be an integer from 0 to {high}")
     return int(raw)
 
 
@@ -44,7 +44,7 @@ def _follow(raw: str | None) -> bool:
         return True
     if value in ("0", "false", "no"):
         return False
-    raise BadRequest("'follow' must be 1 or 0", code="invalid_follow")
+    raise InvalidQuery("'follow' must be 1 or 0")
 
 
 @authed("user")
@@ -55,9 +55,9 @@ async def events(request: Request, state: AppState, principal: Principal) -> Res
     after_id = (
         None
         if raw_last is None or not raw_last.strip()
-        else _int_param(raw_last, "Last-Event-ID", 2**63 - 1, "invalid_last_event_id")
+        else _int_param(raw_last, "Last-Event-ID", 2**63 - 1, InvalidLastEventId)
     )
-    tail = _int_param(params.get("tail", "0"), "tail", MAX_TAIL, "invalid_tail")
+    tail = _int_param(params.get("tail", "0"), "tail", MAX_TAIL, InvalidQuery)
     keep_following = _follow(params.get("follow"))
     return EventSourceResponse(
         _stream(state, principal, after_id, tail, keep_following),

@@ -222,9 +222,9 @@ async def b_job(api: Api, key: str) -> None:
         ("", {"Last-Event-ID": "9" * 40}, 400, "invalid_last_event_id"),
         ("", {"Last-Event-ID": "\u0663"}, 400, "invalid_last_event_id"),
         ("?lastEventId=1e9", {}, 400, "invalid_last_event_id"),
-        ("?tail=abc", {}, 400, "invalid_tail"),
-        ("?tail=100000", {}, 400, "invalid_tail"),
-        ("?follow=maybe", {}, 400, "invalid_follow"),
+        ("?tail=abc", {}, 400, "invalid_query"),
+        ("?tail=100000", {}, 400, "invalid_query"),
+        ("?follow=maybe", {}, 400, "invalid_query"),
     ],
 )
 async def test_bad_input_is_a_clear_400(

@@ -91,6 +91,7 @@ def create_app(settings: Settings) -> Starlette:
                 max_queue=settings.max_queue,
                 start_timeout_s=settings.start_timeout_s,
                 stop_on_exit=settings.stop_instances_on_exit,
+                lease_grace_s=settings.instance_lease_grace_s,
             )
             stack.push_async_callback(supervisor.close)
             event_hub = EventHub(dsn, pool)

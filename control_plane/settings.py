@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Stop running instances when the control plane exits. Off: a restart is not a stop, the next
     # start adopts them (reconciliation).
     stop_instances_on_exit: bool = False
+    # An instance no control plane renews (every health check renews it) exits by itself this
+    # long after the last renewal, or at its expiry if that is later (instance_agent/lease.py).
+    instance_lease_grace_s: float = Field(default=300.0, ge=1)
     # The command that runs an instance agent (JSON list); tests point it at a fake agent. With
     # the docker runtime it runs inside the container.
     agent_command: list[str] | None = None

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +24,7 @@ from control_plane.runtimes.base import InstanceSpec, Launched, Listed, Runtime
 from db import queries
 from db.pool import Pool
 from db.rows import InstanceRow, ModelRow
+from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,9 @@ class Supervisor:
         max_queue: int = 8,
         start_timeout_s: float | None = None,
         stop_on_exit: bool = False,
+        lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
     ) -> None:
+        self.lease_grace_s = lease_grace_s
         self.start_timeout_s = start_timeout_s
         self.stop_on_exit = stop_on_exit
         self._starting: set[int] = set()
@@ -372,11 +376,17 @@ class Supervisor:
             await self._probe(row)
         await self.refresh_routes()
 
+    def lease_s(self, row: InstanceRow, now: datetime) -> float:
+        """How long the instance may live without another renewal: to its expiry, at least
+        the grace period (renewed at every health check, by any control plane)."""
+        return max((row.expires_at - now).total_seconds(), self.lease_grace_s)
+
     async def _probe(self, row: InstanceRow) -> None:
         assert row.endpoint is not None
         try:
             async with self.session.get(
                 row.endpoint + "/health",
+                headers={LEASE_HEADER: f"{self.lease_s(row, datetime.now(UTC)):.0f}"},
                 timeout=aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S),
             ) as resp:
                 body = await resp.json(content_type=None) if resp.status == 200 else None

@@ -12,7 +12,10 @@ import asyncio
 import functools
 import json
 import logging
+import os
+import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +31,7 @@ from instance_agent.batcher import Batcher
 from instance_agent.chat import chat_error as render_chat_error
 from instance_agent.chat import render_chat, validate_chat_body
 from instance_agent.embeddings import EmbedResponse, validate_embed_body
+from instance_agent.lease import LEASE_ENV, LEASE_HEADER, Lease, parse_lease_s, watch
 from instance_agent.protocol import (
     HEALTH_NOTE_FAILED,
     HEALTH_NOTE_LOADING,
@@ -285,6 +289,9 @@ async def health(request: Request) -> Response:
     """Report loading, or readiness with load, memory and batching figures."""
     state = state_of(request)
     config = state.config
+    renew = parse_lease_s(request.headers.get(LEASE_HEADER))
+    if state.lease is not None and renew is not None:
+        state.lease.renew(renew, time.monotonic())
     if state.status != "ready" or state.engine is None or state.batcher is None:
         waiting: HealthLoading = {
             "status": "failed" if state.status == "failed" else "loading",
@@ -346,6 +353,11 @@ def _log_load_failure(reason: str) -> None:
     logger.error("load failed: %s", reason)
 
 
+def _exit_gracefully() -> None:
+    # As a SIGTERM from the runtime would: uvicorn drains and the lifespan stops the batcher.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def create_app(
     config: AgentConfig,
     *,
@@ -358,9 +370,18 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[Mapping[str, object]]:
         loader = threading.Thread(target=state.load, name="mlcp-model-loader", daemon=True)
         loader.start()
+        lease_watch: asyncio.Task[None] | None = None
+        initial = parse_lease_s(os.environ.get(LEASE_ENV))
+        if initial is not None:
+            state.lease = Lease(initial, time.monotonic())
+            lease_watch = asyncio.create_task(
+                watch(state.lease, time.monotonic, _exit_gracefully), name="mlcp-agent-lease"
+            )
         try:
             yield {}
         finally:
+            if lease_watch is not None:
+                lease_watch.cancel()
             state.begin_shutdown()
             if state.batcher is not None:
                 await asyncio.to_thread(state.batcher.stop, 2.0)

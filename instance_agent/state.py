@@ -19,6 +19,7 @@ from starlette.requests import Request
 
 from instance_agent.batcher import Batcher
 from instance_agent.embeddings import EmbeddingBatcher
+from instance_agent.lease import Lease
 from instance_agent.memory import MemoryMonitor
 from instance_agent.protocol import (
     DEFAULT_MAX_NEW_TOKENS_CAP,
@@ -77,6 +78,9 @@ class AgentState:
         self.memory = MemoryMonitor(gpu=config.device.startswith("cuda"))
         self._on_load_failed = on_load_failed
         self._shutting_down = False
+        # Set when a control plane launched this agent (MLCP_INSTANCE_LEASE_S); renewed by
+        # its health checks, the agent exits once it lapses.
+        self.lease: Lease | None = None
 
     def load(self) -> None:
         """Load the model (blocking; runs on the loader thread) and start its batcher."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +27,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from instance_agent.lease import LEASE_ENV, LEASE_HEADER, Lease, parse_lease_s, watch
 
 
 def write_fake_model(root: Path, name: str, mode: str = "ok", **behaviour: Any) -> Path:
@@ -85,14 +89,29 @@ async def disconnected(request: Request) -> None:
 
 
 def create_app(fake: Fake, name: str, exit_after_s: float | None = None) -> Starlette:
+    lease: Lease | None = None
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal lease
         if exit_after_s is not None:
             loop = asyncio.get_running_loop()
             loop.call_later(exit_after_s, os._exit, 7)
+        # The real agent's lease (instance_agent/lease.py), so lease tests run on fakes.
+        initial = parse_lease_s(os.environ.get(LEASE_ENV))
+        watcher = None
+        if initial is not None:
+            lease = Lease(initial, time.monotonic())
+            stop = functools.partial(os.kill, os.getpid(), signal.SIGTERM)
+            watcher = asyncio.create_task(watch(lease, time.monotonic, stop))
         yield
+        if watcher is not None:
+            watcher.cancel()
 
     async def health(request: Request) -> Response:
+        renew = parse_lease_s(request.headers.get(LEASE_HEADER))
+        if lease is not None and renew is not None:
+            lease.renew(renew, time.monotonic())
         if fake.mode == "never_healthy":
             return JSONResponse({"status": "loading", "model": name}, status_code=503)
         if fake.hung:

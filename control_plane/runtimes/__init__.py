@@ -11,7 +11,10 @@ def build_runtime(settings: Settings, cluster: str) -> Runtime:
     """The runtime MLCP_RUNTIME names, labelling instances with this deployment's `cluster` id."""
     if settings.runtime == "process":
         return ProcessRuntime(
-            settings.data_dir / "logs", cluster=cluster, command=settings.agent_command
+            settings.data_dir / "logs",
+            cluster=cluster,
+            command=settings.agent_command,
+            lease_grace_s=settings.instance_lease_grace_s,
         )
     if settings.runtime == "docker":
         # Imported here: only deployments that run containers need the docker SDK loaded.

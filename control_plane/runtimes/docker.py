@@ -34,6 +34,7 @@ from docker.types import DeviceRequest
 from control_plane.errors import RuntimeFailed
 from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
 from control_plane.runtimes.process import agent_command, exit_reason, free_loopback_port
+from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -123,7 +124,11 @@ def container_config(
             MODEL: spec.model,
         },
         "volumes": {str(spec.model_dir.resolve()): {"bind": MODEL_MOUNT, "mode": "ro"}},
-        "environment": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        "environment": {
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            LEASE_ENV: f"{DEFAULT_LEASE_GRACE_S:g}",
+        },
         "user": "0:0",
         # An init process forwards SIGTERM to the agent: as PID 1 it would ignore it until
         # uvicorn installs its handlers, turning every stop during loading into a kill.

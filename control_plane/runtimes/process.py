@@ -20,6 +20,7 @@ import psutil
 
 from control_plane.errors import RuntimeFailed
 from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
+from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
 
 # <cluster>:<instance id>:<generation>
 LABEL_ENV = "MLCP_INSTANCE"
@@ -97,7 +98,9 @@ class ProcessRuntime:
         cluster: str,
         command: list[str] | None = None,
         env: dict[str, str] | None = None,
+        lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
     ) -> None:
+        self.lease_grace_s = lease_grace_s
         self.log_dir = log_dir
         self.cluster = cluster
         self._command = command
@@ -113,6 +116,7 @@ class ProcessRuntime:
         env = dict(os.environ)
         env.update(self._env)
         env[LABEL_ENV] = f"{self.cluster}:{spec.instance_id}:{spec.generation}"
+        env[LEASE_ENV] = f"{self.lease_grace_s:g}"
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         log_file = self.log_dir / f"instance-{spec.instance_id}-{spec.generation}.log"

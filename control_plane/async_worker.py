@@ -22,6 +22,7 @@ from control_plane import relay
 from control_plane.errors import InstanceBusy, InstanceStopping, MlcpError, Unavailable
 from control_plane.lifecycle import State
 from control_plane.loading import OnDemand, route_to
+from control_plane.outage import is_outage
 from control_plane.state import AppState
 from db import async_queries as aq
 from db import queries
@@ -75,8 +76,13 @@ class AsyncWorker:
                     task = asyncio.create_task(self.process(row), name=f"async-{row.id}")
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
-            except Exception:
-                logger.exception("async worker pass failed; retrying")
+            except Exception as exc:
+                # A database outage is logged once for every loop (control_plane/outage.py),
+                # not as a traceback per pass.
+                if is_outage(exc):
+                    self.state.outage.failed("async worker", exc, loop.time())
+                else:
+                    logger.exception("async worker pass failed; retrying")
             self.wake.clear()
             await _first(stop, self.wake, POLL_S)
         await self._drain()

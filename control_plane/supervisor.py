@@ -233,7 +233,7 @@ class Supervisor:
             )
             running = await queries.mark_running(
                 self.pool, row.id, launched.endpoint, launched.handle
-            )
+            ) or await self._adopted_meanwhile(row.id, launched)
             if running is None:
                 # Deleted (or failed) while starting: nothing may be left running.
                 await self.runtime.stop(launched.handle, STOP_GRACE_S)
@@ -254,6 +254,18 @@ class Supervisor:
             await self._fail(row.id, reason)
         finally:
             self._starting.discard(row.id)
+
+    async def _adopted_meanwhile(self, instance_id: int, launched: Launched) -> InstanceRow | None:
+        """The row if another control plane marked this very launch RUNNING, else None.
+
+        Another control plane's reconciler may adopt an instance this one is still launching
+        and mark it RUNNING first; it is then ours and theirs alike, not deleted. Stopping it
+        here killed 3 of 6 loads with two control planes on one database (issue 17).
+        """
+        row = await queries.get_instance(self.pool, instance_id)
+        if row is not None and row.state == State.RUNNING and row.handle == launched.handle:
+            return row
+        return None
 
     async def _wait_healthy(self, launched: Launched, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

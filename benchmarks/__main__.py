@@ -13,6 +13,7 @@ BENCHMARKS = (
     "benchmarks.bench_batching",
     "benchmarks.bench_memory",
     "benchmarks.bench_cold_start",
+    "benchmarks.bench_load",
 )
 
 

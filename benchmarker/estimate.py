@@ -75,16 +75,33 @@ def ram_for_concurrency(profile: Profile, concurrency: int) -> int:
     points = [(p.concurrency, p.peak_rss_bytes) for p in profile.phases]
     if not points:
         raise ValueError("a profile needs at least one phase")
+    return with_margin(_interpolate(points, concurrency))
+
+
+def gpu_for_concurrency(profile: Profile, concurrency: int) -> int | None:
+    """VRAM an instance on a GPU serving `concurrency` at once is expected to need, or None.
+
+    The same rule as host memory, over the per-process GPU peaks of a `cuda` profile; None
+    when the profile has no GPU reading (a `cpu` profile, or NVML hid the process).
+    """
+    points = [(p.concurrency, p.peak_gpu_bytes) for p in profile.phases]
+    known = [(c, m) for c, m in points if m is not None]
+    if not known:
+        return None
+    return with_margin(_interpolate(known, concurrency))
+
+
+def _interpolate(points: list[tuple[int, int]], concurrency: int) -> int:
     if concurrency <= points[0][0]:
-        return with_margin(points[0][1])
+        return points[0][1]
     for (c0, m0), (c1, m1) in itertools.pairwise(points):
         if concurrency <= c1:
-            return with_margin(round(m0 + (m1 - m0) * (concurrency - c0) / (c1 - c0)))
+            return round(m0 + (m1 - m0) * (concurrency - c0) / (c1 - c0))
     if len(points) == 1:
-        return with_margin(points[0][1])
+        return points[0][1]
     (c0, m0), (c1, m1) = points[-2], points[-1]
     slope = max(0.0, (m1 - m0) / (c1 - c0))
-    return with_margin(round(m1 + slope * (concurrency - c1)))
+    return round(m1 + slope * (concurrency - c1))
 
 
 def minimum_bytes(weights_bytes: int | None) -> int:

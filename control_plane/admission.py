@@ -11,9 +11,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from benchmarker.estimate import Phase, Profile, ram_for_concurrency
+from benchmarker.estimate import Phase, Profile
 from control_plane import capacity
-from control_plane.errors import CapacityFull, InsufficientMemory, StateChanging
+from control_plane.device_kind import (
+    AUTO,
+    CPU,
+    CUDA,
+    Need,
+    Observed,
+    candidates,
+    choose_kind,
+    need_on,
+)
+from control_plane.errors import CapacityFull, InsufficientMemory, NoGpu, StateChanging
 from control_plane.placement import (
     Decision,
     Evict,
@@ -35,15 +45,15 @@ from db.pool import Pool
 from db.queries import Executor
 from db.rows import InstanceRow, ModelProfileRow, ModelRow, ReservationRow
 
-DEVICE_KIND = "cpu"
-
 
 @dataclass(frozen=True)
 class Admission:
     plan: LoadPlan
-    need_bytes: int | None
+    need_bytes: int | None  # on the device: host RAM on `cpu`, VRAM on a GPU
     row: InstanceRow | None = None  # the new STARTING instance (a Place that was carried out)
     evicted: tuple[InstanceRow, ...] = ()  # stopped to make room; gone before the start
+    kind: str = CPU  # the kind of device the plan is for
+    host_bytes: int = 0  # host RAM reserved beside a GPU
 
 
 def profile_from_row(row: ModelProfileRow) -> Profile:
@@ -60,15 +70,21 @@ def profile_from_row(row: ModelProfileRow) -> Profile:
     return Profile(row.device_kind, row.load_s, 0, phases)
 
 
-async def need_bytes(pool: Pool, model: ModelRow, concurrency: int) -> int | None:
-    """Memory an instance of `model` serving `concurrency` at once will reserve, or None."""
-    profile = await queries.get_model_profile(pool, model.name, DEVICE_KIND)
-    if profile is not None and profile.phases:
-        estimate = ram_for_concurrency(profile_from_row(profile), concurrency)
-        # The catalog figure (concurrency 1) rises when a running instance was seen above it
-        # (queries.record_model_observation); memory never shrinks as concurrency grows.
-        return max(estimate, model.required_ram_bytes or 0)
-    return model.required_ram_bytes
+async def need_for(db: Executor, model: ModelRow, concurrency: int, kind: str) -> Need:
+    """What an instance of `model` on `kind` serving `concurrency` at once will reserve."""
+    profile = await queries.get_model_profile(db, model.name, kind)
+    rss, gpu = await queries.observed_peaks(db, model.name, kind, concurrency)
+    if kind == CPU and profile is None:
+        # The catalog figure stands for the host only when no other kind measured it.
+        if await queries.get_model_profile(db, model.name, CUDA) is not None:
+            return Need(CPU, None)
+    return need_on(
+        kind,
+        None if profile is None else profile_from_row(profile),
+        concurrency,
+        model.required_ram_bytes,
+        Observed(rss, gpu),
+    )
 
 
 def plan_body(model: str, concurrency: int, admission: Admission) -> dict[str, Any]:
@@ -85,6 +101,8 @@ def plan_body(model: str, concurrency: int, admission: Admission) -> dict[str, A
         "evictions": [],
         "headroomBytes": None,
         "loaded": isinstance(plan, Retune),
+        "deviceKind": admission.kind,
+        "hostBytes": admission.host_bytes if admission.kind != CPU else None,
     }
     if isinstance(plan, Retune):
         out["device"] = plan.live.device
@@ -147,30 +165,51 @@ async def admit(
     *,
     dry_run: bool = False,
     benchmark: bool = False,
+    device: str = AUTO,
 ) -> Admission:
     """Plan a load of `model` and, unless `dry_run`, carry out its memory side atomically.
 
-    In one transaction under the admission lock: read every reservation, plan (placement.py),
-    and write the plan: evictions, the new STARTING instance, or a live instance's larger
-    reservation. A plan that places nothing raises the error it stands for (not on a dry run).
-    Settings of a live instance are the caller's to apply once the evictions are gone.
+    In one transaction under the admission lock: read every reservation, choose the kind of
+    device (device_kind.py), plan (placement.py), and write the plan: evictions, the new
+    STARTING instance, or a live instance's larger reservation. A plan that places nothing
+    raises the error it stands for (not on a dry run). Settings of a live instance are the
+    caller's to apply once the evictions are gone.
     """
-    need = await need_bytes(pool, model, concurrency)
     devices = capacity.devices(capacity.observe(settings.host_memory_bytes, settings.use_gpus))
     async with pool.acquire() as conn, conn.transaction():
         await queries.lock_admission(conn)
         held = _held(await queries.reservations(conn, STALE_ACTIVITY_S))
-        plan = plan_load(model.name, need, devices, held, now, benchmark=benchmark, dry_run=dry_run)
-        if dry_run or not isinstance(plan, Place | Retune) or need is None:
-            return Admission(plan, need)
+        own = next((r for r in held if r.model == model.name), None)
+        kind = choose_kind(device, devices, None if own is None else own.device)
+        targets, host = candidates(kind, devices)
+        if not targets and kind == CUDA:
+            raise NoGpu(f'this host has no GPU for {model.name}: load with "device": "cpu"')
+        need = await need_for(conn, model, concurrency, kind)
+        plan = plan_load(
+            model.name,
+            need.device_bytes,
+            targets,
+            held,
+            now,
+            benchmark=benchmark,
+            dry_run=dry_run,
+            host=host,
+            host_bytes=need.host_bytes,
+        )
+        done = Admission(plan, need.device_bytes, kind=kind, host_bytes=need.host_bytes)
+        if dry_run or not isinstance(plan, Place | Retune) or need.device_bytes is None:
+            return done
+        need_bytes = need.device_bytes
         if isinstance(plan, Retune):
             if plan.decision is None:
-                return Admission(plan, need)
-            _refuse(plan.decision, model.name, need, concurrency)
+                return done
+            _refuse(plan.decision, model.name, need_bytes, concurrency, need.host_bytes)
             evicted = await _evict(conn, plan.decision, model.name)
-            await queries.set_reserved_bytes(conn, plan.live.instance_id, need)
-            return Admission(plan, need, None, evicted)
-        _refuse(plan.decision, model.name, need, concurrency)
+            grown = max(need_bytes, plan.live.mem_bytes)
+            host_grown = max(need.host_bytes, plan.live.host_bytes)
+            await queries.set_reserved_bytes(conn, plan.live.instance_id, grown, host_grown)
+            return Admission(plan, grown, None, evicted, kind, host_grown)
+        _refuse(plan.decision, model.name, need_bytes, concurrency, need.host_bytes)
         assert isinstance(plan.decision, Fit | Evict)
         evicted = await _evict(conn, plan.decision, model.name)
         row = await queries.insert_admitted_instance(
@@ -181,13 +220,14 @@ async def admit(
             runtime,
             owner,
             plan.decision.device,
-            need,
+            need_bytes,
             "load requested",
+            need.host_bytes,
         )
         if row is None:
             # Only a live row written without the admission lock could be in the way.
             raise StateChanging(f"an instance of {model.name} appeared meanwhile; retry")
-        return Admission(plan, need, row, evicted)
+        return Admission(plan, need_bytes, row, evicted, kind, need.host_bytes)
 
 
 def _held(rows: list[ReservationRow]) -> list[Reservation]:
@@ -201,17 +241,23 @@ def _held(rows: list[ReservationRow]) -> list[Reservation]:
             r.last_used_at,
             r.reload_s,
             r.state,
+            r.host_reserved_bytes,
         )
         for r in rows
     ]
 
 
-def _refuse(decision: Decision, model: str, need: int, concurrency: int) -> None:
+def _refuse(
+    decision: Decision, model: str, need: int, concurrency: int, host_bytes: int = 0
+) -> None:
     """Raise the error a decision that places nothing stands for."""
     if isinstance(decision, NeverFits):
+        what = f"{bytes_to_gb(need)} GB"
+        if host_bytes:
+            what = f"{what} on a GPU and {bytes_to_gb(host_bytes)} GB of host memory"
         raise InsufficientMemory(
-            f"model {model} needs {bytes_to_gb(need)} GB at concurrency {concurrency}; "
-            f"the largest device here has {bytes_to_gb(decision.largest_device_bytes)} GB usable"
+            f"model {model} needs {what} at concurrency {concurrency}; the largest device "
+            f"it needs here has {bytes_to_gb(decision.largest_device_bytes)} GB usable"
         )
     if isinstance(decision, Full):
         raise CapacityFull(

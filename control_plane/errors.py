@@ -41,6 +41,7 @@ Exception tree::
     │   ├── InvalidUnicode (422 invalid_unicode)
     │   ├── UnsupportedTask (422 unsupported_task)
     │   ├── InsufficientMemory (422 insufficient_memory)
+    │   ├── NoGpu (422 no_gpu)
     │   └── ModelUnavailable (422 model_unavailable)
     ├── TooManyRequests (429 too_many_requests, Retry-After)
     ├── InstanceError (502)
@@ -307,6 +308,12 @@ class InsufficientMemory(Invalid):
     """The model can never fit on this host."""
 
     code = "insufficient_memory"
+
+
+class NoGpu(Invalid):
+    """This host has no GPU to place on: load with "device": "cpu" or "auto"."""
+
+    code = "no_gpu"
 
 
 class ModelUnavailable(Invalid):

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from control_plane.admission import Admission, admit, plan_body
+from control_plane.device_kind import CPU
 from control_plane.errors import (
     BenchmarkFailed,
     InstanceStopping,
@@ -81,8 +82,15 @@ async def load(
         now or datetime.now(UTC),
         dry_run=request.dry_run,
         benchmark=request.benchmark,
+        device=request.device,
     )
     plan = admission.plan
+    if isinstance(plan, NotMeasured | QueueBenchmark) and admission.kind != CPU:
+        raise NotBenchmarked(
+            f"model {model.name} has not been measured on a GPU; benchmark it there with "
+            "`python -m benchmarker worker --device cuda`, or load it on the host with "
+            '"device": "cpu"'
+        )
     if isinstance(plan, NotMeasured):
         raise NotBenchmarked(
             f"model {model.name} has not been benchmarked; request it first with "

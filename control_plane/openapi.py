@@ -269,6 +269,12 @@ SCHEMAS["LoadBody"] = {
         "expirationPeriodSeconds": {"type": "integer", "minimum": 1, "maximum": 2_592_000},
         "dryRun": {"type": "boolean", "description": "return the admission plan, do nothing"},
         "benchmark": {"type": "boolean", "description": "queue the benchmark, load when done"},
+        "device": {
+            "type": "string",
+            "enum": ["auto", "cpu", "cuda"],
+            "default": "auto",
+            "description": "auto: a GPU where the host has one, else the host",
+        },
     },
     "additionalProperties": False,
 }

@@ -14,6 +14,7 @@ from datetime import datetime
 # control plane itself): 10% of the device, at least 256 MiB.
 MARGIN_FRACTION = 0.10
 MARGIN_MIN_BYTES = 256 * 1024 * 1024
+HOST_DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class Reservation:
     last_used_at: datetime
     reload_s: float  # how long this model takes to load again (its benchmarked load time)
     state: str  # an instance STOPPING still holds its memory until it is really gone
+    # Host memory an instance on a GPU holds beside its VRAM (0 on the host: mem_bytes is that).
+    host_bytes: int = 0
+
+    def usage(self) -> dict[str, int]:
+        """Bytes this instance holds per device: its own device, and the host's RAM."""
+        out = {self.device: self.mem_bytes}
+        if self.host_bytes:
+            out[HOST_DEVICE] = out.get(HOST_DEVICE, 0) + self.host_bytes
+        return out
 
 
 @dataclass(frozen=True)
@@ -78,52 +88,101 @@ def is_evictable(r: Reservation) -> bool:
 
 
 def decide(
-    need_bytes: int, devices: list[Device], reservations: list[Reservation], now: datetime
+    need_bytes: int,
+    devices: list[Device],
+    reservations: list[Reservation],
+    now: datetime,
+    *,
+    host: Device | None = None,
+    host_bytes: int = 0,
 ) -> Decision:
-    """Where `need_bytes` can go: best fit, else the cheapest idle evictions, else why not."""
+    """Where `need_bytes` can go among `devices`: best fit, else the cheapest idle evictions.
+
+    With `host` and `host_bytes` (a GPU placement), the host's RAM must hold `host_bytes` too:
+    an instance on a GPU also reserves its host memory, so the host can be the binding limit.
+    """
+    host_need = host_bytes if host is not None else 0
+    if host is not None and host_need > host.usable_bytes:
+        return NeverFits(host.usable_bytes)
     if not devices or all(need_bytes > d.usable_bytes for d in devices):
         return NeverFits(max((d.usable_bytes for d in devices), default=0))
-    used: dict[str, int] = {d.name: 0 for d in devices}
+    usable = {d.name: d.usable_bytes for d in devices}
+    if host is not None:
+        usable[host.name] = host.usable_bytes
+    used: dict[str, int] = dict.fromkeys(usable, 0)
     for r in reservations:
-        if r.device in used:
-            used[r.device] += r.mem_bytes
-    fits = [
-        (d.usable_bytes - used[d.name] - need_bytes, d.name)
-        for d in devices
-        if d.usable_bytes - used[d.name] >= need_bytes
-    ]
-    if fits:
-        headroom, name = min(fits)  # best fit: the least space left over
-        return Fit(name, headroom)
+        for name, held in r.usage().items():
+            if name in used:
+                used[name] += held
+    fits: list[tuple[int, str]] = []
     options: list[tuple[tuple[int, float], Evict]] = []
     for d in devices:
         if need_bytes > d.usable_bytes:
             continue
-        free = d.usable_bytes - used[d.name]
-        victims: list[Reservation] = []
-        candidates = sorted(
-            (r for r in reservations if r.device == d.name and is_evictable(r)),
-            key=lambda r: eviction_order(r, now),
-        )
-        for r in candidates:
-            if free >= need_bytes:
-                break
-            victims.append(r)
-            free += r.mem_bytes
-        # A victim taken early may be unneeded once a larger one joined (0.5 GB, then 2 GB for a
-        # 2 GB need): spare those, the most recently used first.
-        for r in reversed(victims[:-1]):
-            if free - r.mem_bytes >= need_bytes:
-                victims.remove(r)
-                free -= r.mem_bytes
-        if free >= need_bytes:
-            cost = (len(victims), sum(v.reload_s for v in victims))
-            options.append((cost, Evict(d.name, tuple(victims), free - need_bytes)))
+        need = {d.name: need_bytes}
+        if host is not None and host_need:
+            need[host.name] = need.get(host.name, 0) + host_need
+        free = {name: usable[name] - used[name] for name in need}
+        if all(free[n] >= need[n] for n in need):
+            fits.append((free[d.name] - need_bytes, d.name))
+            continue
+        evict = _evictions(d.name, need, free, reservations, now)
+        if evict is not None:
+            options.append(evict)
+    if fits:
+        headroom, name = min(fits)  # best fit: the least space left over
+        return Fit(name, headroom)
     if options:
         return min(options, key=lambda o: o[0])[1]
-    free_now = max(d.usable_bytes - used[d.name] for d in devices)
+    free_now = max(usable[d.name] - used[d.name] for d in devices)
+    if host is not None and host_need:
+        free_now = min(free_now, usable[host.name] - used[host.name])
     busy = [r for r in reservations if not is_evictable(r)]
     return Full(retry_after_s=retry_after(busy), free_bytes=max(0, free_now))
+
+
+def _evictions(
+    device: str,
+    need: dict[str, int],
+    free: dict[str, int],
+    reservations: list[Reservation],
+    now: datetime,
+) -> tuple[tuple[int, float], Evict] | None:
+    """The idle instances to stop so that `need` fits on every device it names, with its cost."""
+    free = dict(free)
+
+    def short() -> set[str]:
+        return {n for n in need if free[n] < need[n]}
+
+    def release(r: Reservation, sign: int) -> None:
+        for name, held in r.usage().items():
+            if name in free:
+                free[name] += sign * held
+
+    victims: list[Reservation] = []
+    candidates = sorted(
+        (r for r in reservations if is_evictable(r) and set(r.usage()) & set(need)),
+        key=lambda r: eviction_order(r, now),
+    )
+    for r in candidates:
+        missing = short()
+        if not missing:
+            break
+        if set(r.usage()) & missing:
+            victims.append(r)
+            release(r, +1)
+    # A victim taken early may be unneeded once a larger one joined (0.5 GB, then 2 GB for a
+    # 2 GB need): spare those, the most recently used first.
+    for r in reversed(victims[:-1]):
+        release(r, -1)
+        if short():
+            release(r, +1)
+        else:
+            victims.remove(r)
+    if short():
+        return None
+    cost = (len(victims), sum(v.reload_s for v in victims))
+    return cost, Evict(device, tuple(victims), free[device] - need[device])
 
 
 def retry_after(busy: list[Reservation]) -> int:
@@ -184,21 +243,27 @@ def plan_load(
     *,
     benchmark: bool = False,
     dry_run: bool = False,
+    host: Device | None = None,
+    host_bytes: int = 0,
 ) -> LoadPlan:
     """What a load of `model` needing `need_bytes` does, given every reservation held now.
 
     The same plan answers a dry run and the real call: a live model grows in place (on its own
-    device, beside everything else there), a new one is placed where it fits best.
+    device, beside everything else there), a new one is placed where it fits best. `devices`
+    are those of the kind the need was measured on; for GPUs, `host` and `host_bytes` add the
+    host memory the instance holds beside its VRAM.
     """
     own = next((r for r in reservations if r.model == model), None)
     if own is not None and own.state == "STOPPING":
         return Stopping(own.instance_id)
     if own is not None:
-        if need_bytes is None or need_bytes <= own.mem_bytes:
+        grow_host = host_bytes > own.host_bytes
+        if need_bytes is None or (need_bytes <= own.mem_bytes and not grow_host):
             return Retune(own, None)
         others = [r for r in reservations if r.instance_id != own.instance_id]
         here = [d for d in devices if d.name == own.device]
-        return Retune(own, decide(need_bytes, here, others, now))
+        need = max(need_bytes, own.mem_bytes)
+        return Retune(own, decide(need, here, others, now, host=host, host_bytes=host_bytes))
     if need_bytes is None:
         return QueueBenchmark() if benchmark and not dry_run else NotMeasured()
-    return Place(decide(need_bytes, devices, reservations, now))
+    return Place(decide(need_bytes, devices, reservations, now, host=host, host_bytes=host_bytes))

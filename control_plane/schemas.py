@@ -212,6 +212,9 @@ MAX_EXPIRATION_S = 2_592_000  # 30 days
 
 DRY_RUN = "dryRun"
 BENCHMARK = "benchmark"
+DEVICE = "device"
+# "auto": a GPU where the host has one, else the host; "cpu" or "cuda": that kind only.
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,14 @@ class LoadRequest:
     expiration_s: int
     dry_run: bool = False
     benchmark: bool = False
+    device: str = "auto"
+
+
+def parse_device_field(body: dict[str, Any]) -> str:
+    value = body.get(DEVICE, "auto")
+    if not isinstance(value, str) or value not in DEVICE_CHOICES:
+        raise InvalidField(f"'{DEVICE}' must be one of {', '.join(DEVICE_CHOICES)}")
+    return value
 
 
 def parse_bool_field(body: dict[str, Any], field: str) -> bool:
@@ -232,13 +243,14 @@ def parse_bool_field(body: dict[str, Any], field: str) -> bool:
 
 def parse_load_request(body: object, default_expiration_s: int) -> LoadRequest:
     obj = require_object(body)
-    reject_unknown(obj, frozenset({MODEL, CONCURRENCY, EXPIRATION_S, DRY_RUN, BENCHMARK}))
+    reject_unknown(obj, frozenset({MODEL, CONCURRENCY, EXPIRATION_S, DRY_RUN, BENCHMARK, DEVICE}))
     return LoadRequest(
         parse_model_field(obj),
         parse_int_field(obj, CONCURRENCY, default=1, lo=1, hi=MAX_CONCURRENCY),
         parse_int_field(obj, EXPIRATION_S, default=default_expiration_s, lo=1, hi=MAX_EXPIRATION_S),
         parse_bool_field(obj, DRY_RUN),
         parse_bool_field(obj, BENCHMARK),
+        parse_device_field(obj),
     )
 
 

@@ -319,6 +319,16 @@ async def get_model_profile(db: Executor, model: str, device_kind: str) -> Model
     return ModelProfileRow.of(row) if row else None
 
 
+async def observed_peaks(
+    db: Executor, model: str, device_kind: str, concurrency: int
+) -> tuple[int | None, int | None]:
+    """(host RSS, VRAM) peaks running instances reached at `concurrency` or below."""
+    row = await db.fetchrow(sql("observed_peaks"), model, device_kind, concurrency)
+    if row is None:
+        return None, None
+    return row["rss_bytes"], row["gpu_bytes"]
+
+
 async def record_model_observation(
     db: Executor,
     model: str,
@@ -368,6 +378,7 @@ async def insert_admitted_instance(
     device: str,
     reserved_bytes: int,
     reason: str,
+    host_reserved_bytes: int = 0,
 ) -> InstanceRow | None:
     row = await db.fetchrow(
         sql("insert_admitted_instance"),
@@ -379,6 +390,7 @@ async def insert_admitted_instance(
         device,
         reserved_bytes,
         reason,
+        host_reserved_bytes,
     )
     return _instance(row)
 
@@ -407,8 +419,12 @@ async def evictions_for_model(db: Executor, model: str) -> int:
     return int(await db.fetchval(sql("evictions_for_model"), model))
 
 
-async def set_reserved_bytes(db: Executor, instance_id: int, mem_bytes: int) -> InstanceRow | None:
-    return _instance(await db.fetchrow(sql("set_reserved_bytes"), instance_id, mem_bytes))
+async def set_reserved_bytes(
+    db: Executor, instance_id: int, mem_bytes: int, host_bytes: int = 0
+) -> InstanceRow | None:
+    return _instance(
+        await db.fetchrow(sql("set_reserved_bytes"), instance_id, mem_bytes, host_bytes)
+    )
 
 
 # -- lifecycle events ---------------------------------------------------------------------------

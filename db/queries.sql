@@ -307,6 +307,13 @@ FROM seen
 WHERE m.name = seen.model AND seen.concurrency = 1
   AND m.required_ram_bytes IS NOT NULL AND seen.peak_rss_bytes > m.required_ram_bytes;
 
+-- name: observed_peaks
+-- The highest memory running instances of a model reached on one kind of device, at this
+-- concurrency or below. $1 = model, $2 = device_kind, $3 = concurrency
+SELECT max(peak_rss_bytes) AS rss_bytes, max(peak_gpu_bytes) AS gpu_bytes
+FROM model_observations
+WHERE model = $1 AND device_kind = $2 AND concurrency <= $3;
+
 -- name: lock_model_requests
 -- Serializes /model/job decisions for one model (across control planes) until the transaction ends.
 SELECT pg_advisory_xact_lock(hashtextextended('mlcp:model_job:' || $1, 0));
@@ -321,21 +328,28 @@ SELECT id FROM cluster;
 SELECT pg_advisory_xact_lock(7301);
 
 -- name: reservations
-SELECT i.id, i.model, i.device, i.reserved_bytes, i.state, i.last_used_at,
+SELECT i.id, i.model, i.device, i.reserved_bytes, i.host_reserved_bytes, i.state,
+       i.last_used_at,
        coalesce((SELECT sum(a.in_flight) FROM instance_activity a
                  WHERE a.instance_id = i.id
                    AND a.updated_at > now() - make_interval(secs => $1::double precision)), 0)
            AS in_flight,
        coalesce((SELECT p.load_s FROM model_profiles p
-                 WHERE p.model = i.model ORDER BY p.measured_at DESC LIMIT 1), 0.0) AS reload_s
+                 WHERE p.model = i.model
+                   AND p.device_kind = split_part(i.device, ':', 1)
+                 ORDER BY p.measured_at DESC LIMIT 1), 0.0) AS reload_s
 FROM instances i
 WHERE i.state IN ('STARTING', 'RUNNING', 'STOPPING')
 ORDER BY i.id;
 
 -- name: insert_admitted_instance
+-- A new STARTING instance with what admission reserved for it (on its device, and on the host).
+-- $1 = model, $2 = concurrency, $3 = expiration_s, $4 = runtime, $5 = owner, $6 = device,
+-- $7 = reserved_bytes, $8 = reason, $9 = host_reserved_bytes
 INSERT INTO instances (model, state, reason, concurrency, expiration_s, runtime, owner_key_id,
-                       expires_at, device, reserved_bytes)
-VALUES ($1, 'STARTING', $8, $2, $3, $4, $5, now() + make_interval(secs => $3::integer), $6, $7)
+                       expires_at, device, reserved_bytes, host_reserved_bytes)
+VALUES ($1, 'STARTING', $8, $2, $3, $4, $5, now() + make_interval(secs => $3::integer), $6, $7,
+        $9)
 ON CONFLICT (model) WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') DO NOTHING
 RETURNING *;
 
@@ -380,7 +394,9 @@ SELECT count(*) FROM instance_events e JOIN instances i ON i.id = e.instance_id
 WHERE i.model = $1 AND e.to_state = 'STOPPING' AND e.reason LIKE 'evicted%';
 
 -- name: set_reserved_bytes
-UPDATE instances SET reserved_bytes = $2, modified_at = now()
+-- A live instance's larger reservation (its device, and the host beside a GPU).
+-- $1 = instance id, $2 = reserved_bytes, $3 = host_reserved_bytes
+UPDATE instances SET reserved_bytes = $2, host_reserved_bytes = $3, modified_at = now()
 WHERE id = $1 AND state IN ('STARTING', 'RUNNING')
 RETURNING *;
 

@@ -85,6 +85,7 @@ class InstanceRow:
     device: str = "cpu"
     reserved_bytes: int = 0
     rejected: int = 0
+    host_reserved_bytes: int = 0
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> InstanceRow:
@@ -152,6 +153,7 @@ class ReservationRow:
     last_used_at: datetime
     in_flight: int
     reload_s: float
+    host_reserved_bytes: int
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> ReservationRow:

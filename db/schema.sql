@@ -44,7 +44,9 @@ CREATE TABLE instances (
     modified_at         timestamptz NOT NULL DEFAULT now(),
     device              text NOT NULL DEFAULT 'cpu',
     reserved_bytes      bigint NOT NULL DEFAULT 0 CHECK (reserved_bytes >= 0),
-    rejected            bigint NOT NULL DEFAULT 0
+    rejected            bigint NOT NULL DEFAULT 0,
+    -- Host memory an instance on a GPU holds beside its VRAM (0 on the host).
+    host_reserved_bytes bigint NOT NULL DEFAULT 0 CHECK (host_reserved_bytes >= 0)
 );
 
 -- One live instance per model; stopped and failed rows stay as history.

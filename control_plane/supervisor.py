@@ -223,7 +223,10 @@ class Supervisor:
                 concurrency=row.concurrency,
                 max_queue=self.max_queue,
                 device=row.device,
-                mem_limit_bytes=mem_limit(row.reserved_bytes),
+                # The runtime's limit is on host memory: beside a GPU, that is the host part.
+                mem_limit_bytes=mem_limit(
+                    row.reserved_bytes if row.device == "cpu" else row.host_reserved_bytes
+                ),
             )
             launched = await self.runtime.start(spec)
             self._started_here.add(row.id)

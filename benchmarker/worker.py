@@ -296,7 +296,7 @@ async def _cancel(*tasks: asyncio.Future[Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def background_worker(
-    db: Pool, settings: Settings, *, name: str = "mlcp-benchmark-worker"
+    db: Pool, settings: Settings, *, name: str = "mlcp-benchmark-worker", device: str = "cpu"
 ) -> AsyncIterator[Worker]:
     """Run a worker as a named task for the lifetime of the block (the control plane's lifespan).
 
@@ -304,7 +304,7 @@ async def background_worker(
     which stops its measuring child and hands the job back to the queue.
     """
     stop = asyncio.Event()
-    worker = Worker(db, ModelBenchmark(db, settings))
+    worker = Worker(db, ModelBenchmark(db, settings, device=device))
     task = asyncio.create_task(worker.run(stop), name=name)
     try:
         yield worker

@@ -20,6 +20,7 @@ from control_plane.activity import Activity
 from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
+from control_plane.capacity import benchmark_device
 from control_plane.errors import MlcpError
 from control_plane.events import EventHub
 from control_plane.outage import DatabaseOutage
@@ -119,7 +120,8 @@ def create_app(settings: Settings) -> Starlette:
             # Counters not yet flushed are written before the pool closes.
             stack.push_async_callback(activity.flush, pool)
             # Stops first on the way out: finishes or hands back its job while the pool is open.
-            await stack.enter_async_context(background_worker(pool, settings))
+            device = benchmark_device(settings.benchmark_device, settings.use_gpus)
+            await stack.enter_async_context(background_worker(pool, settings, device=device))
             # Stops before the supervisor: held requests are handed back while instances serve.
             await stack.enter_async_context(async_worker(state, activity.node_id))
             yield {STATE_KEY: state}

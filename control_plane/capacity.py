@@ -44,6 +44,11 @@ def gpu_readings() -> list[Observed]:
             pynvml.nvmlShutdown()
 
 
+def gpu_free(device: str) -> int | None:
+    """One GPU's free memory now ("cuda:0"), or None when NVML cannot read it."""
+    return next((r.free_bytes for r in gpu_readings() if r.device == device), None)
+
+
 def observe(host_memory_bytes: int | None, gpus: bool) -> list[Observed]:
     """Host RAM (a declared capacity replaces the machine's total) and GPUs."""
     vm = psutil.virtual_memory()
@@ -57,3 +62,10 @@ def observe(host_memory_bytes: int | None, gpus: bool) -> list[Observed]:
 
 def devices(readings: list[Observed]) -> list[Device]:
     return [Device(r.device, r.total_bytes) for r in readings]
+
+
+def benchmark_device(setting: str, use_gpus: bool) -> str:
+    """Where this control plane's benchmark worker measures: `auto` is the first GPU if any."""
+    if setting != "auto":
+        return setting
+    return "cuda:0" if use_gpus and gpu_readings() else "cpu"

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # shared hosts can declare less).
     host_memory_bytes: int | None = Field(default=None, gt=0)
     use_gpus: bool = True
+    # Where the built-in benchmark worker measures models: `auto` (cuda:0 on a GPU host, so
+    # models get the `cuda` profile GPU placement needs; else cpu), `cpu`, `cuda:N`.
+    benchmark_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # Stop running instances when the control plane exits. Off: a restart is not a stop, the next
     # start adopts them (reconciliation).
     stop_instances_on_exit: bool = False

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import aiohttp
 
+from control_plane import capacity
 from control_plane.activity import Activity
 from control_plane.errors import InstanceFailed, InstanceStopping, MlcpError
 from control_plane.lifecycle import State, allowed_from, health_timeout_s
 from control_plane.model_store import prepare_model
 from control_plane.runtimes.base import InstanceSpec, Launched, Listed, Runtime
+from control_plane.vram_recovery import FreeReader, wait_for_recovery
 from db import queries
 from db.pool import Pool
 from db.rows import InstanceRow, ModelRow
@@ -97,6 +99,8 @@ class Supervisor:
         self._missed: dict[int, int] = {}
         self._started_here: set[int] = set()
         self._failing: set[int] = set()  # being stopped by fail_and_stop right now
+        # A GPU's free memory now (NVML); a stopped GPU instance is released once it is back.
+        self.read_gpu_free: FreeReader = capacity.gpu_free
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -315,8 +319,13 @@ class Supervisor:
         self._set_route(row)
         if drain and row.endpoint and row.handle:
             await self._drain(row.endpoint)
+        on_gpu = row.device.startswith("cuda") and row.reserved_bytes > 0
+        free_before = await asyncio.to_thread(self.read_gpu_free, row.device) if on_gpu else None
         if row.handle:
             await self.runtime.stop(row.handle, STOP_GRACE_S)
+        if on_gpu:
+            # Its reservation (the STOPPING row) holds until the driver shows the memory back.
+            await wait_for_recovery(row.device, row.reserved_bytes, free_before, self.read_gpu_free)
         return await self._finish_stop(row.id, row.reason)
 
     async def _drain(self, endpoint: str) -> None:

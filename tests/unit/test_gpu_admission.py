@@ -186,3 +186,17 @@ def test_live_observed_vram_and_host_memory_correct_the_profile() -> None:
     assert need == Need(CUDA, with_margin(4 * GB), with_margin(2 * GB))
     lower = need_on(CUDA, CUDA_PROFILE, 1, None, Observed(GB // 2, GB))
     assert lower == need_on(CUDA, CUDA_PROFILE, 1, None)  # never lowered by a reading
+
+
+def test_the_builtin_benchmark_worker_measures_where_instances_will_run() -> None:
+    from pydantic import ValidationError
+
+    from control_plane.capacity import benchmark_device, gpu_readings
+    from control_plane.settings import Settings
+
+    assert benchmark_device("cuda:1", True) == "cuda:1"
+    assert benchmark_device("auto", False) == "cpu"
+    assert benchmark_device("auto", True) == ("cuda:0" if gpu_readings() else "cpu")
+    assert Settings(benchmark_device="cuda:2").benchmark_device == "cuda:2"
+    with pytest.raises(ValidationError):
+        Settings(benchmark_device="gpu")

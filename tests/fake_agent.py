@@ -238,6 +238,8 @@ def main() -> int:
     if behaviour.get("mode") == "load_fail":
         print("mlcp-agent: load failed: the fake model refuses to load", file=sys.stderr)
         return 3
+    # "start_delay_s": a model that takes a while to load (the port opens only after it).
+    time.sleep(float(behaviour.get("start_delay_s", 0.0)))
     fake = Fake(behaviour, args.concurrency, args.max_queue)
     exit_after = (
         float(behaviour.get("exit_after_s", 1.0))

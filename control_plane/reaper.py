@@ -32,3 +32,11 @@ async def reap(
         logger.info("reaping instance %s of %s: %s", row.id, row.model, row.reason)
     await asyncio.gather(*(supervisor.finish_stopping(row) for row in claimed))
     return claimed
+
+
+async def reap_by_database_clock(
+    pool: Pool, supervisor: Supervisor, activity: Activity
+) -> list[InstanceRow]:
+    """One pass judged by the database's clock, so a jump of this host's clock (NTP step, VM
+    resume) neither reaps live instances nor keeps expired ones (issue 17)."""
+    return await reap(pool, supervisor, activity, await queries.database_now(pool))

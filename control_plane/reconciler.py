@@ -95,3 +95,8 @@ async def reconcile(supervisor: Supervisor, now: datetime, starting_grace_s: flo
         )
     await supervisor.refresh_routes()
     return decided
+
+
+async def reconcile_by_database_clock(supervisor: Supervisor) -> Plan:
+    """One pass; a STARTING row's age is measured by the database's clock, as it was written."""
+    return await reconcile(supervisor, await queries.database_now(supervisor.pool))

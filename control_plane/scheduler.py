@@ -14,8 +14,8 @@ from control_plane.async_requests import clean_up as clean_up_async
 from control_plane.bootstrap import refresh_catalog
 from control_plane.outage import DatabaseOutage, is_outage
 from control_plane.pending_loads import PENDING_INTERVAL_S, load_pending
-from control_plane.reaper import REAP_INTERVAL_S, reap
-from control_plane.reconciler import RECONCILE_INTERVAL_S, reconcile
+from control_plane.reaper import REAP_INTERVAL_S, reap_by_database_clock
+from control_plane.reconciler import RECONCILE_INTERVAL_S, reconcile_by_database_clock
 from control_plane.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,10 @@ def build_scheduler(state: AppState) -> AsyncIOScheduler:
         )
 
     every(FLUSH_INTERVAL_S, "flush-activity", lambda: act.flush(pool))
-    every(REAP_INTERVAL_S, "reaper", lambda: reap(pool, sup, act, datetime.now(UTC)))
+    every(REAP_INTERVAL_S, "reaper", lambda: reap_by_database_clock(pool, sup, act))
     every(CHECK_INTERVAL_S, "instance-check", sup.check)
     every(ROUTES_INTERVAL_S, "routes", sup.refresh_routes)
-    every(RECONCILE_INTERVAL_S, "reconciler", lambda: reconcile(sup, datetime.now(UTC)))
+    every(RECONCILE_INTERVAL_S, "reconciler", lambda: reconcile_by_database_clock(sup))
     every(PENDING_INTERVAL_S, "pending-loads", lambda: load_pending(state))
     every(
         ASYNC_CLEANUP_INTERVAL_S, "async-cleanup", lambda: clean_up_async(state, datetime.now(UTC))

@@ -451,3 +451,8 @@ async def events_tail(
 
 async def events_by_ids(db: Executor, ids: Sequence[int]) -> list[LifecycleEventRow]:
     return [LifecycleEventRow.of(r) for r in await db.fetch(sql("events_by_ids"), list(ids))]
+
+
+async def database_now(db: Executor) -> datetime:
+    now: datetime = await db.fetchval(sql("database_now"))
+    return now

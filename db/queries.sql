@@ -540,3 +540,7 @@ SELECT * FROM (
 -- The lifecycle events a notification named.
 -- $1 = ids
 SELECT * FROM lifecycle_events WHERE id = ANY($1::bigint[]) ORDER BY id;
+
+-- name: database_now
+-- The database's clock: expiry is judged by it, never by a control plane's own clock (no $n).
+SELECT now();

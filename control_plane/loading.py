@@ -64,10 +64,37 @@ def check_runnable(model: ModelRow | None, name: str) -> ModelRow:
 
 
 async def load(
-    state: AppState, request: LoadRequest, owner: int | None, now: datetime | None = None
+    state: AppState,
+    request: LoadRequest,
+    owner: int | None,
+    now: datetime | None = None,
+    *,
+    may_retune_others: bool = True,
 ) -> LoadOutcome:
-    """Load `request.model`, or retune its live instance; see the module docstring."""
+    """Load `request.model`, or retune its live instance; see the module docstring.
+
+    With `may_retune_others` False (a user key), a live instance another key loaded is shared:
+    asking for its current settings answers it as it is, asking for others is 404 not_loaded
+    (only its owner or an admin may retune it). Checked before admission, so a refused retune
+    never evicts anything.
+    """
     model = check_runnable(await queries.get_model(state.pool, request.model), request.model)
+    if not may_retune_others and not request.dry_run:
+        current = await queries.latest_instance_for_model(state.pool, request.model)
+        if (
+            current is not None
+            and current.state in (State.STARTING, State.RUNNING)
+            and current.owner_key_id != owner
+        ):
+            if (current.concurrency, current.expiration_s) == (
+                request.concurrency,
+                request.expiration_s,
+            ):
+                return LoadOutcome("updated", current)
+            raise NotLoaded(
+                f"model {request.model} has no instance loaded by this key; the shared instance "
+                "may be run, but only the key that loaded it (or an admin) may change it"
+            )
     sup = state.supervisor
     # This node's in-flight counts must be in the database before idleness is judged.
     await state.activity.flush(state.pool)

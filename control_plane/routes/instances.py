@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from control_plane import relay
 from control_plane.auth import Principal
-from control_plane.errors import InvalidAnswer
+from control_plane.errors import InvalidAnswer, NotLoaded
 from control_plane.handlers import authed, json_body
 from control_plane.lifecycle import State
 from control_plane.loading import cold_wait_s, load, not_loaded, route_to
@@ -52,7 +52,7 @@ def _status(state: AppState, row: InstanceRow) -> dict[str, Any]:
 async def load_model(request: Request, state: AppState, principal: Principal) -> Response:
     """Start an instance (or update the live one's concurrency and expiration)."""
     body = parse_load_request(await json_body(request, state), state.settings.default_expiration_s)
-    outcome = await load(state, body, principal.key_id)
+    outcome = await load(state, body, principal.key_id, may_retune_others=principal.is_admin)
     if outcome.plan is not None:
         return JSONResponse(outcome.plan)
     if outcome.row is None:
@@ -103,17 +103,31 @@ async def status(request: Request, state: AppState, principal: Principal) -> Res
 
 @authed("user")
 async def list_instances(request: Request, state: AppState, principal: Principal) -> Response:
-    """Every live instance."""
+    """Live instances: all for admins; for users their own and the shared RUNNING ones."""
     await state.activity.flush(state.pool)
     rows = await queries.live_instances(state.pool)
+    if not principal.is_admin:
+        rows = [r for r in rows if may_manage(principal, r) or r.state == State.RUNNING]
     return JSONResponse([_status(state, r) for r in rows])
+
+
+def may_manage(principal: Principal, row: InstanceRow) -> bool:
+    """Only the key that loaded an instance, or an admin, may stop, retune or read its logs."""
+    return principal.is_admin or row.owner_key_id == principal.key_id
+
+
+def not_yours(model: str) -> NotLoaded:
+    return NotLoaded(f"model {model} has no instance loaded by this key")
 
 
 @authed("user")
 async def delete(request: Request, state: AppState, principal: Principal) -> Response:
     """Stop the model's instance; the answer is its final status."""
     body = parse_model_request(await json_body(request, state))
-    row = await state.supervisor.delete(await _latest(state, body.model))
+    latest = await _latest(state, body.model)
+    if not may_manage(principal, latest):
+        raise not_yours(body.model)
+    row = await state.supervisor.delete(latest)
     return JSONResponse(_status(state, row))
 
 

@@ -7,9 +7,10 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from control_plane.auth import Principal
-from control_plane.errors import Forbidden, InvalidField, InvalidModelId, NotLoaded
+from control_plane.errors import InvalidField, InvalidModelId, NotLoaded
 from control_plane.handlers import authed
 from control_plane.loading import not_loaded
+from control_plane.routes.instances import may_manage, not_yours
 from control_plane.schemas import model_id_problem
 from control_plane.state import AppState
 from db import queries
@@ -35,8 +36,9 @@ async def logs(request: Request, state: AppState, principal: Principal) -> Respo
         raise await not_loaded(state, model)
     if not row.handle:
         raise NotLoaded(f"model {model} has no instance with logs")
-    if not principal.is_admin and row.owner_key_id != principal.key_id:
-        raise Forbidden("only an admin or the key that loaded this instance may read its logs")
+    if not may_manage(principal, row):
+        # Another key's instance answers as if it were not there (tenancy: 404, not 403).
+        raise not_yours(model)
     text = await state.supervisor.runtime.logs(row.handle, int(raw_tail))
     return PlainTextResponse(text + ("\n" if text else ""))
 

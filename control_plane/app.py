@@ -93,6 +93,7 @@ def create_app(settings: Settings) -> Starlette:
                 start_timeout_s=settings.start_timeout_s,
                 stop_on_exit=settings.stop_instances_on_exit,
                 lease_grace_s=settings.instance_lease_grace_s,
+                progress_timeout_s=settings.progress_timeout_s,
             )
             stack.push_async_callback(supervisor.close)
             event_hub = EventHub(dsn, pool)

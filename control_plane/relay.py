@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from control_plane import proxy
-from control_plane.errors import InstanceBusy, InstanceFailed
+from control_plane.errors import InstanceBusy, InstanceFailed, InstanceTimeout
 from control_plane.state import AppState
 from control_plane.supervisor import Route
 
@@ -87,7 +87,14 @@ async def call(
         # The client left: cancelling closes the upstream connection, which stops generation.
         with CancelOnDisconnect(receive) as guard:
             try:
-                answer = await proxy.run(state.session, route.endpoint, payload, path)
+                try:
+                    async with state.supervisor.progress_watch(route.instance_id):
+                        answer = await proxy.run(state.session, route.endpoint, payload, path)
+                except TimeoutError as exc:  # only the watch raises it; proxy.run translates
+                    raise InstanceTimeout(
+                        "the model instance made no progress (it stopped answering health "
+                        f"checks) for {state.supervisor.progress_timeout_s:g} s"
+                    ) from exc
             except BaseException as exc:
                 _count_failure(state, route, exc)
                 raise

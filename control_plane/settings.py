@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # An instance no control plane renews (every health check renews it) exits by itself this
     # long after the last renewal, or at its expiry if that is later (instance_agent/lease.py).
     instance_lease_grace_s: float = Field(default=300.0, ge=1)
+    # A request to an instance that has stopped answering health checks for this long ends
+    # with 504 (the instance is killed after 3 missed checks, ~15 s).
+    progress_timeout_s: float = Field(default=5.0, gt=0)
     # The command that runs an instance agent (JSON list); tests point it at a fake agent. With
     # the docker runtime it runs inside the container.
     agent_command: list[str] | None = None

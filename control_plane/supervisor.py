@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,8 +81,14 @@ class Supervisor:
         start_timeout_s: float | None = None,
         stop_on_exit: bool = False,
         lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
+        progress_timeout_s: float = 5.0,
     ) -> None:
         self.lease_grace_s = lease_grace_s
+        self.progress_timeout_s = progress_timeout_s
+        # Instances whose health checks fail, since when (loop time); and the deadlines of the
+        # requests waiting on each (see progress_watch).
+        self._unhealthy_since: dict[int, float] = {}
+        self._progress_waiters: dict[int, set[asyncio.Timeout]] = {}
         self.start_timeout_s = start_timeout_s
         self.stop_on_exit = stop_on_exit
         self._starting: set[int] = set()
@@ -405,8 +412,40 @@ class Supervisor:
         the grace period (renewed at every health check, by any control plane)."""
         return max((row.expires_at - now).total_seconds(), self.lease_grace_s)
 
+    @contextlib.asynccontextmanager
+    async def progress_watch(self, instance_id: int) -> AsyncIterator[None]:
+        """Raise TimeoutError in the block once the instance has not answered a health check
+        for `progress_timeout_s` (issue 17: a hung instance made clients wait ~17 s for its
+        kill). Nothing fires while no check runs (a database outage stops the check pass)."""
+        async with asyncio.timeout(None) as deadline:
+            since = self._unhealthy_since.get(instance_id)
+            if since is not None:
+                deadline.reschedule(since + self.progress_timeout_s)
+            waiting = self._progress_waiters.setdefault(instance_id, set())
+            waiting.add(deadline)
+            try:
+                yield
+            finally:
+                waiting.discard(deadline)
+                if not waiting:
+                    self._progress_waiters.pop(instance_id, None)
+
+    def _health_seen(self, instance_id: int, ok: bool, probe_started: float) -> None:
+        """Arm (first miss) or disarm (an answer) the deadlines of requests waiting on it."""
+        if ok:
+            if self._unhealthy_since.pop(instance_id, None) is not None:
+                for deadline in self._progress_waiters.get(instance_id, ()):
+                    deadline.reschedule(None)
+            return
+        if instance_id in self._unhealthy_since:
+            return
+        self._unhealthy_since[instance_id] = probe_started
+        for deadline in self._progress_waiters.get(instance_id, ()):
+            deadline.reschedule(probe_started + self.progress_timeout_s)
+
     async def _probe(self, row: InstanceRow) -> None:
         assert row.endpoint is not None
+        probe_started = asyncio.get_running_loop().time()
         try:
             async with self.session.get(
                 row.endpoint + "/health",
@@ -416,6 +455,7 @@ class Supervisor:
                 body = await resp.json(content_type=None) if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             body = None
+        self._health_seen(row.id, body is not None, probe_started)
         if body is None:
             missed = self._missed.get(row.id, 0) + 1
             self._missed[row.id] = missed

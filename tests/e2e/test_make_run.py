@@ -75,7 +75,7 @@ def test_make_run_survives_a_restart(data_dir: Path, tmp_path: Path) -> None:
         assert (status, err["code"]) == (403, "forbidden")
 
         # The CLI joins the same embedded server while the API runs ...
-        listed = mlcp_cli(data_dir, "keys", "list")
+        listed = mlcp_cli(data_dir, "admin", "keys", "list")
         assert listed.returncode == 0, listed.stderr
         assert "e2e-user" in [k["name"] for k in json.loads(listed.stdout)]
         assert user not in listed.stdout and admin not in listed.stdout

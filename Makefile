@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint typecheck bench image clean
+.PHONY: install chromium run test test-fast lint typecheck bench image clean
 
 # MLCP_TORCH=cpu|cuda|auto (default auto): a CUDA build of torch where NVML answers, else the
 # CPU pin; scripts/torch_choice.py decides and installs a CUDA build before the agent extra.
@@ -28,15 +28,20 @@ $(STAMP): pyproject.toml scripts/torch_choice.py
 
 install: $(STAMP)
 
+# The dashboard test drives Debian's chromium through playwright (never a downloaded browser).
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
+
 run: install
 	@# MLCP_RUNTIME=docker runs each instance in a container: build the agent image first (cached).
 	@if [ "$${MLCP_RUNTIME:-process}" = docker ]; then $(PY) -m instance_agent.image build; fi
 	$(PY) -m control_plane serve
 
-test: install
+test: install chromium
 	$(PY) -m pytest tests
 
-test-fast: install
+test-fast: install chromium
 	$(PY) -m pytest tests/unit tests/integration -m "not slow and not docker"
 
 lint: install

@@ -21,6 +21,7 @@ from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
 from control_plane.capacity import benchmark_device
+from control_plane.dashboard import routes as dashboard_routes
 from control_plane.errors import MlcpError
 from control_plane.events import EventHub
 from control_plane.outage import DatabaseOutage
@@ -41,6 +42,7 @@ from control_plane.routes import (
 from control_plane.routes import health as health_routes
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
+from control_plane.sessions import Signer
 from control_plane.settings import Settings
 from control_plane.state import STATE_KEY, AppState
 from control_plane.supervisor import Supervisor
@@ -111,6 +113,11 @@ def create_app(settings: Settings) -> Starlette:
                 supervisor,
                 event_hub,
                 outage,
+                Signer(
+                    settings.session_secret.get_secret_value().encode()
+                    if settings.session_secret
+                    else None
+                ),
             )
             # Also on app.state, for tests and tooling that hold the app, not a request.
             app.state.mlcp = state
@@ -141,6 +148,7 @@ def create_app(settings: Settings) -> Starlette:
             *chat.routes,
             *async_requests.routes,
             *events.routes,
+            *dashboard_routes,
         ],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = None
     data_dir: Path = Path(".mlcp")
     admin_key: SecretStr | None = None
+    # Signs dashboard session cookies; set it on every control plane of a deployment so they accept
+    # each other's sessions. Unset: a random secret per process.
+    session_secret: SecretStr | None = None
     runtime: Literal["process", "docker"] = "process"
     # Colon- or comma-separated folders (a plain string so a shell user can write it naturally).
     model_dirs: str = ""

@@ -12,6 +12,7 @@ from control_plane.activity import Activity
 from control_plane.auth import Authenticator
 from control_plane.events import EventHub
 from control_plane.outage import DatabaseOutage
+from control_plane.sessions import Signer
 from control_plane.settings import Settings
 from control_plane.supervisor import Supervisor
 from db.pool import Pool
@@ -30,6 +31,8 @@ class AppState:
     events: EventHub
     # Shared by the authenticator, the error handler and the scheduled loops.
     outage: DatabaseOutage = field(default_factory=DatabaseOutage)
+    # Signs dashboard session cookies.
+    signer: Signer = field(default_factory=Signer)
     # Wakes this control plane's async worker when a request was just stored (else it polls).
     wake_async: Callable[[], None] = lambda: None
 

@@ -20,6 +20,11 @@ from db import queries
 @authed("admin")
 async def capacity(request: Request, state: AppState, principal: Principal) -> Response:
     """Devices with total, usable, reserved and observed-free bytes, and their instances."""
+    return JSONResponse({"devices": await device_report(state)})
+
+
+async def device_report(state: AppState) -> list[dict[str, Any]]:
+    """Each device's memory and the instances holding some of it (also the dashboard's page)."""
     observed = readings.observe(state.settings.host_memory_bytes, state.settings.use_gpus)
     held = await queries.reservations(state.pool, STALE_ACTIVITY_S)
     devices: list[dict[str, Any]] = []
@@ -57,7 +62,7 @@ async def capacity(request: Request, state: AppState, principal: Principal) -> R
                 ],
             }
         )
-    return JSONResponse({"devices": devices})
+    return devices
 
 
 routes = [Route("/capacity", capacity, methods=["GET"])]

@@ -18,10 +18,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control_plane import events as hub
-from control_plane.auth import Principal
+from control_plane.auth import Principal, extract_key
 from control_plane.errors import BadRequest, InvalidLastEventId, InvalidQuery
-from control_plane.handlers import authed
-from control_plane.state import AppState
+from control_plane.state import AppState, state_of
 
 MAX_TAIL = 1000
 PING_S = 10
@@ -47,9 +46,16 @@ def _follow(raw: str | None) -> bool:
     raise InvalidQuery("'follow' must be 1 or 0")
 
 
-@authed("user")
-async def events(request: Request, state: AppState, principal: Principal) -> Response:
-    """Lifecycle events of jobs, instances and evictions, as they happen."""
+async def events(request: Request) -> Response:
+    """Lifecycle events of jobs, instances and evictions, as they happen.
+
+    A key in the headers, or the dashboard's session cookie (its page listens here).
+    """
+    from control_plane.dashboard import session_principal
+
+    state = state_of(request)
+    found = None if extract_key(request.headers) else await session_principal(request, state)
+    principal = found[0] if found else await state.auth.authenticate(request.headers, "user")
     params = request.query_params
     raw_last = request.headers.get("last-event-id") or params.get("lastEventId")
     after_id = (

@@ -93,6 +93,8 @@ def served_operations(routes: list[BaseRoute], prefix: str = "") -> set[tuple[st
     found: set[tuple[str, str]] = set()
     for route in routes:
         if isinstance(route, Route):
+            if not route.include_in_schema:  # HTML pages (the dashboard), not the API
+                continue
             for method in route.methods or {"GET"}:
                 if method != "HEAD":  # Starlette adds HEAD to every GET route
                     found.add((method.lower(), _openapi_path(prefix + route.path)))

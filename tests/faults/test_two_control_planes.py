@@ -11,7 +11,7 @@ import pytest
 
 from control_plane.reconciler import reconcile
 from tests.faults.scenario import control_plane
-from tests.harness import app_state, instance_pid, load, pid_alive, wait_status
+from tests.harness import Api, app_state, instance_pid, load, pid_alive, wait_gone, wait_status
 
 pytestmark = pytest.mark.faults
 
@@ -47,3 +47,58 @@ async def test_an_adopted_launch_is_not_killed(db_dsn: str, tmp_path: Path) -> N
                 status, body = await api.call("POST", "/model/run", {"model": model, "prompt": "x"})
                 assert status == 200, (model, body)
             await wait_status(b, model, "RUNNING")
+
+
+RACED = "fake/raced"
+
+
+async def transitions(api: Api, model: str) -> list[tuple[str | None, str]]:
+    rows = await app_state(api).pool.fetch(
+        "SELECT e.from_state, e.to_state FROM instance_events e JOIN instances i "
+        "ON i.id = e.instance_id WHERE i.model = $1 ORDER BY e.id",
+        model,
+    )
+    return [(r["from_state"], r["to_state"]) for r in rows]
+
+
+async def test_racing_loads_deletes_and_reaping(db_dsn: str, tmp_path: Path) -> None:
+    models = {RACED: {"mode": "ok", "delay_s": 0.005}}
+    async with (
+        control_plane(db_dsn, tmp_path / "a", models) as a,
+        control_plane(db_dsn, tmp_path / "b", models) as b,
+    ):
+        # Both load at once: one instance, and both answers are about it.
+        body = {"model": RACED, "expirationPeriodSeconds": 2}
+        answers = await asyncio.gather(
+            a.call("POST", "/model/load", body), b.call("POST", "/model/load", body)
+        )
+        assert [s for s, _ in answers] == [200, 200], answers
+        await wait_status(a, RACED, "RUNNING")
+        pid = await instance_pid(a, RACED)
+        count = await app_state(a).pool.fetchval(
+            "SELECT count(*) FROM instances WHERE model = $1", RACED
+        )
+        assert count == 1
+        # Both reapers see it expire (2 s idle): it is stopped once.
+        await wait_status(b, RACED, "STOPPED", timeout_s=20)
+        await wait_gone(pid)
+        moves = await transitions(a, RACED)
+        assert moves.count(("RUNNING", "STOPPING")) == 1, moves
+        assert [to for _, to in moves].count("STOPPED") == 1, moves
+
+        # Load again, then both delete at once: stopped once, both answers say so.
+        body = {"model": RACED, "expirationPeriodSeconds": 300}
+        assert (await a.call("POST", "/model/load", body))[0] == 200
+        await wait_status(b, RACED, "RUNNING")
+        pid = await instance_pid(a, RACED)
+        deleted = await asyncio.gather(
+            a.call("POST", "/model/delete", {"model": RACED}),
+            b.call("POST", "/model/delete", {"model": RACED}),
+        )
+        assert all(s in (200, 409) for s, _ in deleted), deleted
+        assert any(s == 200 for s, _ in deleted), deleted
+        await wait_status(a, RACED, "STOPPED", timeout_s=20)
+        await wait_gone(pid)
+        moves = await transitions(a, RACED)
+        assert moves.count(("RUNNING", "STOPPING")) == 2, moves  # one per instance
+        assert [to for _, to in moves].count("STOPPED") == 2, moves

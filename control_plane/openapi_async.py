@@ -6,6 +6,8 @@ from typing import Any
 
 from control_plane.openapi import _MODEL_ID, _TS, Operation
 
+# uuid.UUID() text: hypothesis ignores "format", the pattern makes generated ids real ones.
+_UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _MODEL = {"name": "model", "in": "path", "required": True, "schema": _MODEL_ID}
 _URLS = {
@@ -84,8 +86,18 @@ OPERATIONS = [
         },
         errors=(401, 422),
         parameters=(
-            {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer"}},
-            {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "format": "uuid", "pattern": _UUID_PATTERN},
+            },
         ),
     ),
     Operation(

@@ -47,6 +47,8 @@ _KEY = {
         "scope": {"enum": ["admin", "user"]},
         "created": _TS,
         "revoked": _TS,
+        "disabled": _TS,
+        "expiresAt": _TS,
         "key": {"type": "string", "description": "only when created"},
     },
 }
@@ -178,7 +180,25 @@ OPERATIONS: list[Operation] = [
         response=_ref("Key"),
         errors=(401, 403, 404, 409),
     ),
+    Operation(
+        "patch",
+        "/admin/keys/{key_id}",
+        "Disable or enable a key, or set or clear its expiry (the last usable admin key: 409)",
+        "admin",
+        body="KeyUpdate",
+        response=_ref("Key"),
+        errors=(*_AUTH_ERRORS, 403, 404, 409),
+    ),
 ]
+SCHEMAS["KeyUpdate"] = {
+    "type": "object",
+    "minProperties": 1,
+    "properties": {
+        "disabled": {"type": "boolean"},
+        "expiresAt": {"type": ["string", "null"], "format": "date-time"},
+    },
+    "additionalProperties": False,
+}
 
 # Instances: /model/load, /model/status, /model/run, /model/instances, /model/delete.
 _INSTANCE_LIST = {"type": "array", "items": _ref("InstanceStatus")}

@@ -185,6 +185,40 @@ def parse_key_create(body: object) -> KeyCreateRequest:
     return KeyCreateRequest(name, scope)
 
 
+@dataclass(frozen=True)
+class KeyUpdateRequest:
+    disabled: bool | None
+    change_expiry: bool
+    expires_at: datetime | None
+
+
+def parse_key_update(body: object) -> KeyUpdateRequest:
+    """`{"disabled": bool, "expiresAt": ISO-8601 with a zone or null (never)}`, one or both."""
+    obj = require_object(body)
+    reject_unknown(obj, frozenset({"disabled", "expiresAt"}))
+    if not obj:
+        raise InvalidField("give 'disabled' (true or false) and/or 'expiresAt'")
+    disabled = obj.get("disabled")
+    if disabled is not None and not isinstance(disabled, bool):
+        raise InvalidField("'disabled' must be true or false")
+    expires_at: datetime | None = None
+    if "expiresAt" in obj and obj["expiresAt"] is not None:
+        raw = obj["expiresAt"]
+        if not isinstance(raw, str) or len(raw) > 40:
+            raise InvalidField("'expiresAt' must be an ISO-8601 time like 2030-01-31T00:00:00Z")
+        try:
+            expires_at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidField(
+                "'expiresAt' must be an ISO-8601 time like 2030-01-31T00:00:00Z"
+            ) from None
+        if expires_at.tzinfo is None:
+            raise InvalidField("'expiresAt' needs a time zone (end it with Z)")
+        if not 2000 <= expires_at.year <= 9000:
+            raise InvalidField("'expiresAt' must be a year from 2000 to 9000")
+    return KeyUpdateRequest(disabled, "expiresAt" in obj, expires_at)
+
+
 def render_key(row: KeyRow, secret: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": row.id,
@@ -193,6 +227,8 @@ def render_key(row: KeyRow, secret: str | None = None) -> dict[str, Any]:
         "scope": row.scope,
         "created": iso(row.created_at),
         "revoked": iso(row.revoked_at),
+        "disabled": iso(row.disabled_at),
+        "expiresAt": iso(row.expires_at),
     }
     if secret is not None:
         out["key"] = secret

@@ -82,6 +82,21 @@ async def revoke_key(db: Executor, key_id: int) -> KeyRow | None:
     return KeyRow.of(row) if row else None
 
 
+async def set_key_state(
+    db: Executor,
+    key_id: int,
+    disabled: bool | None,
+    change_expiry: bool,
+    expires_at: datetime | None,
+) -> KeyRow | None:
+    row = await db.fetchrow(sql("set_key_state"), key_id, disabled, change_expiry, expires_at)
+    return KeyRow.of(row) if row else None
+
+
+async def other_usable_admin_keys(db: Executor, key_id: int) -> int:
+    return int(await db.fetchval(sql("other_usable_admin_keys"), key_id))
+
+
 async def get_active_key(db: Executor, key_id: int) -> KeyRow | None:
     row = await db.fetchrow(sql("get_active_key"), key_id)
     return KeyRow.of(row) if row else None

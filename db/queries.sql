@@ -9,10 +9,11 @@ RETURNING id, name, prefix, scope, created_at, revoked_at;
 -- name: get_active_key_by_hash
 SELECT id, name, prefix, key_hash, scope
 FROM api_keys
-WHERE key_hash = $1 AND revoked_at IS NULL;
+WHERE key_hash = $1 AND revoked_at IS NULL AND disabled_at IS NULL
+  AND (expires_at IS NULL OR expires_at > now());
 
 -- name: list_keys
-SELECT id, name, prefix, scope, created_at, revoked_at
+SELECT id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at
 FROM api_keys
 ORDER BY id;
 
@@ -33,11 +34,12 @@ WHERE id = $1 AND revoked_at IS NULL
 RETURNING id, name, prefix, scope, created_at, revoked_at;
 
 -- name: get_active_key
--- One key that is not revoked, by id.
+-- One key that is usable now (not revoked, disabled or expired), by id.
 -- $1 = key_id
-SELECT id, name, prefix, scope, created_at, revoked_at
+SELECT id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at
 FROM api_keys
-WHERE id = $1 AND revoked_at IS NULL;
+WHERE id = $1 AND revoked_at IS NULL AND disabled_at IS NULL
+  AND (expires_at IS NULL OR expires_at > now());
 
 -- name: restore_admin_key
 -- Make the key with this hash an active admin key again (MLCP_ADMIN_KEY is authoritative).
@@ -544,3 +546,21 @@ SELECT * FROM lifecycle_events WHERE id = ANY($1::bigint[]) ORDER BY id;
 -- name: database_now
 -- The database's clock: expiry is judged by it, never by a control plane's own clock (no $n).
 SELECT now();
+
+-- name: set_key_state
+-- Disable or enable a key that is not revoked ($2 null: unchanged), and set or clear its expiry
+-- ($3 true: set expires_at to $4, which may be null for never).
+-- $1 = key_id, $2 = disabled, $3 = change_expiry, $4 = expires_at
+UPDATE api_keys
+SET disabled_at = CASE WHEN $2::boolean IS NULL THEN disabled_at
+                       WHEN $2::boolean THEN coalesce(disabled_at, now()) ELSE NULL END,
+    expires_at = CASE WHEN $3::boolean THEN $4::timestamptz ELSE expires_at END
+WHERE id = $1 AND revoked_at IS NULL
+RETURNING id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at;
+
+-- name: other_usable_admin_keys
+-- How many admin keys other than $1 are usable now.
+-- $1 = key_id
+SELECT count(*) FROM api_keys
+WHERE scope = 'admin' AND id <> $1 AND revoked_at IS NULL AND disabled_at IS NULL
+  AND (expires_at IS NULL OR expires_at > now());

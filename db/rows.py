@@ -17,10 +17,21 @@ class KeyRow:
     scope: str
     created_at: datetime
     revoked_at: datetime | None
+    disabled_at: datetime | None = None
+    expires_at: datetime | None = None
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> KeyRow:
-        return cls(r["id"], r["name"], r["prefix"], r["scope"], r["created_at"], r["revoked_at"])
+        return cls(
+            r["id"],
+            r["name"],
+            r["prefix"],
+            r["scope"],
+            r["created_at"],
+            r["revoked_at"],
+            r.get("disabled_at"),
+            r.get("expires_at"),
+        )
 
 
 @dataclass(frozen=True)

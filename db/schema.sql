@@ -267,3 +267,8 @@ CREATE TRIGGER model_jobs_publish_update
     AFTER UPDATE OF state ON model_jobs
     FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
     EXECUTE FUNCTION lifecycle_events_from_job();
+
+-- Keys can be disabled and enabled again (revoking is for good), and carry an optional expiry.
+ALTER TABLE api_keys
+    ADD COLUMN disabled_at timestamptz,
+    ADD COLUMN expires_at  timestamptz;

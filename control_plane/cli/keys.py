@@ -1,4 +1,4 @@
-"""Key commands over HTTP (admin key): keys create/list/revoke."""
+"""Key commands over HTTP (admin key): keys create/list/disable/enable/expire/revoke."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _target(ctx: typer.Context) -> Target:
 
 def _print_keys(rows: list[dict[str, Any]]) -> None:
     output.table(
-        ["ID", "NAME", "SCOPE", "PREFIX", "CREATED", "STATE"],
+        ["ID", "NAME", "SCOPE", "PREFIX", "CREATED", "STATE", "EXPIRES"],
         [
             (
                 r.get("id"),
@@ -34,7 +34,8 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
                 r.get("scope"),
                 r.get("prefix"),
                 r.get("created"),
-                "revoked" if r.get("revoked") else "active",
+                "revoked" if r.get("revoked") else "disabled" if r.get("disabled") else "active",
+                r.get("expiresAt") or "-",
             )
             for r in rows
         ],
@@ -76,3 +77,36 @@ def revoke(ctx: typer.Context, key_id: KeyId, as_json: JsonFlag = False) -> None
         output.print_json(answer)
         return
     _print_keys([answer])
+
+
+def _update(ctx: typer.Context, key_id: int, body: dict[str, Any], as_json: bool) -> None:
+    answer = _target(ctx).client().call("PATCH", f"/admin/keys/{key_id}", body)
+    if as_json:
+        output.print_json(answer)
+        return
+    _print_keys([answer])
+
+
+@keys_app.command("disable")
+def disable(ctx: typer.Context, key_id: KeyId, as_json: JsonFlag = False) -> None:
+    """Disable a key (it stops working until enabled again)."""
+    _update(ctx, key_id, {"disabled": True}, as_json)
+
+
+@keys_app.command("enable")
+def enable(ctx: typer.Context, key_id: KeyId, as_json: JsonFlag = False) -> None:
+    """Enable a disabled key."""
+    _update(ctx, key_id, {"disabled": False}, as_json)
+
+
+@keys_app.command("expire")
+def expire(
+    ctx: typer.Context,
+    key_id: KeyId,
+    at: Annotated[
+        str, typer.Argument(help="an ISO-8601 time such as 2030-01-31T00:00:00Z, or 'never'")
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Set when a key stops working, or 'never'."""
+    _update(ctx, key_id, {"expiresAt": None if at == "never" else at}, as_json)

@@ -264,3 +264,19 @@ async def test_events_lists_and_follows(cli: Cli, capi: Api) -> None:
     assert "fake/ok" in table.out and "STARTING -> RUNNING" in table.out
     replay = await cli("events", "--json", "--since", "0")
     assert [json_loads(x)["to"] for x in replay.out.splitlines()] == ["STARTING", "RUNNING"]
+
+
+async def test_keys_disable_enable_expire(cli: Cli) -> None:
+    created = (await cli("keys", "create", "carol", "--json")).json()
+    key_id = str(created["id"])
+    disabled = await cli("keys", "disable", key_id, "--json")
+    assert disabled.code == 0 and disabled.json()["disabled"] is not None
+    assert_clean_error(await cli("list", key=created["key"]), "401")
+    table = await cli("keys", "list")
+    assert "disabled" in table.out
+    assert (await cli("keys", "enable", key_id)).code == 0
+    assert (await cli("list", "--json", key=created["key"])).code == 0
+    expired = await cli("keys", "expire", key_id, "2030-01-31T00:00:00Z", "--json")
+    assert expired.code == 0 and expired.json()["expiresAt"].startswith("2030-01-31")
+    assert (await cli("keys", "expire", key_id, "never", "--json")).json()["expiresAt"] is None
+    assert_clean_error(await cli("keys", "expire", key_id, "soon"), "expiresAt")

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install chromium run test test-fast lint typecheck bench image clean
+.PHONY: install chromium run test test-fast lint typecheck bench image clean gpu-check
 
 # MLCP_TORCH=cpu|cuda|auto (default auto): a CUDA build of torch where NVML answers, else the
 # CPU pin; scripts/torch_choice.py decides and installs a CUDA build before the agent extra.
@@ -53,6 +53,11 @@ typecheck: install
 
 bench: install
 	$(PY) -m benchmarks
+
+# On a GPU host: mlcp end to end on cuda:0 with the GPU figures (under 8 minutes, offline);
+# elsewhere it says "no GPU (NVML: ...)" and exits 3.
+gpu-check: install
+	PYTHONPATH=$(CURDIR) $(PY) scripts/gpu_check.py
 
 image: install
 	$(PY) -m instance_agent.image build

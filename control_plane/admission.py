@@ -26,6 +26,7 @@ from control_plane.device_kind import (
 from control_plane.errors import CapacityFull, InsufficientMemory, NoGpu, StateChanging
 from control_plane.placement import (
     Decision,
+    Device,
     Evict,
     Fit,
     Full,
@@ -166,6 +167,7 @@ async def admit(
     dry_run: bool = False,
     benchmark: bool = False,
     device: str = AUTO,
+    devices: list[Device] | None = None,
 ) -> Admission:
     """Plan a load of `model` and, unless `dry_run`, carry out its memory side atomically.
 
@@ -173,9 +175,11 @@ async def admit(
     device (device_kind.py), plan (placement.py), and write the plan: evictions, the new
     STARTING instance, or a live instance's larger reservation. A plan that places nothing
     raises the error it stands for (not on a dry run). Settings of a live instance are the
-    caller's to apply once the evictions are gone.
+    caller's to apply once the evictions are gone. `devices` replaces this host's readings
+    (host RAM and NVML's GPUs) where given.
     """
-    devices = capacity.devices(capacity.observe(settings.host_memory_bytes, settings.use_gpus))
+    if devices is None:
+        devices = capacity.devices(capacity.observe(settings.host_memory_bytes, settings.use_gpus))
     async with pool.acquire() as conn, conn.transaction():
         await queries.lock_admission(conn)
         held = _held(await queries.reservations(conn, STALE_ACTIVITY_S))

@@ -262,7 +262,7 @@ def run_check(data: Path) -> dict[str, float]:
     models = data / "models"
     build_tiny_model(models / SECOND)
     key = "mlcp_" + secrets.token_hex(16)
-    step("starting a control plane (embedded PostgreSQL, benchmark worker on cuda:0)")
+    step(f"starting a control plane (embedded PostgreSQL, benchmark worker on {KIND})")
     proc, api = start_control_plane(data, models, key)
     figures: dict[str, float] = {}
     try:

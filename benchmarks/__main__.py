@@ -14,6 +14,7 @@ BENCHMARKS = (
     "benchmarks.bench_memory",
     "benchmarks.bench_cold_start",
     "benchmarks.bench_load",
+    "benchmarks.bench_events",
 )
 
 

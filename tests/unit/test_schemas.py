@@ -176,3 +176,14 @@ def test_render_key_shows_secret_only_when_given() -> None:
     assert render_key(row, "mlcp_secret")["key"] == "mlcp_secret"
     assert render_key(row)["created"] == "2024-01-01T00:00:00.000Z"
     assert render_key(row)["revoked"] is None
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:0", "", 1, None, True])
+def test_load_device_is_one_of_auto_cpu_cuda(device: object) -> None:
+    from control_plane.errors import InvalidField
+    from control_plane.schemas import parse_load_request
+
+    with pytest.raises(InvalidField, match="'device' must be one of auto, cpu, cuda"):
+        parse_load_request({"model": "org/m", "device": device}, 60)
+    assert parse_load_request({"model": "org/m"}, 60).device == "auto"
+    assert parse_load_request({"model": "org/m", "device": "cpu"}, 60).device == "cpu"

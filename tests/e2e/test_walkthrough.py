@@ -65,7 +65,7 @@ def test_curl_walkthrough_with_smollm2(tmp_path: Path) -> None:
         base = server.base
         model = {"model": DEMO_MODEL}
         status, listed = http("GET", base + "/model/list", KEY)
-        assert status == 200 and [m["name"] for m in listed] == [DEMO_MODEL]
+        assert status == 200 and DEMO_MODEL in [m["name"] for m in listed]
 
         status, job = http("POST", base + "/model/job", KEY, model)
         assert status == 200 and job["success"] is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
 from benchmarker.worker import background_worker
@@ -24,6 +26,7 @@ from control_plane.capacity import benchmark_device
 from control_plane.dashboard import routes as dashboard_routes
 from control_plane.errors import MlcpError
 from control_plane.events import EventHub
+from control_plane.metrics import Metrics, RecordRequests
 from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile
@@ -40,6 +43,7 @@ from control_plane.routes import (
     openai,
 )
 from control_plane.routes import health as health_routes
+from control_plane.routes import metrics as metrics_routes
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
 from control_plane.sessions import Signer
@@ -65,6 +69,9 @@ def announce_admin_key(secret: str) -> None:
 
 
 def create_app(settings: Settings) -> Starlette:
+    node = settings.node_name or f"{socket.gethostname()}:{settings.port}"
+    metrics = Metrics(node, enabled=settings.metrics)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
         async with contextlib.AsyncExitStack() as stack:
@@ -118,7 +125,9 @@ def create_app(settings: Settings) -> Starlette:
                     if settings.session_secret
                     else None
                 ),
+                metrics=metrics,
             )
+            supervisor.on_loaded = metrics.loaded
             # Also on app.state, for tests and tooling that hold the app, not a request.
             app.state.mlcp = state
             await reconcile(supervisor, datetime.now(UTC))
@@ -135,6 +144,7 @@ def create_app(settings: Settings) -> Starlette:
             yield {STATE_KEY: state}
 
     app = Starlette(
+        middleware=[Middleware(RecordRequests, metrics=metrics)] if settings.metrics else [],
         routes=[
             # /model/run first: Starlette tries routes in order, and it is the hot path.
             *instances.routes,
@@ -149,6 +159,7 @@ def create_app(settings: Settings) -> Starlette:
             *async_requests.routes,
             *events.routes,
             *dashboard_routes,
+            *metrics_routes.routes,
         ],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,

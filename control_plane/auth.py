@@ -70,6 +70,9 @@ def extract_key(headers: Headers) -> str | None:
 
 
 def scope_allows(have: str, need: str) -> bool:
+    # A `metrics` key (what a Prometheus scraper holds) may read /metrics and nothing else.
+    if need == "metrics":
+        return have in ("admin", "metrics")
     return SCOPE_RANK.get(have, -1) >= SCOPE_RANK[need]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
@@ -101,6 +102,10 @@ async def call(
         if guard.disconnected:
             return None
         completed = True
+        if isinstance(answer, dict):
+            state.metrics.tokens(
+                route.model, answer.get("prompt_tokens"), answer.get("tokens_generated")
+            )
         return answer
     finally:
         state.activity.end(route.instance_id, completed=completed)
@@ -118,6 +123,7 @@ class Upstream:
         self.route = route
         self.resp = resp
         self._finished = False
+        self.opened_at = time.perf_counter()
 
     def finish(self, *, completed: bool) -> None:
         if self._finished:
@@ -147,14 +153,20 @@ async def open_stream(
 async def pieces(upstream: Upstream) -> AsyncGenerator[Piece, None]:
     """A piece per agent read; the last one carries 'done' or an error. Finishes upstream."""
     completed = False
+    metrics, model = upstream.state.metrics, upstream.route.model
+    first = True
     try:
         async for batch in proxy.event_batches(upstream.resp):
             texts: list[str] = []
+            if first:
+                first = False
+                metrics.first_token(model, time.perf_counter() - upstream.opened_at)
             for event in batch:
                 if "text" in event:
                     texts.append(str(event["text"]))
                 elif event.get("done"):
                     completed = True
+                    metrics.tokens(model, event.get("prompt_tokens"), event.get("tokens_generated"))
                     yield "".join(texts), event
                     return
                 elif "error" in event:

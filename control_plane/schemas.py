@@ -164,7 +164,7 @@ def render_model(row: ModelRow) -> dict[str, Any]:
 
 KEY_NAME = "name"
 KEY_SCOPE = "scope"
-SCOPES = ("admin", "user")
+SCOPES = ("admin", "user", "metrics")
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def parse_key_create(body: object) -> KeyCreateRequest:
         raise InvalidField("'name' must be 1-100 printable characters")
     scope = obj.get(KEY_SCOPE, "user")
     if scope not in SCOPES:
-        raise InvalidField("'scope' must be 'admin' or 'user'")
+        raise InvalidField("'scope' must be 'admin', 'user' or 'metrics'")
     return KeyCreateRequest(name, scope)
 
 

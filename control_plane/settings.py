@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     on_demand_expiration_s: int = Field(default=300, ge=1, le=2_592_000)
     # The model `POST /chat` runs when the body names none; unset, the only running one.
     default_model: str | None = None
+    # Record request metrics for /metrics (MLCP_METRICS=false turns recording off).
+    metrics: bool = True
+    # The `node` label of this control plane's metrics; unset, host:port.
+    node_name: str | None = None
 
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # Client limits (control_plane/http_guard.py): a request's line, headers and body must all

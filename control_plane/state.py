@@ -11,6 +11,7 @@ from starlette.requests import Request
 from control_plane.activity import Activity
 from control_plane.auth import Authenticator
 from control_plane.events import EventHub
+from control_plane.metrics import Metrics
 from control_plane.outage import DatabaseOutage
 from control_plane.sessions import Signer
 from control_plane.settings import Settings
@@ -35,6 +36,7 @@ class AppState:
     signer: Signer = field(default_factory=Signer)
     # Wakes this control plane's async worker when a request was just stored (else it polls).
     wake_async: Callable[[], None] = lambda: None
+    metrics: Metrics = field(default_factory=lambda: Metrics("local", enabled=False))
 
 
 def state_of(request: Request) -> AppState:

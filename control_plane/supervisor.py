@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,6 +99,8 @@ class Supervisor:
         self.model_store = model_store
         self.max_queue = max_queue
         self._routes: dict[str, Route] = {}
+        # Told each instance's model and load time once it runs (the load-duration metric).
+        self.on_loaded: Callable[[str, float], None] = lambda model, seconds: None
         self._running_events: dict[str, asyncio.Event] = {}
         # Requests waiting in each instance's queue, as its last health check said.
         self.queued: dict[int, int] = {}
@@ -239,6 +241,7 @@ class Supervisor:
                     row.reserved_bytes if row.device == "cpu" else row.host_reserved_bytes
                 ),
             )
+            launch_started = time.monotonic()
             launched = await self.runtime.start(spec)
             self._started_here.add(row.id)
             await queries.set_instance_handle(self.pool, row.id, launched.handle, launched.endpoint)
@@ -254,6 +257,7 @@ class Supervisor:
                 await self._finish_stop(row.id)
                 return
             self._set_route(running)
+            self.on_loaded(row.model, time.monotonic() - launch_started)
             logger.info("instance %s of %s is running", row.id, row.model)
         except asyncio.CancelledError:
             if launched is not None:

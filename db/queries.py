@@ -471,3 +471,7 @@ async def events_by_ids(db: Executor, ids: Sequence[int]) -> list[LifecycleEvent
 async def database_now(db: Executor) -> datetime:
     now: datetime = await db.fetchval(sql("database_now"))
     return now
+
+
+async def metrics_counts(db: Executor) -> list[tuple[str, str, int]]:
+    return [(r["family"], r["label"], int(r["n"])) for r in await db.fetch(sql("metrics_counts"))]

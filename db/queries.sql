@@ -564,3 +564,15 @@ RETURNING id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_
 SELECT count(*) FROM api_keys
 WHERE scope = 'admin' AND id <> $1 AND revoked_at IS NULL AND disabled_at IS NULL
   AND (expires_at IS NULL OR expires_at > now());
+
+-- name: metrics_counts
+-- What /metrics reports from the database: instances and jobs by state, evictions by reason
+-- (no $n); rows are (family, label, n).
+SELECT 'instances' AS family, state AS label, count(*) AS n FROM instances GROUP BY state
+UNION ALL
+SELECT 'jobs', state, count(*) FROM model_jobs GROUP BY state
+UNION ALL
+SELECT 'evictions', regexp_replace(reason, ' for .*$', ''), count(*)
+FROM instance_events
+WHERE to_state = 'STOPPING' AND reason LIKE 'evicted%'
+GROUP BY 2;

@@ -5,7 +5,7 @@ CREATE TABLE api_keys (
     name        text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
     prefix      text NOT NULL,
     key_hash    bytea NOT NULL UNIQUE,
-    scope       text NOT NULL CHECK (scope IN ('admin', 'user')),
+    scope       text NOT NULL CHECK (scope IN ('admin', 'user', 'metrics')),
     created_at  timestamptz NOT NULL DEFAULT now(),
     revoked_at  timestamptz
 );

@@ -19,6 +19,7 @@ from control_plane.errors import InvalidAnswer, NotLoaded
 from control_plane.handlers import authed, json_body
 from control_plane.lifecycle import State
 from control_plane.loading import cold_wait_s, load, not_loaded, route_to
+from control_plane.metrics import MODEL_SCOPE_KEY
 from control_plane.schemas import (
     parse_load_request,
     parse_model_request,
@@ -136,6 +137,8 @@ async def run(request: Request, state: AppState, principal: Principal) -> Respon
     """Run the model: JSON, or a stream of text (or server-sent events)."""
     body = parse_run_request(await json_body(request, state))
     route = await route_to(state, body.model, cold_wait_s(request.headers.get("prefer")))
+    # Labelled only once routed: a label per made-up model name would grow forever.
+    request.scope[MODEL_SCOPE_KEY] = body.model
     if body.stream:
         upstream = await relay.open_stream(state, route, body.payload)
         if "text/event-stream" in request.headers.get("accept", ""):

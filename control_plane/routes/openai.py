@@ -22,6 +22,7 @@ from control_plane.auth import Principal
 from control_plane.errors import InvalidAnswer, MlcpError, UnsupportedTask
 from control_plane.handlers import json_body
 from control_plane.loading import OnDemand, check_runnable, cold_wait_s, route_to
+from control_plane.metrics import MODEL_SCOPE_KEY
 from control_plane.openai_schemas import (
     Generation,
     error_body,
@@ -72,6 +73,8 @@ async def serving(
 ) -> InstanceRoute:
     """Where `model` runs, loading it on demand; a model of another task is refused first."""
     row = check_runnable(await queries.get_model(state.pool, model), model)
+    # Labelled only once known to the catalog: a label per made-up name would grow forever.
+    request.scope[MODEL_SCOPE_KEY] = model
     if row.task != task:
         wanted = "embeddings" if task == EMBEDS else "text generation"
         raise UnsupportedTask(f"model {model} is a {row.task} model; it does not serve {wanted}")

@@ -13,6 +13,7 @@ import aiohttp
 import asyncpg
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import ADMIN_KEY, Api, app_state, create_database, make_settings, serve
 from tests.tiny_model import build_tiny_encoder, build_tiny_model
@@ -207,3 +208,55 @@ async def test_chat_route_answers_the_single_model_fields(api: Api) -> None:
     assert status == 422 and CHAT in answer["error"] and EMBED in answer["error"]
     status, answer = await api.call("POST", "/chat", {"model": CHAT, "max_tokens": 3000})
     assert status == 422
+
+
+async def test_metrics_after_traffic(api: Api) -> None:
+    status, scraper = await api.call("POST", "/admin/keys", {"name": "prom", "scope": "metrics"})
+    assert status == 201, scraper
+    status, user = await api.call("POST", "/admin/keys", {"name": "u", "scope": "user"})
+    assert status == 201
+    assert (await api.call("GET", "/metrics", key=user["key"]))[0] == 403
+    assert (await api.call("GET", "/model/list", key=scraper["key"]))[0] == 403
+    headers = {"Authorization": f"Bearer {scraper['key']}"}
+    async with api.session.get(api.base + "/metrics", headers=headers) as reply:
+        assert reply.status == 200
+        assert reply.headers["content-type"].startswith("text/plain")
+        text = await reply.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "mlcp_requests",
+        "mlcp_request_duration_seconds",
+        "mlcp_time_to_first_token_seconds",
+        "mlcp_prompt_tokens",
+        "mlcp_generation_tokens",
+        "mlcp_instances",
+        "mlcp_instance_requests_running",
+        "mlcp_instance_requests_waiting",
+        "mlcp_evictions",
+        "mlcp_load_duration_seconds",
+        "mlcp_jobs",
+        "mlcp_memory_reserved_bytes",
+        "mlcp_memory_free_bytes",
+    ):
+        assert name in families, name
+
+    def value(family: str, sample: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    node = app_state(api).metrics.node
+    ok = {"model": CHAT, "route": "/v1/chat/completions", "status": "200", "node": node}
+    assert value("mlcp_requests", "mlcp_requests_total", **ok) >= 5
+    assert (
+        value("mlcp_requests", "mlcp_requests_total", route="/v1/chat/completions", status="404")
+        >= 1
+    )
+    assert value("mlcp_generation_tokens", "mlcp_generation_tokens_total", model=CHAT) > 0
+    assert value("mlcp_prompt_tokens", "mlcp_prompt_tokens_total", model=EMBED) > 0
+    assert value("mlcp_time_to_first_token_seconds", "mlcp_time_to_first_token_seconds_count") >= 1
+    assert value("mlcp_load_duration_seconds", "mlcp_load_duration_seconds_count", model=CHAT) == 1
+    assert value("mlcp_instances", "mlcp_instances", state="RUNNING") == 2
+    assert value("mlcp_memory_reserved_bytes", "mlcp_memory_reserved_bytes", device="cpu") > 0

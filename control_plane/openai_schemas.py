@@ -134,6 +134,9 @@ def _int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
+    # JSON has one number type: 207.0 is the integer 207 (as on /model/run).
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise OpenAIInvalid(f"{name} must be an integer, not {_kind(value)}", name)
     if not low <= value <= high:

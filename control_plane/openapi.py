@@ -195,7 +195,12 @@ SCHEMAS["KeyUpdate"] = {
     "minProperties": 1,
     "properties": {
         "disabled": {"type": "boolean"},
-        "expiresAt": {"type": ["string", "null"], "format": "date-time"},
+        # Years 2000-8999: stricter than the server's 2000-9000.
+        "expiresAt": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "pattern": "^[2-8][0-9]{3}-",
+        },
     },
     "additionalProperties": False,
 }
@@ -455,10 +460,11 @@ def _operation(op: Operation) -> dict[str, Any]:
 
 @cache
 def openapi_document() -> dict[str, Any]:
-    from control_plane import openapi_async  # its table builds on this module's
+    # Their tables build on this module's.
+    from control_plane import openapi_async, openapi_openai
 
     paths: dict[str, dict[str, Any]] = {}
-    for op in [*OPERATIONS, *openapi_async.OPERATIONS]:
+    for op in [*OPERATIONS, *openapi_async.OPERATIONS, *openapi_openai.OPERATIONS]:
         paths.setdefault(op.path, {})[op.method] = _operation(op)
     return {
         "openapi": "3.1.0",
@@ -469,7 +475,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": {**SCHEMAS, **openapi_async.SCHEMAS},
+            "schemas": {**SCHEMAS, **openapi_async.SCHEMAS, **openapi_openai.SCHEMAS},
             "securitySchemes": {
                 "ApiKey": {
                     "type": "apiKey",

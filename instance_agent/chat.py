@@ -81,6 +81,9 @@ def validate_chat_body(body: object, *, allow_model: bool = False) -> ChatReques
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidChat(f"prompt must be at most {MAX_PROMPT_CHARS} characters long")
     max_tokens = body.get("max_tokens", CHAT_DEFAULT_MAX_TOKENS)
+    # JSON has one number type: 64.0 is the integer 64.
+    if isinstance(max_tokens, float) and math.isfinite(max_tokens) and max_tokens.is_integer():
+        max_tokens = int(max_tokens)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise InvalidChat("max_tokens must be an integer")
     if not 1 <= max_tokens <= CHAT_MAX_TOKENS:

@@ -15,6 +15,7 @@ BENCHMARKS = (
     "benchmarks.bench_cold_start",
     "benchmarks.bench_load",
     "benchmarks.bench_events",
+    "benchmarks.bench_openai",
 )
 
 

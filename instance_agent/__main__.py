@@ -74,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
         help="a handler project's call answers 504 after this many seconds",
     )
     serve.add_argument(
+        "--grpc-port",
+        type=_non_negative,
+        default=0,
+        help="a handler project with a .proto: its gRPC port (0: any free one, see /health)",
+    )
+    serve.add_argument(
+        "--grpc-max-message-bytes",
+        type=_positive,
+        default=16 * 1024 * 1024,
+        help="the largest gRPC request or reply (MLCP_GRPC_MAX_MESSAGE_BYTES)",
+    )
+    serve.add_argument(
         "--step-delay-s",
         type=_seconds,
         default=0.0,
@@ -119,6 +131,8 @@ def serve(args: argparse.Namespace) -> int:
         max_new_tokens_cap=args.max_new_tokens_cap,
         step_delay_s=args.step_delay_s,
         handler_timeout_s=args.handler_timeout_s,
+        grpc_port=args.grpc_port,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
     )
     load_failed = threading.Event()
     exit_signal = threading.Event()
@@ -130,7 +144,7 @@ def serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(config, on_load_failed=on_load_failed)
+    app = create_app(config, on_load_failed=on_load_failed, grpc_host=args.host)
     state = agent_state(app)
     server = _AgentServer(
         uvicorn.Config(

@@ -45,6 +45,7 @@ from instance_agent.protocol import (
     InternalError,
     InvalidJson,
     InvalidParams,
+    LoadFailed,
     MethodNotAllowed,
     ModelLoading,
     NotFound,
@@ -59,6 +60,7 @@ from instance_agent.protocol import (
 )
 from instance_agent.state import AgentConfig, AgentState, agent_state, state_of
 from instance_agent.streaming import EventChannel, Failed, Finished, Row, TextChunk
+from instance_agent.weights import HANDLER_SPEC_FILE
 
 __all__ = ["AgentConfig", "AgentState", "agent_state", "create_app"]
 
@@ -321,6 +323,8 @@ async def health(request: Request) -> Response:
             "requests": load.requests,
         },
     }
+    if state.grpc_port is not None:
+        body["grpcPort"] = state.grpc_port
     return JSONResponse(body)
 
 
@@ -349,6 +353,20 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
     return _error_response(InternalError())
 
 
+def serves_grpc(config: AgentConfig) -> bool:
+    """Whether the agent serves a handler project with a `.proto` (read from its spec)."""
+    if config.task not in (None, "handler") or config.gguf_file is not None:
+        return False
+    if config.task is None and not (config.model_dir / HANDLER_SPEC_FILE).is_file():
+        return False
+    from instance_agent.user_code import read_project_spec
+
+    try:
+        return read_project_spec(config.model_dir).protobuf_path is not None
+    except LoadFailed:
+        return False  # not a handler project, or a broken one: the load says why
+
+
 def _log_load_failure(reason: str) -> None:
     logger.error("load failed: %s", reason)
 
@@ -362,12 +380,21 @@ def create_app(
     config: AgentConfig,
     *,
     on_load_failed: Callable[[str], None] = _log_load_failure,
+    grpc_host: str = "127.0.0.1",
 ) -> Starlette:
     """Build the agent app; the model starts loading when the app starts (lifespan)."""
     state = AgentState(config, on_load_failed)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[Mapping[str, object]]:
+        grpc_server = None
+        if serves_grpc(config):
+            from instance_agent.grpc_server import AgentGrpcServer
+
+            # Bound before the load starts, so /health can report the port from the first
+            # ready answer; calls get UNAVAILABLE until the handler is loaded.
+            grpc_server = AgentGrpcServer(state, grpc_host)
+            await grpc_server.start()
         loader = threading.Thread(target=state.load, name="mlcp-model-loader", daemon=True)
         loader.start()
         lease_watch: asyncio.Task[None] | None = None
@@ -383,6 +410,8 @@ def create_app(
             if lease_watch is not None:
                 lease_watch.cancel()
             state.begin_shutdown()
+            if grpc_server is not None:
+                await grpc_server.stop()
             if state.batcher is not None:
                 await asyncio.to_thread(state.batcher.stop, 2.0)
 

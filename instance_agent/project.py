@@ -6,6 +6,7 @@ serves; the control plane reads it at deploy to refuse a bad project before stor
     name: sentiment-analyser          # lowercase letters, digits and '-', 1-63 characters
     kind: RealtimeAPI
     handler: {type: python, path: src/main.py, config: {...}}
+    #   handler.protobuf_path: handler.proto  -> served over gRPC (Cortex's gRPC form)
     compute: {cpu: 1, gpu: 0, mem: 2G}
     concurrency: 1                     # handler calls served at once (worker threads)
     expirationPeriodSeconds: 600       # idle time before the instance is stopped
@@ -91,6 +92,8 @@ class ProjectSpec:
     expiration_s: int = DEFAULT_EXPIRATION_S
     example: Any = None
     public: bool = False
+    # The project's .proto (relative), when its handler is served over gRPC.
+    protobuf_path: str | None = None
 
 
 def check_name(name: object) -> str:
@@ -112,6 +115,18 @@ def check_handler_path(path: object) -> str:
     pure = PurePosixPath(path)
     if pure.is_absolute() or ".." in pure.parts:
         raise InvalidSpec("handler.path must stay inside the project (no '..', not absolute)")
+    return str(pure)
+
+
+def check_protobuf_path(path: object) -> str:
+    """Return a relative `.proto` path inside the project or raise `InvalidSpec`."""
+    if not isinstance(path, str) or not path.endswith(".proto") or "\\" in path or "\0" in path:
+        raise InvalidSpec("handler.protobuf_path must be the relative path of a .proto file")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise InvalidSpec(
+            "handler.protobuf_path must stay inside the project (no '..', not absolute)"
+        )
     return str(pure)
 
 
@@ -155,6 +170,8 @@ def parse_spec(text: str) -> ProjectSpec:
     compute = body.get("compute", {})
     if not isinstance(compute, dict):
         raise InvalidSpec("compute must be a mapping")
+    # Cortex writes handler.protobuf_path; a top-level protobuf_path is taken the same way.
+    proto = handler.get("protobuf_path", body.get("protobuf_path"))
     public = body.get("public", False)
     if not isinstance(public, bool):
         raise InvalidSpec("public must be true or false")
@@ -167,4 +184,5 @@ def parse_spec(text: str) -> ProjectSpec:
         expiration_s=_int_in(body, "expirationPeriodSeconds", DEFAULT_EXPIRATION_S, 1, 86_400),
         example=body.get("example"),
         public=public,
+        protobuf_path=None if proto is None else check_protobuf_path(proto),
     )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, TypedDict
+from typing import ClassVar, Literal, NotRequired, TypedDict
 
 # Request body fields.
 FIELD_PROMPT = "prompt"
@@ -240,6 +240,8 @@ class HealthReady(TypedDict):
     contextLength: int
     memory: MemoryReading
     stats: BatchStats
+    # A handler project with a .proto: the port its gRPC server listens on.
+    grpcPort: NotRequired[int]
 
 
 ChatMessage = dict[str, str]

@@ -33,7 +33,7 @@ from instance_agent.weights import check_model_dir, detect_task
 if TYPE_CHECKING:
     from instance_agent.encoder import EncoderEngine
     from instance_agent.model import TransformersEngine
-    from instance_agent.user_code import HandlerPool
+    from instance_agent.user_code import GrpcHandler, HandlerPool
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ class AgentConfig:
     step_delay_s: float = 0.0
     # A handler project's calls end with 504 after this long.
     handler_timeout_s: float = 60.0
+    # A handler project with a proto: where the generated modules go (None: a temporary folder),
+    # the gRPC port (0: any free one, reported by /health) and the largest message either way.
+    proto_out: Path | None = None
+    grpc_port: int = 0
+    grpc_max_message_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,9 @@ class AgentState:
         # Set when a control plane launched this agent (MLCP_INSTANCE_LEASE_S); renewed by
         # its health checks, the agent exits once it lapses.
         self.lease: Lease | None = None
+        # A handler project with a proto, once loaded; `grpc_port` once its server listens.
+        self.grpc_handler: GrpcHandler | None = None
+        self.grpc_port: int | None = None
 
     def load(self) -> None:
         """Load the model (blocking; runs on the loader thread) and start its batcher."""
@@ -96,10 +104,11 @@ class AgentState:
             if self.task == "handler":
                 from instance_agent import user_code
 
-                _, call = user_code.load_handler(config.model_dir)
+                loaded = user_code.load_handler(config.model_dir, proto_out=config.proto_out)
                 engine = HandlerEngine(device=config.device)
+                self.grpc_handler = loaded.grpc
                 batcher = user_code.HandlerPool(
-                    call,
+                    loaded.call,
                     concurrency=config.concurrency,
                     max_queue=config.max_queue,
                     timeout_s=config.handler_timeout_s,

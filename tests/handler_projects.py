@@ -181,3 +181,159 @@ def broken_project(dest: Path, main_py: str, *, path: str = "src/main.py") -> Pa
     (dest / "src" / "main.py").write_text(textwrap.dedent(main_py))
     write_spec(dest, f"name: broken\nhandler: {{type: python, path: {path}}}\n")
     return dest
+
+
+# Cortex's gRPC form (the seed's "gRPC" section): handler.proto, Handler(config, pb2).
+SEED_PROTO = """\
+syntax = "proto3";
+package text_generator;
+
+service Handler {
+    rpc Predict (Message) returns (Message);
+}
+
+message Message {
+    string text = 1;
+}
+"""
+
+SEED_GRPC_HANDLER = """\
+import os
+
+from transformers import pipeline
+
+
+class Handler:
+    def __init__(self, config, proto_module_pb2):
+        self.model = pipeline(task="text-generation", model=os.environ["MODEL_DIR"])
+        self.proto_module_pb2 = proto_module_pb2
+
+    def Predict(self, payload):
+        generated = self.model(payload.text, max_new_tokens=3, do_sample=False)[0]
+        assert generated["generated_text"].startswith(payload.text)
+        return self.proto_module_pb2.Message(text="returned message")
+"""
+
+
+def cortex_grpc_text_generator(dest: Path) -> Path:
+    """The seed's gRPC text-generator: handler.proto, handler.py, a tiny local GPT-2."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "handler.py").write_text(SEED_GRPC_HANDLER)
+    (dest / "handler.proto").write_text(SEED_PROTO)
+    (dest / "requirements.txt").write_text("transformers\ntorch\n")
+    write_spec(
+        dest,
+        """\
+        - name: text-generator
+          kind: RealtimeAPI
+          handler:
+            type: python
+            path: handler.py
+            protobuf_path: handler.proto
+          compute:
+            gpu: 0
+        """,
+        "text_generator.yaml",
+    )
+    build_tiny_model(dest / "model", chat_template=False)
+    return dest
+
+
+# A pure-Python gRPC handler that misbehaves on request; `echo.proto` (package mlcp_echo).
+ECHO_PROTO = """\
+syntax = "proto3";
+package mlcp_echo;
+
+import "google/protobuf/empty.proto";
+
+service Echo {
+    rpc Predict (Text) returns (Text);
+    rpc Count (CountRequest) returns (stream Text);
+    rpc Ping (google.protobuf.Empty) returns (Text);
+}
+
+message Text {
+    string text = 1;
+}
+
+message CountRequest {
+    int32 n = 1;
+    double pause_s = 2;
+    string marker = 3;
+}
+"""
+
+ECHO_HANDLER = """\
+import pathlib
+import time
+
+
+class Handler:
+    def __init__(self, config, proto_module_pb2):
+        self.pb2 = proto_module_pb2
+        self.prefix = config.get("prefix", "")
+
+    def Predict(self, payload):
+        text = payload.text
+        if text.startswith("raise:"):
+            raise ValueError(text[len("raise:"):])
+        if text.startswith("sleep:"):
+            time.sleep(float(text[len("sleep:"):]))
+            return self.pb2.Text(text="slept")
+        if text == "wrong-type":
+            return {"text": "a dict"}
+        if text == "other-message":
+            return self.pb2.CountRequest(n=1)
+        return self.pb2.Text(text=self.prefix + text)
+
+    def Count(self, request):
+        marker = pathlib.Path(request.marker) if request.marker else None
+        try:
+            for i in range(request.n):
+                if i and request.pause_s:
+                    time.sleep(request.pause_s)
+                yield self.pb2.Text(text=str(i))
+        finally:
+            if marker is not None:
+                marker.write_text("closed")
+
+    def Ping(self, _):
+        return self.pb2.Text(text="pong")
+
+    def handle_post(self, payload):
+        return {"text": self.prefix + str(payload.get("text", ""))}
+"""
+
+
+def grpc_echo(dest: Path, *, concurrency: int = 2, prefix: str = "") -> Path:
+    """A pure-Python gRPC project (echo.proto, package mlcp_echo) that misbehaves on request."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "model").mkdir(exist_ok=True)
+    (dest / "handler.py").write_text(ECHO_HANDLER)
+    (dest / "echo.proto").write_text(ECHO_PROTO)
+    write_spec(
+        dest,
+        f"""\
+        name: grpc-echo
+        handler:
+          type: python
+          path: handler.py
+          protobuf_path: echo.proto
+          config: {{prefix: {json.dumps(prefix)}}}
+        concurrency: {concurrency}
+        """,
+    )
+    return dest
+
+
+def grpc_project(dest: Path, files: dict[str, str], *, proto: str = "api.proto") -> Path:
+    """A gRPC project made of `files` (path -> text), for the ones that must fail to load."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_text(textwrap.dedent(text))
+    write_spec(
+        dest,
+        f"name: broken-grpc\nhandler: {{type: python, path: handler.py, protobuf_path: {proto}}}\n",
+    )
+    return dest

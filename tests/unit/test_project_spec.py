@@ -36,6 +36,15 @@ def test_every_field_is_read() -> None:
     assert spec.example == {"text": "hi"}
 
 
+def test_cortex_grpc_form_reads_protobuf_path() -> None:
+    spec = parse_spec(
+        "- name: text-generator\n  handler:\n    type: python\n    path: handler.py\n"
+        "    protobuf_path: protos/handler.proto\n"
+    )
+    assert spec.protobuf_path == "protos/handler.proto"
+    assert parse_spec("name: a\nhandler: {path: m.py}\n").protobuf_path is None
+
+
 GOOD_HANDLER = "handler: {type: python, path: m.py}\n"
 
 
@@ -69,6 +78,10 @@ GOOD_HANDLER = "handler: {type: python, path: m.py}\n"
         ("name: a\npublic: 'yes'\n" + GOOD_HANDLER, "public must be true or false"),
         ("name: a\ncompute: 4\n" + GOOD_HANDLER, "compute must be a mapping"),
         ("name: a\nsurprise: 1\n" + GOOD_HANDLER, "unknown spec keys: surprise"),
+        ("name: a\nhandler: {path: m.py, protobuf_path: m.txt}\n", "relative path of a .proto"),
+        ("name: a\nhandler: {path: m.py, protobuf_path: ../m.proto}\n", "stay inside the project"),
+        ("name: a\nhandler: {path: m.py, protobuf_path: /m.proto}\n", "stay inside the project"),
+        ("name: a\nhandler: {path: m.py, protobuf_path: 7}\n", "relative path of a .proto"),
         ("name: a\nexample: '" + "x" * 70_000 + "'\n" + GOOD_HANDLER, "larger than 64 KiB"),
     ],
 )

@@ -37,6 +37,9 @@ class AppState:
     # Wakes this control plane's async worker when a request was just stored (else it polls).
     wake_async: Callable[[], None] = lambda: None
     metrics: Metrics = field(default_factory=lambda: Metrics("local", enabled=False))
+    # Catalog task by model name, for the routes that check it on every request (/v1/*): a
+    # model's task comes from its files and does not change while it has a running instance.
+    model_tasks: dict[str, str] = field(default_factory=dict)
 
 
 def state_of(request: Request) -> AppState:

@@ -71,13 +71,23 @@ def openai_endpoint(handler: OpenAIHandler) -> Callable[[Request], Awaitable[Res
 async def serving(
     request: Request, state: AppState, principal: Principal, model: str, task: str
 ) -> InstanceRoute:
-    """Where `model` runs, loading it on demand; a model of another task is refused first."""
-    row = check_runnable(await queries.get_model(state.pool, model), model)
+    """Where `model` runs, loading it on demand; a model of another task is refused first.
+
+    A model that is running was checked when its instance loaded, so its task is taken from
+    memory: a catalog query per request added 0.5 ms to the time to first token.
+    """
+    route = state.supervisor.route(model)
+    known = state.model_tasks.get(model) if route is not None else None
+    if known is None:
+        row = check_runnable(await queries.get_model(state.pool, model), model)
+        known = state.model_tasks[model] = row.task
     # Labelled only once known to the catalog: a label per made-up name would grow forever.
     request.scope[MODEL_SCOPE_KEY] = model
-    if row.task != task:
+    if known != task:
         wanted = "embeddings" if task == EMBEDS else "text generation"
-        raise UnsupportedTask(f"model {model} is a {row.task} model; it does not serve {wanted}")
+        raise UnsupportedTask(f"model {model} is a {known} model; it does not serve {wanted}")
+    if route is not None:
+        return route
     on_demand = OnDemand(principal.key_id, 1, state.settings.on_demand_expiration_s)
     wait_s = cold_wait_s(request.headers.get("prefer"), ON_DEMAND_WAIT_S)
     return await route_to(state, model, wait_s, on_demand)

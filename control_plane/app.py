@@ -17,7 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
 from benchmarker.worker import background_worker
-from control_plane import handlers
+from control_plane import handlers, uploads
 from control_plane.activity import Activity
 from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
@@ -44,6 +44,7 @@ from control_plane.routes import (
 )
 from control_plane.routes import health as health_routes
 from control_plane.routes import metrics as metrics_routes
+from control_plane.routes import uploads as upload_routes
 from control_plane.runtimes import build_runtime
 from control_plane.scheduler import build_scheduler
 from control_plane.sessions import Signer
@@ -126,6 +127,7 @@ def create_app(settings: Settings) -> Starlette:
                     else None
                 ),
                 metrics=metrics,
+                upload_secret=await uploads.server_secret(pool),
             )
             supervisor.on_loaded = metrics.loaded
             # Also on app.state, for tests and tooling that hold the app, not a request.
@@ -156,6 +158,7 @@ def create_app(settings: Settings) -> Starlette:
             *capacity.routes,
             *openai.routes,
             *chat.routes,
+            *upload_routes.routes,
             *async_requests.routes,
             *events.routes,
             *dashboard_routes,

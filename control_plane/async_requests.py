@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from control_plane import uploads
 from control_plane.errors import (
     InvalidField,
     InvalidModelId,
@@ -29,22 +30,27 @@ from control_plane.state import AppState
 from db import async_queries as aq
 from db import queries
 from db.rows import AsyncRequestRow
+from instance_agent.asr_options import validate_asr_options
 from instance_agent.protocol import InvalidPrompt as InvalidPromptError
 from instance_agent.protocol import ProtocolError, validate_params, validate_prompt
 
 FINISHED = frozenset({"success", "failed", "cancelled"})
 INPUT, URL = "input", "URL"
+SPEECH_TASK = "automatic-speech-recognition"
 MAX_PAGE = 100
 
 
 @dataclass(frozen=True)
 class Submission:
+    """A submission as parsed before its model is known: the task decides what `input` is."""
+
     model: str
     input: dict[str, Any]
+    url: object = None
 
 
 def parse_submission(model: str, body: object) -> Submission:
-    """The body of `POST /v1/async/{model}`: `{"input": {"prompt", "params"}}`."""
+    """The body of `POST /v1/async/{model}`: `{"input": {...}, "URL": <upload url>}`."""
     problem = model_id_problem(model)
     if problem:
         raise InvalidModelId(f"the model in the path {problem}")
@@ -53,8 +59,14 @@ def parse_submission(model: str, body: object) -> Submission:
     data = obj.get(INPUT)
     if not isinstance(data, dict):
         raise InvalidField("'input' must be an object")
-    if obj.get(URL) is not None:
+    return Submission(model, data, obj.get(URL))
+
+
+def text_input(sub: Submission) -> dict[str, Any]:
+    """A text-generation request's input: `{"prompt", "params"}`, and no upload."""
+    if sub.url is not None:
         raise InvalidField("a text-generation model takes no upload: leave out 'URL'")
+    data = sub.input
     reject_unknown(data, frozenset({"prompt", "params"}))
     if "prompt" not in data:
         raise InvalidPrompt("'input.prompt' is required")
@@ -66,18 +78,43 @@ def parse_submission(model: str, body: object) -> Submission:
         raise InvalidPrompt(exc.message) from exc
     except ProtocolError as exc:
         raise InvalidParams(exc.message) from exc
-    return Submission(model, {"prompt": data["prompt"], "params": params})
+    return {"prompt": data["prompt"], "params": params}
+
+
+def speech_input(sub: Submission) -> dict[str, Any]:
+    """A speech-recognition request's input: Whisper options by name (the upload is apart)."""
+    if sub.url is None:
+        raise InvalidField(
+            "a speech-recognition model reads an upload: send its URL as 'URL' "
+            "(POST /v1/input/upload-url, then PUT the file)"
+        )
+    try:
+        return validate_asr_options(sub.input)
+    except ProtocolError as exc:
+        raise InvalidParams(exc.message) from exc
 
 
 async def submit(state: AppState, key_id: int, sub: Submission) -> AsyncRequestRow:
     """Store the request (committed when this returns) after checking its model can run."""
     model = check_runnable(await queries.get_model(state.pool, sub.model), sub.model)
+    upload = None
+    if model.task == SPEECH_TASK:
+        data = speech_input(sub)
+        upload = await uploads.for_submission(state, key_id, sub.url)
+    else:
+        data = text_input(sub)
     if not is_measured(model):
         raise NotBenchmarked(
             f"model {sub.model} has not been benchmarked; request it first with POST /model/job"
         )
     row = await aq.insert_async_request(
-        state.pool, uuid.uuid4(), key_id, sub.model, sub.input, state.settings.async_max_queued
+        state.pool,
+        uuid.uuid4(),
+        key_id,
+        sub.model,
+        data,
+        state.settings.async_max_queued,
+        upload.id if upload is not None else None,
     )
     if row is None:
         raise TooManyRequests(
@@ -146,6 +183,9 @@ def retention_cutoff(now: datetime, retention_s: float) -> datetime:
 
 
 async def clean_up(state: AppState, now: datetime) -> int:
-    """Delete requests finished longer ago than the retention period; how many went."""
+    """Delete requests finished longer ago than the retention period, then the uploads no
+    request reads any more (with their files); how many requests went."""
     cutoff = retention_cutoff(now, state.settings.async_retention_s)
-    return len(await aq.delete_finished_async_requests(state.pool, cutoff))
+    gone = len(await aq.delete_finished_async_requests(state.pool, cutoff))
+    await uploads.delete_stale(state, cutoff)
+    return gone

@@ -16,19 +16,25 @@ Exception tree::
     │   └── InvalidQuery (400 invalid_query)
     ├── Unauthorized (401 unauthorized)
     ├── Forbidden (403 forbidden)
+    │   ├── InvalidSignature (403 invalid_signature)
+    │   └── UploadExpired (403 upload_expired)
     ├── NotFound (404)
     │   ├── RouteNotFound (404 not_found)
     │   ├── ModelNotFound (404 model_not_found)
     │   ├── NotLoaded (404 not_loaded)
     │   ├── KeyNotFound (404 key_not_found)
-    │   └── RequestNotFound (404 request_not_found)
+    │   ├── RequestNotFound (404 request_not_found)
+    │   └── UploadNotFound (404 upload_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409)
     │   ├── NotBenchmarked (409 not_benchmarked)
     │   ├── BenchmarkFailed (409 benchmark_failed)
     │   ├── InstanceStopping (409 instance_stopping, Retry-After)
     │   ├── LastAdminKey (409 last_admin_key)
-    │   └── RequestFinished (409 request_finished)
+    │   ├── RequestFinished (409 request_finished)
+    │   ├── UploadComplete (409 upload_complete)
+    │   ├── UploadInProgress (409 upload_in_progress)
+    │   └── UploadIncomplete (409 upload_incomplete)
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
     ├── Invalid (422 invalid_request)
@@ -39,6 +45,7 @@ Exception tree::
     │   ├── InvalidPrompt (422 invalid_prompt)
     │   ├── InvalidParams (422 invalid_params)
     │   ├── InvalidUnicode (422 invalid_unicode)
+    │   ├── InvalidWebhook (422 invalid_webhook)
     │   ├── UnsupportedTask (422 unsupported_task)
     │   ├── InsufficientMemory (422 insufficient_memory)
     │   ├── NoGpu (422 no_gpu)
@@ -141,6 +148,18 @@ class Forbidden(MlcpError):
     code = "forbidden"
 
 
+class InvalidSignature(Forbidden):
+    """The upload URL is not one mlcp signed (tampered with, or for another slot)."""
+
+    code = "invalid_signature"
+
+
+class UploadExpired(Forbidden):
+    """The upload URL has expired; ask for a new one."""
+
+    code = "upload_expired"
+
+
 # -- 404, 405 --------------------------------------------------------------------------------
 
 
@@ -179,6 +198,12 @@ class RequestNotFound(NotFound):
     """No such async request."""
 
     code = "request_not_found"
+
+
+class UploadNotFound(NotFound):
+    """No such upload."""
+
+    code = "upload_not_found"
 
 
 class MethodNotAllowed(MlcpError):
@@ -227,6 +252,24 @@ class RequestFinished(Conflict):
     """The async request has already finished."""
 
     code = "request_finished"
+
+
+class UploadComplete(Conflict):
+    """This upload is complete already; ask for a new upload URL to send another file."""
+
+    code = "upload_complete"
+
+
+class UploadInProgress(Conflict):
+    """This upload is being written by another request."""
+
+    code = "upload_in_progress"
+
+
+class UploadIncomplete(Conflict):
+    """The upload has not been completed: PUT the file to its URL first."""
+
+    code = "upload_incomplete"
 
 
 # -- 413, 415 --------------------------------------------------------------------------------
@@ -296,6 +339,12 @@ class InvalidUnicode(Invalid):
     """Strings must be valid Unicode (no lone surrogates)."""
 
     code = "invalid_unicode"
+
+
+class InvalidWebhook(Invalid):
+    """The webhook URL is invalid or its host is not allowed (MLCP_WEBHOOK_ALLOW)."""
+
+    code = "invalid_webhook"
 
 
 class UnsupportedTask(Invalid):

@@ -8,7 +8,8 @@ httptools no header-size limit. This protocol adds, per connection:
 - an idle limit for a new connection that sends nothing (and uvicorn's keep-alive limit between
   requests, set to the same);
 - a receipt deadline from a request's first byte until its headers and body are all in
-  (408, then the connection is closed) — a long streamed *response* is never cut by it;
+  (408, then the connection is closed) — a long streamed *response* is never cut by it, and
+  a file PUT to an upload URL is held to it between chunks instead of as a whole;
 - a cap on the bytes of the request line and headers (431);
 - a cap on open connections: one more is answered 503 with Retry-After at once.
 """
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # How long a refused connection's input is still read (and dropped) before it is closed.
 LINGER_S = 1.0
+# PUTs under this path stream files (control_plane/uploads.py): timed per chunk, not whole.
+UPLOAD_PATH_PREFIX = b"/v1/input/uploads/"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = self._raw_bytes = 0
         self._in_headers = False
         self._refused = False
+        self._per_chunk = False
 
     def _arm(self, seconds: float, what: str) -> None:
         self._disarm()
@@ -155,12 +159,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._header_bytes = self._raw_bytes = 0
         self._in_headers = True
+        self._per_chunk = False
         self._arm(self.limits.receipt_s, "receipt")
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         super().on_headers_complete()
+        if self.parser.get_method() == b"PUT" and self.url.startswith(UPLOAD_PATH_PREFIX):
+            # A file upload (up to MLCP_MAX_UPLOAD_BYTES) may rightly take longer than
+            # receipt_s to arrive whole: from here its deadline is receipt_s between chunks.
+            self._per_chunk = True
+            self._arm(self.limits.receipt_s, "receipt")
+
+    def on_body(self, body: bytes) -> None:
+        if self._per_chunk:
+            self._arm(self.limits.receipt_s, "receipt")
+        super().on_body(body)
 
     def _count(self, size: int, *, raw: bool = False) -> None:
         if raw:

@@ -109,6 +109,8 @@ class Operation:
     ok_status: int = 200
     content_types: tuple[str, ...] = ("application/json",)
     parameters: tuple[dict[str, Any], ...] = ()
+    # The request body's media type (an upload's PUT is the file's bytes).
+    body_media: str = "application/json"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -382,7 +384,7 @@ SCHEMAS["GenerationParams"] = {
 }
 
 # Bodies that may be left out: an empty POST means "all defaults".
-_OPTIONAL_BODIES = frozenset({"ModelListBody", "KeyCreate"})
+_OPTIONAL_BODIES = frozenset({"ModelListBody", "KeyCreate", "UploadUrlBody"})
 SCHEMAS["ModelListBody"] = {
     "type": "object",
     "properties": {"task": {"type": ["string", "null"], "minLength": 1, "maxLength": 64}},
@@ -425,7 +427,7 @@ def _operation(op: Operation) -> dict[str, Any]:
     if op.body:
         out["requestBody"] = {
             "required": op.body not in _OPTIONAL_BODIES,
-            "content": {"application/json": {"schema": _ref(op.body)}},
+            "content": {op.body_media: {"schema": _ref(op.body)}},
         }
     if "{key_id}" in op.path:
         out["parameters"] = [

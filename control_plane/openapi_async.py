@@ -17,16 +17,41 @@ _URLS = {
 _REF = {"$ref": "#/components/schemas/AsyncRequest"}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
+    "UploadUrlBody": {"type": "object", "additionalProperties": False},
+    "UploadUrl": {
+        "type": "object",
+        "required": ["uploadUrl", "id", "expiresAt", "maxBytes"],
+        "properties": {
+            "uploadUrl": {
+                "type": "object",
+                "required": ["PUT"],
+                "properties": {"PUT": {"type": "string"}},
+            },
+            "id": {"type": "string"},
+            "expiresAt": {"type": "string"},
+            "maxBytes": {"type": "integer"},
+        },
+    },
+    "UploadFile": {"type": "string", "format": "binary"},
+    "UploadDone": {
+        "type": "object",
+        "required": ["id", "size_bytes", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "size_bytes": {"type": "integer"},
+            "status": {"const": "complete"},
+        },
+    },
     "AsyncSubmit": {
         "type": "object",
         "required": ["input"],
         "properties": {
             "input": {
                 "type": "object",
-                "required": ["prompt"],
-                "properties": {"prompt": {}, "params": {"type": "object"}},
-                "additionalProperties": False,
+                "description": "text generation: {prompt, params}; speech recognition: Whisper "
+                "options by name",
             },
+            "URL": {"type": ["string", "null"], "description": "the upload URL (speech)"},
         },
         "additionalProperties": False,
     },
@@ -61,6 +86,44 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 OPERATIONS = [
+    Operation(
+        "post",
+        "/v1/input/upload-url",
+        "A signed URL to PUT one file to (an async request's input)",
+        "user",
+        body="UploadUrlBody",
+        response={"$ref": "#/components/schemas/UploadUrl"},
+        errors=(400, 401, 413, 415, 422),
+        ok_status=201,
+        parameters=(
+            {
+                "name": "extension",
+                "in": "query",
+                "required": True,
+                "schema": {"enum": ["wav", "flac", "mp3", "ogg"]},
+            },
+        ),
+    ),
+    Operation(
+        "put",
+        "/v1/input/uploads/{id}",
+        "The file's bytes; the URL's signature is the credential (no key)",
+        None,
+        body="UploadFile",
+        body_media="application/octet-stream",
+        response={"$ref": "#/components/schemas/UploadDone"},
+        errors=(400, 403, 409, 413, 415),
+        parameters=(
+            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+            {
+                "name": "expires",
+                "in": "query",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 0},
+            },
+            {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"}},
+        ),
+    ),
     Operation(
         "post",
         "/v1/async/{model}",

@@ -104,6 +104,17 @@ class Settings(BaseSettings):
     async_lease_s: float = Field(default=10.0, gt=0)
     async_workers: int = Field(default=8, ge=1, le=256)
     async_max_queued: int = Field(default=1000, ge=1)
+    # Uploads (`POST /v1/input/upload-url`): a signed URL stays valid this long; a file may be
+    # at most `max_upload_bytes`, counted while it streams in (Content-Length is not trusted).
+    upload_url_expiry_s: int = Field(default=3600, ge=1, le=604_800)
+    max_upload_bytes: int = Field(default=1 << 30, ge=1)
+    # Hosts webhooks may be sent to, comma-separated: names matched exactly, IP addresses or
+    # CIDR blocks matched against literal addresses. Default loopback only, so a key cannot make
+    # the service call an arbitrary host (SSRF).
+    webhook_allow: str = "127.0.0.1,::1,localhost"
+    # A delivery is tried this many times, waiting 1, 2, 4, ... s (at most 5 min) in between.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
 
     @property
     def model_dir_paths(self) -> list[Path]:

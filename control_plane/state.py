@@ -40,6 +40,8 @@ class AppState:
     # Catalog task by model name, for the routes that check it on every request (/v1/*): a
     # model's task comes from its files and does not change while it has a running instance.
     model_tasks: dict[str, str] = field(default_factory=dict)
+    # Signs upload URLs (control_plane/uploads.py); read from the database at start-up.
+    upload_secret: bytes = b""
 
 
 def state_of(request: Request) -> AppState:

@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 from db.queries import Executor, sql
-from db.rows import AsyncRequestRow
+from db.rows import AsyncRequestRow, UploadRow, WebhookDeliveryRow
 
 
 def _row(r: Any) -> AsyncRequestRow | None:
@@ -15,9 +15,27 @@ def _row(r: Any) -> AsyncRequestRow | None:
 
 
 async def insert_async_request(
-    db: Executor, request_id: UUID, key_id: int, model: str, data: dict[str, Any], max_live: int
+    db: Executor,
+    request_id: UUID,
+    key_id: int,
+    model: str,
+    data: dict[str, Any],
+    max_live: int,
+    upload_id: UUID | None = None,
+    webhook: str | None = None,
+    webhook_events: list[str] | None = None,
 ) -> AsyncRequestRow | None:
-    row = await db.fetchrow(sql("insert_async_request"), request_id, key_id, model, data, max_live)
+    row = await db.fetchrow(
+        sql("insert_async_request"),
+        request_id,
+        key_id,
+        model,
+        data,
+        max_live,
+        upload_id,
+        webhook,
+        webhook_events,
+    )
     return _row(row)
 
 
@@ -78,3 +96,74 @@ async def finish_async_request(
 
 async def delete_finished_async_requests(db: Executor, cutoff: datetime) -> list[UUID]:
     return [r["id"] for r in await db.fetch(sql("delete_finished_async_requests"), cutoff)]
+
+
+async def ensure_server_secret(db: Executor, name: str, candidate: bytes) -> bytes | None:
+    value = await db.fetchval(sql("ensure_server_secret"), name, candidate)
+    return bytes(value) if value is not None else None
+
+
+async def insert_upload(
+    db: Executor, upload_id: UUID, key_id: int, extension: str, expires_in_s: float
+) -> UploadRow:
+    row = await db.fetchrow(sql("insert_upload"), upload_id, key_id, extension, expires_in_s)
+    return UploadRow.of(row)
+
+
+async def get_upload(db: Executor, upload_id: UUID) -> UploadRow | None:
+    row = await db.fetchrow(sql("get_upload"), upload_id)
+    return UploadRow.of(row) if row else None
+
+
+async def begin_upload_write(db: Executor, upload_id: UUID) -> UploadRow | None:
+    row = await db.fetchrow(sql("begin_upload_write"), upload_id)
+    return UploadRow.of(row) if row else None
+
+
+async def complete_upload(db: Executor, upload_id: UUID, size_bytes: int) -> UploadRow | None:
+    row = await db.fetchrow(sql("complete_upload"), upload_id, size_bytes)
+    return UploadRow.of(row) if row else None
+
+
+async def abandon_upload_write(db: Executor, upload_id: UUID) -> bool:
+    return await db.fetchval(sql("abandon_upload_write"), upload_id) is not None
+
+
+async def delete_stale_uploads(db: Executor, cutoff: datetime) -> list[tuple[UUID, str]]:
+    rows = await db.fetch(sql("delete_stale_uploads"), cutoff)
+    return [(r["id"], r["extension"]) for r in rows]
+
+
+async def ensure_webhook_secret(db: Executor, key_id: int, candidate: str) -> str | None:
+    value = await db.fetchval(sql("ensure_webhook_secret"), key_id, candidate)
+    return str(value) if value is not None else None
+
+
+async def claim_webhook_delivery(
+    db: Executor, lease_s: float
+) -> tuple[WebhookDeliveryRow, str | None] | None:
+    row = await db.fetchrow(sql("claim_webhook_delivery"), lease_s)
+    if row is None:
+        return None
+    return WebhookDeliveryRow.of(row), row["secret"]
+
+
+async def record_webhook_attempt(
+    db: Executor,
+    delivery_id: UUID,
+    state: str,
+    last_status: int | None,
+    last_error: str | None,
+    retry_in_s: float,
+) -> bool:
+    value = await db.fetchval(
+        sql("record_webhook_attempt"), delivery_id, state, last_status, last_error, retry_in_s
+    )
+    return value is not None
+
+
+async def list_webhook_deliveries(
+    db: Executor, request_id: UUID, key_id: int
+) -> list[WebhookDeliveryRow]:
+    rows = await db.fetch(sql("list_webhook_deliveries"), request_id, key_id)
+    return [WebhookDeliveryRow.of(r) for r in rows]

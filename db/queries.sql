@@ -407,9 +407,10 @@ RETURNING *;
 -- name: insert_async_request
 -- Store a request unless its key already has $5 live ones (then no row: the burst bound). Its
 -- fair-share rank follows the key's live requests, so a key's requests stay in order.
--- $1 = id, $2 = key_id, $3 = model, $4 = input, $5 = max_live
-INSERT INTO async_requests (id, key_id, model, input, key_rank)
-SELECT $1, $2, $3, $4, coalesce(max(key_rank) + 1, 0)
+-- $1 = id, $2 = key_id, $3 = model, $4 = input, $5 = max_live, $6 = upload_id, $7 = webhook,
+-- $8 = webhook_events
+INSERT INTO async_requests (id, key_id, model, input, key_rank, upload_id, webhook, webhook_events)
+SELECT $1, $2, $3, $4, coalesce(max(key_rank) + 1, 0), $6, $7, $8
 FROM async_requests
 WHERE key_id = $2 AND state IN ('accepted', 'pending', 'processing')
 HAVING count(*) < $5
@@ -514,6 +515,111 @@ RETURNING id;
 -- $1 = cutoff
 DELETE FROM async_requests WHERE finished_at < $1
 RETURNING id;
+
+-- uploads ------------------------------------------------------------------------------------
+
+-- name: ensure_server_secret
+-- The named secret, stored first as $2 when there is none (no row when another control plane
+-- stored its own at the same moment: ask again).
+-- $1 = name, $2 = candidate
+WITH stored AS (
+    INSERT INTO server_secrets (name, secret) VALUES ($1, $2)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING secret
+)
+SELECT secret FROM stored
+UNION ALL
+SELECT secret FROM server_secrets WHERE name = $1
+LIMIT 1;
+
+-- name: insert_upload
+-- A new open upload slot of one key, expiring in $4 s.
+-- $1 = id, $2 = key_id, $3 = extension, $4 = expires_in_s
+INSERT INTO uploads (id, key_id, extension, expires_at)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4::double precision))
+RETURNING *;
+
+-- name: get_upload
+-- One upload slot (the signature names its key).
+-- $1 = id
+SELECT * FROM uploads WHERE id = $1;
+
+-- name: begin_upload_write
+-- A PUT takes an open, unexpired slot; no row when it is being written, complete or expired.
+-- $1 = id
+UPDATE uploads SET state = 'writing', writing_at = now()
+WHERE id = $1 AND state = 'open' AND expires_at > now()
+RETURNING *;
+
+-- name: complete_upload
+-- The bytes are on disk: the slot is complete with its size.
+-- $1 = id, $2 = size_bytes
+UPDATE uploads SET state = 'complete', size_bytes = $2, completed_at = now()
+WHERE id = $1 AND state = 'writing'
+RETURNING *;
+
+-- name: abandon_upload_write
+-- A PUT that failed (too large, cut short, not audio) leaves the slot open for another try.
+-- $1 = id
+UPDATE uploads SET state = 'open', writing_at = NULL
+WHERE id = $1 AND state = 'writing'
+RETURNING id;
+
+-- name: delete_stale_uploads
+-- Uploads no request reads any more: made before the cutoff (the retention period), or never
+-- completed and expired.
+-- $1 = cutoff
+DELETE FROM uploads u
+WHERE NOT EXISTS (SELECT 1 FROM async_requests r WHERE r.upload_id = u.id)
+  AND (u.created_at < $1 OR (u.state <> 'complete' AND u.expires_at < now()))
+RETURNING id, extension;
+
+-- webhooks -----------------------------------------------------------------------------------
+
+-- name: ensure_webhook_secret
+-- The key's webhook signing secret, stored first as $2 when it has none (no row on a race: ask
+-- again).
+-- $1 = key_id, $2 = candidate
+WITH stored AS (
+    INSERT INTO webhook_secrets (key_id, secret) VALUES ($1, $2)
+    ON CONFLICT (key_id) DO NOTHING
+    RETURNING secret
+)
+SELECT secret FROM stored
+UNION ALL
+SELECT secret FROM webhook_secrets WHERE key_id = $1
+LIMIT 1;
+
+-- name: claim_webhook_delivery
+-- The most overdue pending delivery, with its key's secret; its next attempt is pushed $1 s
+-- out first, so a control plane that dies while sending leaves it to be tried again then.
+-- $1 = lease_s
+UPDATE webhook_deliveries d
+SET attempts = attempts + 1, next_at = now() + make_interval(secs => $1::double precision)
+WHERE id = (
+    SELECT id FROM webhook_deliveries
+    WHERE state = 'pending' AND next_at <= now()
+    ORDER BY next_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING d.*, (SELECT s.secret FROM webhook_secrets s WHERE s.key_id = d.key_id) AS secret;
+
+-- name: record_webhook_attempt
+-- What an attempt got: delivered, pending again in $5 s, or failed for good.
+-- $1 = id, $2 = state, $3 = last_status, $4 = last_error, $5 = retry_in_s
+UPDATE webhook_deliveries
+SET state = $2, last_status = $3, last_error = $4,
+    delivered_at = CASE WHEN $2 = 'delivered' THEN now() END,
+    next_at = now() + make_interval(secs => $5::double precision)
+WHERE id = $1
+RETURNING id;
+
+-- name: list_webhook_deliveries
+-- The deliveries of one request of one key, oldest first.
+-- $1 = request_id, $2 = key_id
+SELECT * FROM webhook_deliveries WHERE request_id = $1 AND key_id = $2
+ORDER BY created_at, id;
 
 -- name: max_event_id
 -- The newest lifecycle event's id, 0 when there is none (no $n).

@@ -200,9 +200,49 @@ class AsyncRequestRow:
     pending_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    upload_id: UUID | None = None
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> AsyncRequestRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    id: UUID
+    key_id: int
+    extension: str
+    state: str
+    size_bytes: int | None
+    expires_at: datetime
+    created_at: datetime
+    completed_at: datetime | None
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> UploadRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class WebhookDeliveryRow:
+    id: UUID
+    request_id: UUID
+    key_id: int
+    url: str
+    event: str
+    payload: dict[str, Any]
+    state: str
+    attempts: int
+    next_at: datetime
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> WebhookDeliveryRow:
         return cls(**{f: r[f] for f in cls.__dataclass_fields__})
 
 

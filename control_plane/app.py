@@ -51,6 +51,7 @@ from control_plane.sessions import Signer
 from control_plane.settings import Settings
 from control_plane.state import STATE_KEY, AppState
 from control_plane.supervisor import Supervisor
+from control_plane.webhook_sender import webhook_sender
 from db import queries
 from db.embedded import EmbeddedPostgres
 from db.pool import create_pool
@@ -143,6 +144,7 @@ def create_app(settings: Settings) -> Starlette:
             await stack.enter_async_context(background_worker(pool, settings, device=device))
             # Stops before the supervisor: held requests are handed back while instances serve.
             await stack.enter_async_context(async_worker(state, activity.node_id))
+            await stack.enter_async_context(webhook_sender(state))
             yield {STATE_KEY: state}
 
     app = Starlette(

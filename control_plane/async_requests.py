@@ -18,6 +18,7 @@ from control_plane.errors import (
     InvalidModelId,
     InvalidParams,
     InvalidPrompt,
+    InvalidWebhook,
     NotBenchmarked,
     RequestFinished,
     RequestNotFound,
@@ -27,6 +28,7 @@ from control_plane.jobs import is_measured
 from control_plane.loading import check_runnable
 from control_plane.schemas import iso, model_id_problem, reject_unknown, require_object
 from control_plane.state import AppState
+from control_plane.webhooks import AllowList, check_webhook, new_secret
 from db import async_queries as aq
 from db import queries
 from db.rows import AsyncRequestRow
@@ -35,7 +37,7 @@ from instance_agent.protocol import InvalidPrompt as InvalidPromptError
 from instance_agent.protocol import ProtocolError, validate_params, validate_prompt
 
 FINISHED = frozenset({"success", "failed", "cancelled"})
-INPUT, URL = "input", "URL"
+INPUT, URL, WEBHOOK, EVENTS = "input", "URL", "webhook", "webhook_events_filter"
 SPEECH_TASK = "automatic-speech-recognition"
 MAX_PAGE = 100
 
@@ -47,19 +49,27 @@ class Submission:
     model: str
     input: dict[str, Any]
     url: object = None
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
 
 
-def parse_submission(model: str, body: object) -> Submission:
-    """The body of `POST /v1/async/{model}`: `{"input": {...}, "URL": <upload url>}`."""
+def parse_submission(model: str, body: object, allow: AllowList) -> Submission:
+    """The body of `POST /v1/async/{model}`: `{"input": {...}, "URL": <upload url>}`, and
+    optionally `"webhook"` with `"webhook_events_filter"`."""
     problem = model_id_problem(model)
     if problem:
         raise InvalidModelId(f"the model in the path {problem}")
     obj = require_object(body)
-    reject_unknown(obj, frozenset({INPUT, URL}))
+    reject_unknown(obj, frozenset({INPUT, URL, WEBHOOK, EVENTS}))
     data = obj.get(INPUT)
     if not isinstance(data, dict):
         raise InvalidField("'input' must be an object")
-    return Submission(model, data, obj.get(URL))
+    webhook, events = None, None
+    if obj.get(WEBHOOK) is not None:
+        webhook, events = check_webhook(obj[WEBHOOK], obj.get(EVENTS), allow)
+    elif obj.get(EVENTS) is not None:
+        raise InvalidWebhook("'webhook_events_filter' needs a 'webhook'")
+    return Submission(model, data, obj.get(URL), webhook, events)
 
 
 def text_input(sub: Submission) -> dict[str, Any]:
@@ -107,6 +117,9 @@ async def submit(state: AppState, key_id: int, sub: Submission) -> AsyncRequestR
         raise NotBenchmarked(
             f"model {sub.model} has not been benchmarked; request it first with POST /model/job"
         )
+    if sub.webhook is not None:
+        # Made before the request exists, so its first delivery always has a secret to sign.
+        await signing_secret(state, key_id)
     row = await aq.insert_async_request(
         state.pool,
         uuid.uuid4(),
@@ -115,6 +128,8 @@ async def submit(state: AppState, key_id: int, sub: Submission) -> AsyncRequestR
         data,
         state.settings.async_max_queued,
         upload.id if upload is not None else None,
+        sub.webhook,
+        sub.webhook_events,
     )
     if row is None:
         raise TooManyRequests(
@@ -123,6 +138,14 @@ async def submit(state: AppState, key_id: int, sub: Submission) -> AsyncRequestR
         )
     state.wake_async()
     return row
+
+
+async def signing_secret(state: AppState, key_id: int) -> str:
+    """The key's webhook signing secret, made on first use."""
+    while True:
+        found = await aq.ensure_webhook_secret(state.pool, key_id, new_secret())
+        if found is not None:
+            return found
 
 
 def parse_request_id(text: str) -> uuid.UUID:
@@ -174,6 +197,9 @@ def render(row: AsyncRequestRow, base: str) -> dict[str, Any]:
             "finished": iso(row.finished_at),
         },
         "urls": urls(base, row.id),
+        "webhook": (
+            {"url": row.webhook, "events": row.webhook_events} if row.webhook is not None else None
+        ),
     }
 
 

@@ -52,6 +52,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "options by name",
             },
             "URL": {"type": ["string", "null"], "description": "the upload URL (speech)"},
+            "webhook": {
+                "type": ["string", "null"],
+                "maxLength": 2048,
+                "description": "called on the filtered status changes; host in MLCP_WEBHOOK_ALLOW",
+            },
+            "webhook_events_filter": {
+                "type": ["array", "null"],
+                "minItems": 1,
+                "items": {"enum": ["pending", "processing", "success", "failed", "cancelled"]},
+            },
         },
         "additionalProperties": False,
     },
@@ -81,6 +91,37 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "properties": {k: _TS for k in ("accepted", "pending", "processing", "finished")},
             },
             "urls": _URLS,
+            "webhook": {
+                "type": ["object", "null"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "events": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "WebhookDeliveries": {
+        "type": "object",
+        "required": ["deliveries"],
+        "properties": {
+            "deliveries": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "event": {"type": "string"},
+                        "url": {"type": "string"},
+                        "state": {"enum": ["pending", "delivered", "failed"]},
+                        "attempts": {"type": "integer"},
+                        "last_status": {"type": ["integer", "null"]},
+                        "last_error": {"type": ["string", "null"]},
+                        "created_at": _TS,
+                        "delivered_at": _TS,
+                        "next_attempt_at": _TS,
+                    },
+                },
+            }
         },
     },
 }
@@ -189,5 +230,26 @@ OPERATIONS = [
         response=_REF,
         errors=(401, 404, 409),
         parameters=(_ID,),
+    ),
+    Operation(
+        "get",
+        "/v1/async/requests/{id}/webhooks",
+        "The webhook deliveries of an async request",
+        "user",
+        response={"$ref": "#/components/schemas/WebhookDeliveries"},
+        errors=(401, 404),
+        parameters=(_ID,),
+    ),
+    Operation(
+        "get",
+        "/v1/webhooks/default/secret",
+        "The secret this key's webhook deliveries are signed with",
+        "user",
+        response={
+            "type": "object",
+            "required": ["key"],
+            "properties": {"key": {"type": "string", "pattern": "^whsec_"}},
+        },
+        errors=(401,),
     ),
 ]

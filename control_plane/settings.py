@@ -112,9 +112,11 @@ class Settings(BaseSettings):
     # CIDR blocks matched against literal addresses. Default loopback only, so a key cannot make
     # the service call an arbitrary host (SSRF).
     webhook_allow: str = "127.0.0.1,::1,localhost"
-    # A delivery is tried this many times, waiting 1, 2, 4, ... s (at most 5 min) in between.
+    # A delivery is tried this many times, waiting backoff, 2x, 4x, ... (at most 5 min) between
+    # attempts; an attempt gets no answer after webhook_timeout_s.
     webhook_max_attempts: int = Field(default=8, ge=1, le=50)
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    webhook_backoff_s: float = Field(default=1.0, gt=0, le=300)
 
     @property
     def model_dir_paths(self) -> list[Path]:

@@ -9,9 +9,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from control_plane import async_requests as ar
+from control_plane import webhooks
 from control_plane.auth import Principal
 from control_plane.errors import InvalidField
 from control_plane.handlers import authed, json_body
+from control_plane.schemas import iso
 from control_plane.state import AppState
 from db import async_queries as aq
 
@@ -23,7 +25,8 @@ def _base(request: Request) -> str:
 @authed("user")
 async def submit(request: Request, state: AppState, principal: Principal) -> Response:
     """Store an async request for the model in the path; 202 once it is committed."""
-    sub = ar.parse_submission(request.path_params["model"], await json_body(request, state))
+    allow = webhooks.parse_allow(state.settings.webhook_allow)
+    sub = ar.parse_submission(request.path_params["model"], await json_body(request, state), allow)
     row = await ar.submit(state, principal.key_id, sub)
     return JSONResponse(
         {"response": {"id": str(row.id), "urls": ar.urls(_base(request), row.id)}},
@@ -75,11 +78,45 @@ async def list_requests(request: Request, state: AppState, principal: Principal)
     return JSONResponse({"requests": [ar.render(r, base) for r in rows], "next": nxt})
 
 
+@authed("user")
+async def deliveries(request: Request, state: AppState, principal: Principal) -> Response:
+    """The webhook deliveries of one request of this key, oldest first."""
+    row = await ar.get(state, principal.key_id, request.path_params["id"])
+    found = await aq.list_webhook_deliveries(state.pool, row.id, principal.key_id)
+    return JSONResponse(
+        {
+            "deliveries": [
+                {
+                    "id": str(d.id),
+                    "event": d.event,
+                    "url": d.url,
+                    "state": d.state,
+                    "attempts": d.attempts,
+                    "last_status": d.last_status,
+                    "last_error": d.last_error,
+                    "created_at": iso(d.created_at),
+                    "delivered_at": iso(d.delivered_at),
+                    "next_attempt_at": iso(d.next_at) if d.state == "pending" else None,
+                }
+                for d in found
+            ]
+        }
+    )
+
+
+@authed("user")
+async def webhook_secret(request: Request, state: AppState, principal: Principal) -> Response:
+    """The secret this key's webhook deliveries are signed with (made on first use)."""
+    return JSONResponse({"key": await ar.signing_secret(state, principal.key_id)})
+
+
 # The request routes come first: a model path could otherwise swallow "requests/...".
 routes = [
     Route("/v1/async/requests", list_requests, methods=["GET"]),
     Route("/v1/async/requests/{id}", poll, methods=["GET"]),
     Route("/v1/async/requests/{id}", cancel, methods=["DELETE"]),
     Route("/v1/async/requests/{id}/cancel", cancel, methods=["POST"]),
+    Route("/v1/async/requests/{id}/webhooks", deliveries, methods=["GET"]),
+    Route("/v1/webhooks/default/secret", webhook_secret, methods=["GET"]),
     Route("/v1/async/{model:path}", submit, methods=["POST"]),
 ]

@@ -70,6 +70,13 @@ class CancelOnDisconnect:
         )
 
 
+def _no_progress(state: AppState) -> str:
+    return (
+        "the model instance made no progress (it stopped answering health checks) for "
+        f"{state.supervisor.progress_timeout_s:g} s"
+    )
+
+
 def _count_failure(state: AppState, route: Route, exc: BaseException) -> None:
     if isinstance(exc, proxy.InstanceGone):
         state.supervisor.request_failed(route.instance_id)
@@ -92,10 +99,7 @@ async def call(
                     async with state.supervisor.progress_watch(route.instance_id):
                         answer = await proxy.run(state.session, route.endpoint, payload, path)
                 except TimeoutError as exc:  # only the watch raises it; proxy.run translates
-                    raise InstanceTimeout(
-                        "the model instance made no progress (it stopped answering health "
-                        f"checks) for {state.supervisor.progress_timeout_s:g} s"
-                    ) from exc
+                    raise InstanceTimeout(_no_progress(state)) from exc
             except BaseException as exc:
                 _count_failure(state, route, exc)
                 raise
@@ -142,7 +146,11 @@ async def open_stream(
     """Open the agent's stream once it accepted the request; errors before it are raised."""
     state.activity.begin(route.instance_id)
     try:
-        resp = await proxy.open_stream(state.session, route.endpoint, payload, path)
+        try:
+            async with state.supervisor.progress_watch(route.instance_id):
+                resp = await proxy.open_stream(state.session, route.endpoint, payload, path)
+        except TimeoutError as exc:  # only the watch raises it; proxy translates its own
+            raise InstanceTimeout(_no_progress(state)) from exc
     except BaseException as exc:
         state.activity.end(route.instance_id, completed=False)
         _count_failure(state, route, exc)
@@ -151,12 +159,32 @@ async def open_stream(
 
 
 async def pieces(upstream: Upstream) -> AsyncGenerator[Piece, None]:
-    """A piece per agent read; the last one carries 'done' or an error. Finishes upstream."""
+    """A piece per agent read; the last one carries 'done' or an error. Finishes upstream.
+
+    Each read is watched like a unary request (Supervisor.progress_watch): a stream whose
+    instance stopped answering health checks ends with an `instance_timeout` error piece after
+    `progress_timeout_s`, its status long sent, rather than hanging until the kill.
+    """
     completed = False
-    metrics, model = upstream.state.metrics, upstream.route.model
+    state = upstream.state
+    metrics, model = state.metrics, upstream.route.model
+    watch = state.supervisor.progress_watch
+    batches = proxy.event_batches(upstream.resp)
     first = True
     try:
-        async for batch in proxy.event_batches(upstream.resp):
+        while True:
+            try:
+                async with watch(upstream.route.instance_id) as deadline:
+                    batch = await anext(batches)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # the agent connection's own read timeout: handled below
+                error = {"error": _no_progress(state), "code": InstanceTimeout.code}
+                upstream.finish(completed=False)
+                yield "", error
+                return
             texts: list[str] = []
             if first:
                 first = False

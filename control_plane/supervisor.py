@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 
 import aiohttp
 
@@ -66,6 +67,53 @@ class Route:
     instance_id: int
     model: str
     endpoint: str
+
+
+class ProgressWatch:
+    """`async with` block that `Supervisor._health_seen` can give a deadline, as a class.
+
+    Entered once per agent read of a stream: an `asynccontextmanager` cost 6.6 us a block here
+    against 2.8 us for the bare `asyncio.Timeout` it wraps, which a 200-chunk stream paid per read.
+    """
+
+    __slots__ = ("_deadline", "_id", "_since", "_supervisor", "_waiters")
+
+    def __init__(
+        self,
+        since: dict[int, float],
+        waiters: dict[int, set[asyncio.Timeout]],
+        instance_id: int,
+        supervisor: Supervisor,
+    ) -> None:
+        self._since = since
+        self._waiters = waiters
+        self._id = instance_id
+        self._supervisor = supervisor
+
+    async def __aenter__(self) -> asyncio.Timeout:
+        since = self._since.get(self._id)
+        when = None if since is None else since + self._supervisor.progress_timeout_s
+        deadline = self._deadline = asyncio.Timeout(when)
+        await deadline.__aenter__()
+        waiting = self._waiters.get(self._id)
+        if waiting is None:
+            waiting = self._waiters[self._id] = set()
+        waiting.add(deadline)
+        return deadline
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        waiting = self._waiters.get(self._id)
+        if waiting is not None:
+            waiting.discard(self._deadline)
+            if not waiting:
+                del self._waiters[self._id]
+        # Turns its own cancellation into TimeoutError; never swallows an exception.
+        await self._deadline.__aexit__(exc_type, exc, tb)
 
 
 class Supervisor:
@@ -416,23 +464,11 @@ class Supervisor:
         the grace period (renewed at every health check, by any control plane)."""
         return max((row.expires_at - now).total_seconds(), self.lease_grace_s)
 
-    @contextlib.asynccontextmanager
-    async def progress_watch(self, instance_id: int) -> AsyncIterator[None]:
+    def progress_watch(self, instance_id: int) -> ProgressWatch:
         """Raise TimeoutError in the block once the instance has not answered a health check
         for `progress_timeout_s` (issue 17: a hung instance made clients wait ~17 s for its
         kill). Nothing fires while no check runs (a database outage stops the check pass)."""
-        async with asyncio.timeout(None) as deadline:
-            since = self._unhealthy_since.get(instance_id)
-            if since is not None:
-                deadline.reschedule(since + self.progress_timeout_s)
-            waiting = self._progress_waiters.setdefault(instance_id, set())
-            waiting.add(deadline)
-            try:
-                yield
-            finally:
-                waiting.discard(deadline)
-                if not waiting:
-                    self._progress_waiters.pop(instance_id, None)
+        return ProgressWatch(self._unhealthy_since, self._progress_waiters, instance_id, self)
 
     def _health_seen(self, instance_id: int, ok: bool, probe_started: float) -> None:
         """Arm (first miss) or disarm (an answer) the deadlines of requests waiting on it."""

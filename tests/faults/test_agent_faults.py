@@ -1,4 +1,5 @@
-"""An instance agent SIGKILLed or SIGSTOPped in the middle of a request (issue 17, defect 7)."""
+"""An instance agent SIGKILLed or SIGSTOPped in the middle of a request or a stream (issue 17,
+defect 7)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,79 @@ async def test_agent_sigstopped_mid_request(api: Api) -> None:
         await wait_gone(pid)
     finally:
         # Never leave a stopped process behind, whatever failed above.
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def stream_once(
+    api: Api, chunks: list[str], started_streaming: asyncio.Event
+) -> tuple[int, float]:
+    """Stream SLOW's answer into `chunks` as it comes; (status, seconds from start to end)."""
+    started = time.monotonic()
+    async with api.session.post(
+        api.base + "/model/run",
+        json={"model": SLOW, "prompt": "hi", "stream": True},
+        headers=api.headers(),
+        timeout=aiohttp.ClientTimeout(total=60),
+    ) as resp:
+        async for chunk in resp.content.iter_any():
+            chunks.append(chunk.decode())
+            started_streaming.set()
+        return resp.status, time.monotonic() - started
+
+
+async def test_agent_sigstopped_mid_stream(api: Api) -> None:
+    await load(api, SLOW)
+    await wait_status(api, SLOW, "RUNNING")
+    pid = await instance_pid(api, SLOW)
+    chunks: list[str] = []
+    started_streaming = asyncio.Event()
+    request = asyncio.create_task(stream_once(api, chunks, started_streaming))
+    try:
+        await asyncio.wait_for(started_streaming.wait(), 10)
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        status, _ = await asyncio.wait_for(request, 40)
+        # The status went out with the first chunk; the stream ends with the timeout's line
+        # after MLCP_PROGRESS_TIMEOUT_S (5 s) without progress, before the kill.
+        ended_after = time.monotonic() - stopped_at
+        text = "".join(chunks)
+        assert status == 200
+        assert "[error: instance_timeout] the model instance made no progress" in text, text
+        assert text.startswith("tok0 ") and "tok9" not in text, text
+        assert ended_after < 12, ended_after
+        failed = await wait_status(api, SLOW, "FAILED", timeout_s=30)
+        assert "stopped answering health checks" in failed["reason"], failed
+        await wait_gone(pid)
+    finally:
+        request.cancel()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def test_stream_from_a_stopped_agent_is_504(api: Api) -> None:
+    await load(api, SLOW)
+    await wait_status(api, SLOW, "RUNNING")
+    pid = await instance_pid(api, SLOW)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        async with api.session.post(
+            api.base + "/model/run",
+            json={"model": SLOW, "prompt": "hi", "stream": True},
+            headers=api.headers(),
+            timeout=aiohttp.ClientTimeout(total=60),
+        ) as resp:
+            body = await resp.json(content_type=None)
+        took = time.monotonic() - started
+        # Nothing was sent yet, so the status can still say it: 504, as for a unary request.
+        assert (resp.status, body["code"]) == (504, "instance_timeout"), body
+        assert took < 12, took
+    finally:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

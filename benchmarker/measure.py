@@ -346,13 +346,16 @@ async def measure(
             sampler.sample()
             loaded_rss = max(sampler.peak_rss_bytes, _reported_peak(ready)[0])
             embeds = ready.get("task") == "feature-extraction"
+            # A handler project's calls are its own code's business (and a gRPC-only one has
+            # no JSON call at all): it is measured loaded, as its instance starts.
+            calls = ready.get("task") != "handler"
             phases: list[Phase] = []
             for concurrency in sorted(concurrencies):
                 started = time.monotonic()
                 tokens = await asyncio.gather(
                     *(
                         _generate(http, child, target.model, i, embeds=embeds)
-                        for i in range(concurrency)
+                        for i in range(concurrency if calls else 0)
                     )
                 )
                 seconds = time.monotonic() - started

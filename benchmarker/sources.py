@@ -65,8 +65,9 @@ async def resolve(db: Executor, settings: Settings, model: str, device: str) -> 
         row = await queries.get_model(db, model)
         if row is None:
             raise LoadFailed(f"Load error: {model} could not be recorded in the catalog")
-    if row.gguf_file is None and row.source_path is not None:
-        # GGUF is plain tensors; folders can hold pickles or point at code.
+    if row.gguf_file is None and row.source_path is not None and row.task != "handler":
+        # GGUF is plain tensors; folders can hold pickles or point at code. A handler project
+        # is code by design: it runs in its instance only, never here (docs/handlers.md).
         await asyncio.to_thread(check_model_folder, Path(row.source_path), model)
     try:
         target = await prepare_model(row, settings.model_store)

@@ -26,6 +26,8 @@ from control_plane.capacity import benchmark_device
 from control_plane.dashboard import routes as dashboard_routes
 from control_plane.errors import MlcpError
 from control_plane.events import EventHub
+from control_plane.grpc_front import GrpcFront
+from control_plane.grpc_services import ServiceTable
 from control_plane.metrics import Metrics, RecordRequests
 from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
@@ -134,6 +136,15 @@ def create_app(settings: Settings) -> Starlette:
             # Also on app.state, for tests and tooling that hold the app, not a request.
             app.state.mlcp = state
             await reconcile(supervisor, datetime.now(UTC))
+            try:
+                state.grpc = GrpcFront(state, ServiceTable())
+            except RuntimeError as exc:
+                # A taken gRPC port costs the gRPC APIs, not the whole control plane (a second
+                # control plane on one host, or MLCP_GRPC_PORT left at its default).
+                logger.error("gRPC not served: port %d: %s", settings.grpc_port, exc)
+            else:
+                await state.grpc.start()
+                stack.push_async_callback(state.grpc.stop)
             scheduler = build_scheduler(state)
             scheduler.start()
             stack.callback(scheduler.shutdown, wait=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 from control_plane.schemas import is_valid_model_id
 from db import queries
 from db.queries import Executor
+from instance_agent.weights import HANDLER_SPEC_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,12 @@ def _weights_bytes(folder: Path, root: Path) -> int | None:
 
 
 def _hf_folder(name: str, folder: Path, kind: str, root: Path) -> FoundModel | None:
+    spec = folder / HANDLER_SPEC_FILE
+    if kind == "dir" and _inside(folder, root) and spec.is_file() and _inside(spec, root):
+        # A handler project (docs/handlers.md): the agent serves its code, weights in model/.
+        return FoundModel(
+            name, "handler", kind, str(folder), None, _weights_bytes(folder / "model", root)
+        )
     config = _read_config(folder, root)
     if config is None:
         return None

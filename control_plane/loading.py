@@ -36,7 +36,7 @@ from db import queries
 from db.rows import InstanceRow, ModelRow
 
 # Tasks an instance agent can serve.
-RUNNABLE_TASKS = frozenset({"text-generation", "feature-extraction"})
+RUNNABLE_TASKS = frozenset({"text-generation", "feature-extraction", "handler"})
 # A request for a STARTING model waits this long by default for it to become RUNNING.
 DEFAULT_COLD_WAIT_S = 5.0
 MAX_COLD_WAIT_S = 120

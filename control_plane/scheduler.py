@@ -80,4 +80,6 @@ def build_scheduler(state: AppState) -> AsyncIOScheduler:
     every(
         state.settings.catalog_refresh_s, "catalog", lambda: refresh_catalog(pool, state.settings)
     )
+    if state.grpc is not None:
+        every(state.settings.catalog_refresh_s, "grpc-services", state.grpc.refresh)
     return scheduler

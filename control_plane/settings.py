@@ -19,6 +19,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # gRPC for handler APIs with a .proto, on `host` like HTTP; 0: any free port (tests).
+    grpc_port: int = Field(default=8081, ge=0, le=65535)
+    # The largest gRPC request or reply relayed (grpcio answers RESOURCE_EXHAUSTED beyond it).
+    grpc_max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=2**31 - 1)
     database_url: SecretStr | None = None
     data_dir: Path = Path(".mlcp")
     admin_key: SecretStr | None = None

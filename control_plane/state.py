@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from starlette.requests import Request
@@ -17,6 +18,9 @@ from control_plane.sessions import Signer
 from control_plane.settings import Settings
 from control_plane.supervisor import Supervisor
 from db.pool import Pool
+
+if TYPE_CHECKING:
+    from control_plane.grpc_front import GrpcFront
 
 STATE_KEY = "mlcp"
 
@@ -42,6 +46,8 @@ class AppState:
     model_tasks: dict[str, str] = field(default_factory=dict)
     # Signs upload URLs (control_plane/uploads.py); read from the database at start-up.
     upload_secret: bytes = b""
+    # The gRPC port's server (MLCP_GRPC_PORT), once the lifespan started it.
+    grpc: GrpcFront | None = None
 
 
 def state_of(request: Request) -> AppState:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from tests.tiny_model import EOS_TOKEN, _train_tokenizer, build_tiny_model
 
@@ -272,6 +273,7 @@ class Handler:
     def __init__(self, config, proto_module_pb2):
         self.pb2 = proto_module_pb2
         self.prefix = config.get("prefix", "")
+        time.sleep(config.get("init_sleep_s", 0))
 
     def Predict(self, payload):
         text = payload.text
@@ -305,7 +307,9 @@ class Handler:
 """
 
 
-def grpc_echo(dest: Path, *, concurrency: int = 2, prefix: str = "") -> Path:
+def grpc_echo(
+    dest: Path, *, concurrency: int = 2, prefix: str = "", init_sleep_s: float = 0
+) -> Path:
     """A pure-Python gRPC project (echo.proto, package mlcp_echo) that misbehaves on request."""
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "model").mkdir(exist_ok=True)
@@ -319,7 +323,7 @@ def grpc_echo(dest: Path, *, concurrency: int = 2, prefix: str = "") -> Path:
           type: python
           path: handler.py
           protobuf_path: echo.proto
-          config: {{prefix: {json.dumps(prefix)}}}
+          config: {{prefix: {json.dumps(prefix)}, init_sleep_s: {init_sleep_s}}}
         concurrency: {concurrency}
         """,
     )
@@ -336,4 +340,19 @@ def grpc_project(dest: Path, files: dict[str, str], *, proto: str = "api.proto")
         dest,
         f"name: broken-grpc\nhandler: {{type: python, path: handler.py, protobuf_path: {proto}}}\n",
     )
+    return dest
+
+
+def grpc_echo_renamed(dest: Path, package: str, proto_file: str, **kwargs: Any) -> Path:
+    """`grpc_echo` with its package and proto file renamed: a second, distinct service."""
+    grpc_echo(dest, **kwargs)
+    text = (dest / "echo.proto").read_text().replace("package mlcp_echo;", f"package {package};")
+    (dest / "echo.proto").unlink()
+    (dest / proto_file).write_text(text)
+    spec = (
+        (dest / "mlcp.yaml")
+        .read_text()
+        .replace("protobuf_path: echo.proto", f"protobuf_path: {proto_file}")
+    )
+    (dest / "mlcp.yaml").write_text(spec)
     return dest

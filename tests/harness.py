@@ -55,6 +55,7 @@ def make_settings(db_dsn: str, data_dir: Path, **overrides: Any) -> Settings:
         "data_dir": data_dir,
         "admin_key": ADMIN_KEY,
         "port": 0,
+        "grpc_port": 0,
         "hf_cache_dir": data_dir / "hf-cache",
         "include_packaged_models": True,
         # Tests must not leave instances behind; restart tests turn this off.

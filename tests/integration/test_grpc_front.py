@@ -1,0 +1,351 @@
+"""The control plane's gRPC port with real servers: PostgreSQL, uvicorn, agents, grpcio clients.
+
+Handler projects with a .proto sit in MLCP_MODEL_DIRS as catalog APIs; calls go through the
+control plane's gRPC port (one module-wide control plane; each test uses its own API where its
+instance's state matters). Clients use stubs generated from the projects' protos in the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import asyncpg
+import grpc
+import grpc.aio
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.grpc_stubs import generate
+from tests.handler_projects import grpc_echo, grpc_echo_renamed
+from tests.harness import (
+    ADMIN_KEY,
+    Api,
+    app_state,
+    create_database,
+    instance_pid,
+    make_settings,
+    mark_measured,
+    serve,
+    wait_status,
+)
+
+ECHO = "alice/grpc-echo"  # mlcp_echo.Echo
+SECOND = "bob/second-echo"  # mlcp_second.Echo, side by side
+DUPLICATE = "zed/dup-echo"  # mlcp_echo.Echo again: refused
+SLOW = "carol/slow-echo"  # mlcp_slow.Echo, loads in 4 s
+DYING = "dave/dying-echo"  # mlcp_dying.Echo, its agent is killed
+BUSY = "erin/busy-echo"  # mlcp_busy.Echo, concurrency 1 and no queue
+MEASURED = "fred/measured-echo"  # mlcp_measured.Echo, benchmarked by a real job
+AUTH = (("authorization", f"Key {ADMIN_KEY}"),)
+
+
+@pytest.fixture(scope="module")
+async def front(
+    pg_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Api]:
+    name, dsn = await create_database(pg_dsn, "mlcp_t", template_db)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE cluster SET id = $1", uuid.uuid4().hex[:12])
+    finally:
+        await conn.close()
+    root = tmp_path_factory.mktemp("grpc-models")
+    grpc_echo(root / "alice" / "grpc-echo", prefix="p:")
+    grpc_echo_renamed(root / "bob" / "second-echo", "mlcp_second", "second.proto", prefix="2:")
+    grpc_echo(root / "zed" / "dup-echo", prefix="dup:")
+    grpc_echo_renamed(root / "carol" / "slow-echo", "mlcp_slow", "slow.proto", init_sleep_s=4)
+    grpc_echo_renamed(root / "dave" / "dying-echo", "mlcp_dying", "dying.proto")
+    grpc_echo_renamed(root / "erin" / "busy-echo", "mlcp_busy", "busy.proto", concurrency=1)
+    grpc_echo_renamed(root / "fred" / "measured-echo", "mlcp_measured", "measured.proto")
+    settings = make_settings(
+        dsn,
+        tmp_path_factory.mktemp("grpc-data"),
+        model_dirs=str(root),
+        include_packaged_models=False,
+        max_queue=0,
+        grpc_max_message_bytes=4 * 1024 * 1024,
+    )
+    try:
+        async with serve(settings) as base, aiohttp.ClientSession() as session:
+            api = Api(base, session, settings)
+            for model in (ECHO, SECOND, DUPLICATE, SLOW, DYING, BUSY):
+                await mark_measured(api, model, 20_000_000)
+            yield api
+    finally:
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="module")
+def stubs(front: Api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
+    dirs = Path(front.settings.model_dirs)
+    out = tmp_path_factory.mktemp("grpc-front-stubs")
+    found: dict[str, ModuleType] = {}
+    for model, proto in (
+        (ECHO, "echo.proto"),
+        (SECOND, "second.proto"),
+        (SLOW, "slow.proto"),
+        (DYING, "dying.proto"),
+        (BUSY, "busy.proto"),
+        (MEASURED, "measured.proto"),
+    ):
+        pb2, pb2_grpc = generate(dirs / model, proto, out)
+        found[model] = pb2
+        found[model + ":grpc"] = pb2_grpc
+    return found
+
+
+@pytest.fixture
+async def channel(front: Api) -> AsyncIterator[grpc.aio.Channel]:
+    grpc_front = app_state(front).grpc
+    assert grpc_front is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_front.port}") as chan:
+        yield chan
+
+
+def echo_stub(stubs: dict[str, ModuleType], model: str, channel: grpc.aio.Channel) -> Any:
+    return stubs[model + ":grpc"].EchoStub(channel)
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+def in_flight(front: Api, model: str) -> int:
+    state = app_state(front)
+    route = state.supervisor.route(model)
+    return state.activity.in_flight(route.instance_id) if route else 0
+
+
+async def test_the_first_call_loads_the_api_and_answers(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, ECHO, channel)
+    reply = await stub.Predict(stubs[ECHO].Text(text="hello-world"), metadata=AUTH, timeout=60)
+    assert reply.text == "p:hello-world"
+    status = await wait_status(front, ECHO, "RUNNING")
+    assert status["status"] == "RUNNING"
+    bearer = (("authorization", f"Bearer {ADMIN_KEY}"),)
+    assert (await stub.Predict(stubs[ECHO].Text(text="b"), metadata=bearer, timeout=10)).text == (
+        "p:b"
+    )
+
+
+async def test_two_apis_with_different_services_side_by_side(
+    channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    first = echo_stub(stubs, ECHO, channel).Predict(
+        stubs[ECHO].Text(text="x"), metadata=AUTH, timeout=60
+    )
+    second = echo_stub(stubs, SECOND, channel).Predict(
+        stubs[SECOND].Text(text="x"), metadata=AUTH, timeout=60
+    )
+    assert [r.text for r in await asyncio.gather(first, second)] == ["p:x", "2:x"]
+
+
+async def test_reflection_lists_the_served_services_and_a_duplicate_is_refused(
+    front: Api, channel: grpc.aio.Channel
+) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    names = set()
+    async for answer in stub.ServerReflectionInfo(iter([request]), timeout=10):
+        names |= {s.name for s in answer.list_services_response.service}
+    assert {"mlcp_echo.Echo", "mlcp_second.Echo", "grpc.health.v1.Health"} <= names
+    assert "grpc.reflection.v1alpha.ServerReflection" in names
+    grpc_front = app_state(front).grpc
+    assert grpc_front is not None
+    assert grpc_front.table.lookup("mlcp_echo.Echo").model == ECHO  # type: ignore[union-attr]
+    assert any(
+        r.startswith(f"{DUPLICATE}: gRPC service mlcp_echo.Echo") for r in grpc_front.table.refused
+    )
+    # The file describing a service, as grpcurl asks for it without -proto.
+    symbol = reflection_pb2.ServerReflectionRequest(file_containing_symbol="mlcp_echo.Echo")
+    async for answer in stub.ServerReflectionInfo(iter([symbol]), timeout=10):
+        files = answer.file_descriptor_response.file_descriptor_proto
+        assert files, answer
+
+
+async def test_the_health_service_answers(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "mlcp_echo.Echo"):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    error = await rpc_error(stub.Check(health_pb2.HealthCheckRequest(service="nope.X"), timeout=10))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code"),
+    [
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Key mlcp_wrong"),), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Basic abc"),), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Key " + "x" * 300),), grpc.StatusCode.UNAUTHENTICATED),
+    ],
+)
+async def test_a_call_without_a_valid_key_is_unauthenticated(
+    channel: grpc.aio.Channel,
+    stubs: dict[str, ModuleType],
+    metadata: tuple[tuple[str, str], ...],
+    code: grpc.StatusCode,
+) -> None:
+    stub = echo_stub(stubs, SECOND, channel)
+    error = await rpc_error(
+        stub.Predict(stubs[SECOND].Text(text="x"), metadata=metadata, timeout=10)
+    )
+    assert error.code() == code
+
+
+@pytest.mark.parametrize("method", ["/mlcp_echo.Echo/Nope", "/unknown.Service/Predict", "/x", "//"])
+async def test_an_unknown_method_or_service_is_unimplemented(
+    channel: grpc.aio.Channel, method: str
+) -> None:
+    error = await rpc_error(channel.unary_unary(method)(b"", metadata=AUTH, timeout=10))
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_instances_statuses_pass_through(
+    channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, ECHO, channel)
+    text = stubs[ECHO].Text
+    error = await rpc_error(
+        stub.Predict(text(text="raise:no such label"), metadata=AUTH, timeout=30)
+    )
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INTERNAL,
+        "ValueError: no such label",
+    )
+    error = await rpc_error(stub.Predict(text(text="wrong-type"), metadata=AUTH, timeout=30))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "returned dict, not mlcp_echo.Text" in (error.details() or "")
+    raw = channel.unary_unary("/mlcp_echo.Echo/Predict")
+    error = await rpc_error(raw(b"\xff\xff\xff", metadata=AUTH, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_50_mb_message_is_refused_at_the_front(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, SECOND, channel)
+    error = await rpc_error(
+        stub.Predict(stubs[SECOND].Text(text="x" * (50 * 1024 * 1024)), metadata=AUTH, timeout=60)
+    )
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await stub.Predict(stubs[SECOND].Text(text="ok"), metadata=AUTH, timeout=60)).text == (
+        "2:ok"
+    )
+
+
+async def test_a_server_stream_relays_and_a_cancel_reaches_the_handler(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    stub = echo_stub(stubs, ECHO, channel)
+    pb2 = stubs[ECHO]
+    replies = [r.text async for r in stub.Count(pb2.CountRequest(n=3), metadata=AUTH, timeout=30)]
+    assert replies == ["0", "1", "2"]
+    marker = tmp_path / "closed"
+    call = stub.Count(
+        pb2.CountRequest(n=1000, pause_s=0.05, marker=str(marker)), metadata=AUTH, timeout=30
+    )
+    assert (await call.read()).text == "0"
+    assert in_flight(front, ECHO) == 1
+    call.cancel()
+    for _ in range(200):
+        if marker.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert marker.read_text() == "closed"
+    assert in_flight(front, ECHO) == 0
+
+
+@pytest.mark.parametrize("timeout_s", [0.001, 0.5])
+async def test_a_deadline_propagates_and_frees_the_call(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType], timeout_s: float
+) -> None:
+    stub = echo_stub(stubs, ECHO, channel)
+    await stub.Predict(stubs[ECHO].Text(text="warm"), metadata=AUTH, timeout=60)
+    error = await rpc_error(
+        stub.Predict(stubs[ECHO].Text(text="sleep:1"), metadata=AUTH, timeout=timeout_s)
+    )
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if in_flight(front, ECHO) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert in_flight(front, ECHO) == 0
+
+
+async def test_a_full_instance_answers_resource_exhausted_with_a_retry_hint(
+    channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, BUSY, channel)
+    text = stubs[BUSY].Text
+    await stub.Predict(text(text="warm"), metadata=AUTH, timeout=60)
+    held = stub.Predict(text(text="sleep:1.5"), metadata=AUTH, timeout=30)
+    task = asyncio.ensure_future(held)
+    await asyncio.sleep(0.5)
+    error = await rpc_error(stub.Predict(text(text="one too many"), metadata=AUTH, timeout=30))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("retry-after", "1") in tuple(error.trailing_metadata() or ())
+    assert (await task).text == "slept"
+
+
+async def test_a_load_beyond_the_wait_is_unavailable_then_answers(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, SLOW, channel)
+    text = stubs[SLOW].Text
+    wait_1 = (*AUTH, ("prefer", "wait=1"))
+    error = await rpc_error(stub.Predict(text(text="x"), metadata=wait_1, timeout=30))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "loading" in (error.details() or "")
+    assert (await stub.Predict(text(text="x"), metadata=AUTH, timeout=60)).text == "x"
+
+
+async def test_an_instance_that_died_is_unavailable(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, DYING, channel)
+    text = stubs[DYING].Text
+    assert (await stub.Predict(text(text="x"), metadata=AUTH, timeout=60)).text == "x"
+    pid = await instance_pid(front, DYING)
+    psutil.Process(pid).kill()
+    psutil.Process(pid).wait(10)
+    error = await rpc_error(stub.Predict(text(text="x"), metadata=AUTH, timeout=30))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    await wait_status(front, DYING, "FAILED")
+
+
+async def test_a_handler_project_is_benchmarked_by_a_real_job_then_served(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, MEASURED, channel)
+    text = stubs[MEASURED].Text
+    error = await rpc_error(stub.Predict(text(text="x"), metadata=AUTH, timeout=30))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has not been benchmarked" in (error.details() or "")
+    message = ""
+    for _ in range(300):
+        status, body = await front.call("POST", "/model/job", {"model": MEASURED})
+        assert status in (200, 201), body
+        message = body["message"]
+        if message == "Model available":
+            break
+        await asyncio.sleep(0.1)
+    assert message == "Model available"
+    assert (await stub.Predict(text(text="x"), metadata=AUTH, timeout=60)).text == "x"

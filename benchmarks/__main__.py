@@ -16,6 +16,7 @@ BENCHMARKS = (
     "benchmarks.bench_load",
     "benchmarks.bench_events",
     "benchmarks.bench_openai",
+    "benchmarks.bench_grpc",
 )
 
 

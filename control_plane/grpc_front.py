@@ -207,10 +207,6 @@ class GrpcFront:
             for name in table:
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        headers = metadata_headers(context.invocation_metadata())
-        return await self._state.auth.authenticate(headers, "user")
-
     async def route(self, entry: ServedService, principal: Principal, wait_s: float) -> Route:
         """The API's instance, loading it if cold (on demand, as the HTTP routes do)."""
         state = self._state
@@ -295,11 +291,15 @@ class _Call:
         self._method = method
 
     async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Route:
-        principal = await self._front.authenticate(context)
+        headers = metadata_headers(context.invocation_metadata())
+        principal = await self._front.state.auth.authenticate(headers, "user")
         if not grpc_services.may_call(self._entry, principal):
             raise NotFound(f"no API serves {self._method.split('/')[1]}")
+        route = self._front.state.supervisor.route(self._entry.model)
+        if route is not None:  # warm: the hot path stops here
+            return route
         # `prefer: wait=N` metadata shortens the wait, as the header does over HTTP.
-        prefer = metadata_headers(context.invocation_metadata()).get("prefer")
+        prefer = headers.get("prefer")
         wait_s = cold_wait_s(prefer, COLD_WAIT_S) if prefer else COLD_WAIT_S
         remaining = context.time_remaining()
         if remaining is not None:

@@ -213,9 +213,8 @@ class GrpcFront:
         route = state.supervisor.route(entry.model)
         if route is not None:
             return route
-        on_demand = OnDemand(
-            principal.key_id, entry.concurrency, state.settings.on_demand_expiration_s
-        )
+        # The project's own spec says how busy and how long-lived its instance is.
+        on_demand = OnDemand(principal.key_id, entry.concurrency, entry.expiration_s)
         return await route_to(state, entry.model, wait_s, on_demand)
 
     async def channel(self, route: Route) -> grpc.aio.Channel:

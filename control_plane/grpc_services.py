@@ -37,6 +37,8 @@ class ServedService:
     methods: dict[str, bool]
     descriptor_set: bytes
     concurrency: int = 1
+    # The spec's expirationPeriodSeconds: idle time before a cold-loaded instance stops.
+    expiration_s: int = 600
     # None: a catalog project, every key may call it; else its owner's key (and admins) only,
     # unless public.
     owner_key_id: int | None = None
@@ -141,6 +143,7 @@ class ProjectCompiler:
                 methods={m.path: m.server_streaming for m in service.methods},
                 descriptor_set=compiled.descriptor_set,
                 concurrency=spec.concurrency,
+                expiration_s=spec.expiration_s,
                 public=spec.public,
             )
             for service in compiled.services

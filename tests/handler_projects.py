@@ -308,7 +308,12 @@ class Handler:
 
 
 def grpc_echo(
-    dest: Path, *, concurrency: int = 2, prefix: str = "", init_sleep_s: float = 0
+    dest: Path,
+    *,
+    concurrency: int = 2,
+    prefix: str = "",
+    init_sleep_s: float = 0,
+    expiration_s: int = 600,
 ) -> Path:
     """A pure-Python gRPC project (echo.proto, package mlcp_echo) that misbehaves on request."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -325,6 +330,7 @@ def grpc_echo(
           protobuf_path: echo.proto
           config: {{prefix: {json.dumps(prefix)}, init_sleep_s: {init_sleep_s}}}
         concurrency: {concurrency}
+        expirationPeriodSeconds: {expiration_s}
         """,
     )
     return dest

@@ -44,6 +44,8 @@ SLOW = "carol/slow-echo"  # mlcp_slow.Echo, loads in 4 s
 DYING = "dave/dying-echo"  # mlcp_dying.Echo, its agent is killed
 BUSY = "erin/busy-echo"  # mlcp_busy.Echo, concurrency 1 and no queue
 MEASURED = "fred/measured-echo"  # mlcp_measured.Echo, benchmarked by a real job
+BRIEF = "gina/brief-echo"  # mlcp_brief.Echo, expires after 1 s idle
+BROKEN = "hank/broken-proto"  # a proto that does not compile: not served
 AUTH = (("authorization", f"Key {ADMIN_KEY}"),)
 
 
@@ -65,6 +67,9 @@ async def front(
     grpc_echo_renamed(root / "dave" / "dying-echo", "mlcp_dying", "dying.proto")
     grpc_echo_renamed(root / "erin" / "busy-echo", "mlcp_busy", "busy.proto", concurrency=1)
     grpc_echo_renamed(root / "fred" / "measured-echo", "mlcp_measured", "measured.proto")
+    grpc_echo_renamed(root / "gina" / "brief-echo", "mlcp_brief", "brief.proto", expiration_s=1)
+    broken = grpc_echo(root / "hank" / "broken-proto")
+    (broken / "echo.proto").write_text("syntax = 'proto3';\nservice S { rpc P (M) }\n")
     settings = make_settings(
         dsn,
         tmp_path_factory.mktemp("grpc-data"),
@@ -76,7 +81,7 @@ async def front(
     try:
         async with serve(settings) as base, aiohttp.ClientSession() as session:
             api = Api(base, session, settings)
-            for model in (ECHO, SECOND, DUPLICATE, SLOW, DYING, BUSY):
+            for model in (ECHO, SECOND, DUPLICATE, SLOW, DYING, BUSY, BRIEF, BROKEN):
                 await mark_measured(api, model, 20_000_000)
             yield api
     finally:
@@ -99,6 +104,7 @@ def stubs(front: Api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Mod
         (DYING, "dying.proto"),
         (BUSY, "busy.proto"),
         (MEASURED, "measured.proto"),
+        (BRIEF, "brief.proto"),
     ):
         pb2, pb2_grpc = generate(dirs / model, proto, out)
         found[model] = pb2
@@ -349,3 +355,48 @@ async def test_a_handler_project_is_benchmarked_by_a_real_job_then_served(
         await asyncio.sleep(0.1)
     assert message == "Model available"
     assert (await stub.Predict(text(text="x"), metadata=AUTH, timeout=60)).text == "x"
+
+
+async def test_a_broken_proto_in_the_catalog_is_not_served_and_says_why(
+    front: Api, channel: grpc.aio.Channel
+) -> None:
+    grpc_front = app_state(front).grpc
+    assert grpc_front is not None
+    reasons = [r for r in grpc_front.table.refused if r.startswith(BROKEN)]
+    assert len(reasons) == 1 and "protoc: echo.proto:2:" in reasons[0], grpc_front.table.refused
+    error = await rpc_error(channel.unary_unary("/S/P")(b"", metadata=AUTH, timeout=10))
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_client_cancel_of_a_unary_call_frees_it_at_once(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, ECHO, channel)
+    await stub.Predict(stubs[ECHO].Text(text="warm"), metadata=AUTH, timeout=60)
+    call = stub.Predict(stubs[ECHO].Text(text="sleep:2"), metadata=AUTH, timeout=30)
+    for _ in range(100):
+        if in_flight(front, ECHO) == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert in_flight(front, ECHO) == 1
+    call.cancel()
+    for _ in range(50):  # well before the handler's 2 s
+        if in_flight(front, ECHO) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert in_flight(front, ECHO) == 0
+
+
+async def test_a_call_in_flight_keeps_the_instance_past_its_expiry_which_then_slides(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, BRIEF, channel)
+    pb2 = stubs[BRIEF]
+    replies = [
+        r.text
+        async for r in stub.Count(pb2.CountRequest(n=6, pause_s=0.5), metadata=AUTH, timeout=60)
+    ]
+    assert replies == ["0", "1", "2", "3", "4", "5"]  # 2.5 s streaming, expiry 1 s
+    status = await wait_status(front, BRIEF, "RUNNING")
+    assert status["expirationPeriodSeconds"] == 1, status
+    await wait_status(front, BRIEF, "STOPPED", timeout_s=15)

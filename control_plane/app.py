@@ -48,6 +48,7 @@ from control_plane.routes import health as health_routes
 from control_plane.routes import metrics as metrics_routes
 from control_plane.routes import uploads as upload_routes
 from control_plane.runtimes import build_runtime
+from control_plane.runtimes.process import ProcessRuntime
 from control_plane.scheduler import build_scheduler
 from control_plane.sessions import Signer
 from control_plane.settings import Settings
@@ -96,9 +97,14 @@ def create_app(settings: Settings) -> Starlette:
             session = new_session()
             stack.push_async_callback(session.close)
             activity = Activity(node_id=uuid.uuid4().hex)
+            runtime = build_runtime(settings, await queries.cluster_id(pool))
+            if isinstance(runtime, ProcessRuntime):
+                # Imports torch in the background so the first load already forks.
+                runtime.warm_up()
+                stack.push_async_callback(runtime.close)
             supervisor = Supervisor(
                 pool,
-                build_runtime(settings, await queries.cluster_id(pool)),
+                runtime,
                 session,
                 activity,
                 settings.model_store,

@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     # The command that runs an instance agent (JSON list); tests point it at a fake agent. With
     # the docker runtime it runs inside the container.
     agent_command: list[str] | None = None
+    # The process runtime forks the real agent from a zygote that has torch and transformers
+    # imported (cold start ÷ a fresh process's import and load, benchmarks/bench_cold_start.py);
+    # false: every instance is a fresh interpreter.
+    zygote: bool = True
     # The docker runtime's agent image: `make image` builds it offline, the Dockerfile with a
     # registry. "bridge" publishes each agent's port on 127.0.0.1 only; "host" shares the host's
     # network (for engines without a bridge, such as CI's).

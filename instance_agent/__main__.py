@@ -1,4 +1,5 @@
-"""Command line: `serve` one model over HTTP, or `convert` a GGUF file into a safetensors dir.
+"""Command line: `serve` one model over HTTP, `convert` a GGUF file into a safetensors dir, or
+run the `zygote` that forks agents with torch already imported (`instance_agent.zygote`).
 
 Exit codes: 0 after a clean stop, 2 for bad arguments, 3 when the model cannot be loaded (or
 converted); stderr then holds one line `mlcp-agent: load failed: <reason>`.
@@ -95,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="dequantize a GGUF file into a model dir")
     convert.add_argument("--gguf-file", type=Path, required=True)
     convert.add_argument("--out", type=Path, required=True)
+
+    zygote = commands.add_parser("zygote", help="fork `serve` children with torch imported")
+    zygote.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
     return parser
 
 
@@ -194,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "convert":
         return convert(args)
+    if args.command == "zygote":
+        from instance_agent import zygote
+
+        return zygote.serve(args.socket)
     return serve(args)
 
 

@@ -41,8 +41,23 @@ _MEMORY_SAMPLE_EVERY_STEPS = 16
 
 
 def _cpu_threads() -> int:
+    """Torch's intra-op threads: OMP_NUM_THREADS when set, else the CPUs this process may use.
+
+    Read at every call, not at import, so a child forked from the zygote (which imported torch
+    under another environment) gets its own figure, as a fresh process would.
+    """
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit() and int(requested) > 0:
+        return int(requested)
     # Respects CPU affinity and cgroup-pinned sets, unlike os.cpu_count().
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def apply_thread_settings() -> int:
+    """Set torch's thread count for this process from its environment; return it."""
+    torch.set_num_threads(_cpu_threads())
+    threads: int = torch.get_num_threads()
+    return threads
 
 
 def _resolve_device(device: str) -> torch.device:

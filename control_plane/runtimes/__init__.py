@@ -15,6 +15,7 @@ def build_runtime(settings: Settings, cluster: str) -> Runtime:
             cluster=cluster,
             command=settings.agent_command,
             lease_grace_s=settings.instance_lease_grace_s,
+            zygote=settings.zygote,
         )
     if settings.runtime == "docker":
         # Imported here: only deployments that run containers need the docker SDK loaded.

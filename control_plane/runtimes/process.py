@@ -2,12 +2,21 @@
 
 The instance is labelled through its environment (MLCP_INSTANCE=<id>:<generation>) so a control
 plane that restarts can find its processes again; its output goes to a log file per instance.
+
+The real agent is forked from a zygote that has torch and transformers imported already
+(`control_plane.runtimes.zygote`), which takes the imports out of every cold start; a custom
+agent command (tests' fake agents) or a zygote that cannot start falls back to a fresh
+subprocess. A forked child's /proc environment and command line are the zygote's, so each one
+is also recorded in a small file (`forked/<pid>.json`: label, endpoint, start time) that `list`
+and `exited` read after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import signal
 import socket
@@ -20,7 +29,10 @@ import psutil
 
 from control_plane.errors import RuntimeFailed
 from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
+from control_plane.runtimes.zygote import Zygote, ZygoteChild, ZygoteUnavailable
 from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
+
+logger = logging.getLogger(__name__)
 
 # <cluster>:<instance id>:<generation>
 LABEL_ENV = "MLCP_INSTANCE"
@@ -36,7 +48,7 @@ def free_loopback_port() -> int:
 
 def agent_command(spec: InstanceSpec, port: int, base: list[str] | None = None) -> list[str]:
     cmd = [
-        *(base or [sys.executable, "-m", "instance_agent"]),
+        *(base if base is not None else [sys.executable, "-m", "instance_agent"]),
         "serve",
         "--model-dir",
         str(spec.model_dir),
@@ -88,6 +100,13 @@ def exit_reason(returncode: int, log_tail: list[str]) -> str:
     return f"instance process exited with code {returncode}"
 
 
+def _create_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
 class ProcessRuntime:
     name = "process"
 
@@ -99,30 +118,87 @@ class ProcessRuntime:
         command: list[str] | None = None,
         env: dict[str, str] | None = None,
         lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
+        zygote: bool = True,
     ) -> None:
         self.lease_grace_s = lease_grace_s
         self.log_dir = log_dir
         self.cluster = cluster
         self._command = command
         self._env = env or {}
-        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._procs: dict[int, asyncio.subprocess.Process | ZygoteChild] = {}
+        # Only the real agent is forked: a custom command is some other program.
+        self.zygote = (
+            Zygote(log_dir / "zygote", self._base_env(), log_dir / "zygote.log")
+            if zygote and command is None
+            else None
+        )
+        self._warming: asyncio.Task[None] | None = None
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self._env)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def warm_up(self) -> None:
+        """Start the zygote in the background, so the first load already forks."""
+        if self.zygote is not None and self._warming is None:
+            self._warming = asyncio.create_task(self._warm(self.zygote))
+
+    @staticmethod
+    async def _warm(zygote: Zygote) -> None:
+        try:
+            await zygote.ensure_started()
+        except ZygoteUnavailable as exc:
+            logger.warning("agent zygote: %s; instances start as fresh processes", exc)
+
+    async def close(self) -> None:
+        """Stop the zygote; instances keep running (a restart adopts them)."""
+        if self._warming is not None:
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warming
+        for proc in self._procs.values():
+            if isinstance(proc, ZygoteChild):
+                proc.detach()
+        if self.zygote is not None:
+            await self.zygote.close()
 
     def log_path(self, handle: str) -> Path:
         return self.log_dir / f"instance-{handle}.log"
 
-    async def start(self, spec: InstanceSpec) -> Launched:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        port = free_loopback_port()
-        env = dict(os.environ)
-        env.update(self._env)
-        env[LABEL_ENV] = f"{self.cluster}:{spec.instance_id}:{spec.generation}"
-        env[LEASE_ENV] = f"{self.lease_grace_s:g}"
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        log_file = self.log_dir / f"instance-{spec.instance_id}-{spec.generation}.log"
+    def _record_path(self, pid: int) -> Path:
+        return self.log_dir / "forked" / f"{pid}.json"
+
+    def _record(self, pid: int, label: str, port: int) -> None:
+        record = {"label": label, "port": port, "created": _create_time(pid)}
+        path = self._record_path(pid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+
+    def _recorded(self, pid: int) -> dict[str, object] | None:
+        """The record of a forked instance still alive under that pid (not a reused pid)."""
+        try:
+            record = json.loads(self._record_path(pid).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("created") != _create_time(pid):
+            return None
+        return record
+
+    async def _launch(
+        self, spec: InstanceSpec, port: int, env: dict[str, str], log_file: Path
+    ) -> asyncio.subprocess.Process | ZygoteChild:
+        if self.zygote is not None:
+            argv = agent_command(spec, port, [])
+            try:
+                return await self.zygote.spawn(argv, env, log_file)
+            except ZygoteUnavailable as exc:
+                logger.warning("agent zygote: %s; starting a fresh process", exc)
         try:
             with log_file.open("ab") as log:
-                proc = await asyncio.create_subprocess_exec(
+                return await asyncio.create_subprocess_exec(
                     *agent_command(spec, port, self._command),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
@@ -132,7 +208,19 @@ class ProcessRuntime:
                 )
         except OSError as exc:
             raise RuntimeFailed(f"could not start the instance process: {exc.strerror}") from exc
+
+    async def start(self, spec: InstanceSpec) -> Launched:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        port = free_loopback_port()
+        env = self._base_env()
+        label = f"{self.cluster}:{spec.instance_id}:{spec.generation}"
+        env[LABEL_ENV] = label
+        env[LEASE_ENV] = f"{self.lease_grace_s:g}"
+        log_file = self.log_dir / f"instance-{spec.instance_id}-{spec.generation}.log"
+        proc = await self._launch(spec, port, env, log_file)
         self._procs[proc.pid] = proc
+        if isinstance(proc, ZygoteChild):
+            self._record(proc.pid, label, port)
         handle = str(proc.pid)
         # The log is named by pid too so `logs(handle)` finds it without a lookup table.
         with contextlib.suppress(OSError):
@@ -140,30 +228,53 @@ class ProcessRuntime:
             self.log_path(handle).symlink_to(log_file.name)
         return Launched(handle=handle, endpoint=f"http://127.0.0.1:{port}")
 
+    def _child(self, pid: int) -> asyncio.subprocess.Process | ZygoteChild | None:
+        """Our own child whose exit we will learn; None for adopted or orphaned instances."""
+        proc = self._procs.get(pid)
+        if isinstance(proc, ZygoteChild) and proc.orphaned:
+            # The zygote died first: from here on only the OS can tell.
+            self._procs.pop(pid, None)
+            return None
+        return proc
+
+    def _labelled(self, pid: int) -> bool:
+        """Whether a live process under `pid` is one of mlcp's instances (not a reused pid)."""
+        try:
+            p = psutil.Process(pid)
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if p.environ().get(LABEL_ENV):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+        return self._recorded(pid) is not None
+
     async def exited(self, handle: str) -> Exited | None:
         pid = int(handle)
-        proc = self._procs.get(pid)
+        proc = self._child(pid)
         if proc is not None:
             if proc.returncode is None:
                 return None
             self._procs.pop(pid, None)
+            self._record_path(pid).unlink(missing_ok=True)
             return Exited(exit_reason(proc.returncode, last_lines(self.log_path(handle), 20)))
-        # Not our child (adopted after a restart): ask the OS.
-        try:
-            p = psutil.Process(pid)
-            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(LABEL_ENV):
-                return None
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+        # Not our child (adopted after a restart, or its zygote died): ask the OS.
+        if self._labelled(pid):
+            return None
+        self._record_path(pid).unlink(missing_ok=True)
+        for line in reversed(last_lines(self.log_path(handle), 20)):
+            if LOAD_FAILED_MARK in line:
+                return Exited("load failed: " + line.split(LOAD_FAILED_MARK, 1)[1].strip()[:500])
         return Exited("instance process is gone")
 
     async def stop(self, handle: str, grace_s: float) -> None:
         pid = int(handle)
-        proc = self._procs.get(pid)
+        proc = self._child(pid)
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             self._procs.pop(pid, None)
+            self._record_path(pid).unlink(missing_ok=True)
             return
         except PermissionError:
             return
@@ -173,9 +284,10 @@ class ProcessRuntime:
                 await asyncio.wait_for(proc.wait(), grace_s)
             except TimeoutError:
                 pass
+            proc = self._child(pid)
         else:
             # Not our child: nothing to await, so poll the OS until it is gone.
-            while time.monotonic() < deadline and psutil.pid_exists(pid):  # noqa: ASYNC110
+            while time.monotonic() < deadline and _alive(pid):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
@@ -184,10 +296,32 @@ class ProcessRuntime:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and _alive(pid):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-        if proc is not None:
+        else:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
-            self._procs.pop(pid, None)
+        self._procs.pop(pid, None)
+        self._record_path(pid).unlink(missing_ok=True)
+
+    def _list_forked(self) -> list[Listed]:
+        """Forked instances, from their records (their /proc shows the zygote's environment)."""
+        found: list[Listed] = []
+        for path in sorted((self.log_dir / "forked").glob("*.json")):
+            if not path.stem.isdigit():
+                continue
+            pid = int(path.stem)
+            record = self._recorded(pid)
+            if record is None or not _alive(pid):
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                cluster, instance_id, generation = str(record["label"]).split(":")
+                port = int(str(record["port"]))
+            except (KeyError, ValueError):
+                continue
+            if cluster == self.cluster:
+                endpoint = f"http://127.0.0.1:{port}"
+                found.append(Listed(int(instance_id), int(generation), str(pid), endpoint))
+        return found
 
     async def list(self) -> list[Listed]:
         found: list[Listed] = []
@@ -212,7 +346,7 @@ class ProcessRuntime:
                 IndexError,
             ):
                 continue
-        return found
+        return found + self._list_forked()
 
     async def logs(self, handle: str, tail_lines: int) -> str:
         return "\n".join(last_lines(self.log_path(handle), tail_lines))

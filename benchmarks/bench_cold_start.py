@@ -7,7 +7,10 @@
    memory only has room once the other model's idle instance is evicted.
 
 Each figure is the median of REPEATS rounds, each beside its own bare loads (the bare clock
-stops once the model is loaded, not at the interpreter's exit). Admission needs a benchmark
+stops once the model is loaded, not at the interpreter's exit). The process runtime forks its
+agents from a zygote that has torch and transformers imported (issue 15, goal <= 0.15x); the
+benchmark waits for the zygote to listen before it measures, as a control plane that has been
+up a few seconds has it. Admission needs a benchmark
 figure: it is written straight into the control plane's embedded database instead of running
 the (slow) benchmark.
 Run: .venv/bin/python -m benchmarks.bench_cold_start
@@ -114,7 +117,9 @@ class Samples:
     def line(self, label: str) -> str:
         value = statistics.median(self.values[label])
         bare = statistics.median(self.bare[label])
-        return f"{label}: {value:.2f} s / bare load {bare:.2f} s = {value / bare:.2f}x"
+        kind = label.split(": ")[-1]
+        goal = f" (goal <= {GOALS[kind]})" if kind in GOALS else ""
+        return f"{label}: {value:.2f} s / bare load {bare:.2f} s = {value / bare:.2f}x{goal}"
 
 
 def bare_load_s(folder: Path) -> float:
@@ -221,6 +226,16 @@ def first_token_s(cp: ControlPlane, model: str, idle: str | None) -> float:
     return elapsed
 
 
+def wait_zygote(cp: ControlPlane, timeout_s: float = 180) -> None:
+    """Until the process runtime's zygote listens (it imports torch in the background)."""
+    sock = cp.data_dir / "logs" / "zygote" / "zygote.sock"
+    deadline = time.monotonic() + timeout_s
+    while not sock.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the agent zygote did not start within {timeout_s} s")
+        time.sleep(0.1)
+
+
 def docker_ready() -> bool:
     """Whether a Docker engine answers and the agent image builds (offline, cached)."""
     try:
@@ -264,6 +279,8 @@ def measure_container(cp: ControlPlane, folders: dict[str, Path], out: Samples) 
 
 
 SHORT = {TINY: "tiny", SMOLLM2: "SmolLM2"}
+# Issue 15's goals, by the figure's last word: a forked process, a container.
+GOALS = {"process": 0.15, "first token": 0.15, "container": 0.4}
 Measure = Callable[[ControlPlane, dict[str, Path], Samples], None]
 
 
@@ -286,6 +303,8 @@ def main() -> None:
         samples = Samples()
         with control_plane([MODELS_ROOT], fake_agent=None, **run_env) as cp:
             mark_benchmarked(cp, list(folders))
+            if runtime == "process":
+                wait_zygote(cp)
             for _ in range(REPEATS):
                 measure(cp, folders, samples)
         for label in samples.values:

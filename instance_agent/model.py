@@ -258,17 +258,19 @@ class TransformersEngine:
             )
 
     def warm_up(self) -> None:
-        """Generate a couple of tokens once, before the first request.
+        """Generate one token once, before the first request.
 
         The first generate() pays one-time allocation costs, and a model that loads but cannot
-        generate should fail its load rather than its first request.
+        generate should fail its load rather than its first request. One token, not two: each
+        costs a forward pass (~0.3 s for SmolLM2 on a busy 2-core box), a third of a forked
+        agent's cold start.
         """
         ids = torch.tensor([[self._pad_id]], dtype=torch.long, device=self._device)
         with torch.inference_mode():
             self._model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                generation_config=self._generation_config(GenerationParams(), 2),
+                generation_config=self._generation_config(GenerationParams(), 1),
             )
 
     def _generation_config(self, params: GenerationParams, max_new_tokens: int) -> GenerationConfig:

@@ -57,6 +57,14 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError as exc:  # an optional architecture missing costs only its own import
             print(f"mlcp-zygote: preload of {name} skipped: {exc}", file=sys.stderr, flush=True)
+    # transformers builds its table of checkpoint renamings (a few thousand regular expressions)
+    # at the first load; plain Python, so it is built here once for every child.
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        get_checkpoint_conversion_mapping("llama")
+    except ImportError:
+        pass
 
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:

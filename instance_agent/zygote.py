@@ -62,7 +62,7 @@ def preload() -> None:
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-        get_checkpoint_conversion_mapping("llama")
+        get_checkpoint_conversion_mapping("llama")  # type: ignore[no-untyped-call]
     except ImportError:
         pass
 

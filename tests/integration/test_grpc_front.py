@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.grpc_stubs import generate
-from tests.handler_projects import grpc_echo, grpc_echo_renamed
+from tests.handler_projects import cortex_grpc_text_generator, grpc_echo, grpc_echo_renamed
 from tests.harness import (
     ADMIN_KEY,
     Api,
@@ -46,6 +46,7 @@ BUSY = "erin/busy-echo"  # mlcp_busy.Echo, concurrency 1 and no queue
 MEASURED = "fred/measured-echo"  # mlcp_measured.Echo, benchmarked by a real job
 BRIEF = "gina/brief-echo"  # mlcp_brief.Echo, expires after 1 s idle
 BROKEN = "hank/broken-proto"  # a proto that does not compile: not served
+SEED = "ivan/text-generator"  # the seed's text_generator.Handler over a tiny GPT-2 pipeline
 AUTH = (("authorization", f"Key {ADMIN_KEY}"),)
 
 
@@ -68,6 +69,8 @@ async def front(
     grpc_echo_renamed(root / "erin" / "busy-echo", "mlcp_busy", "busy.proto", concurrency=1)
     grpc_echo_renamed(root / "fred" / "measured-echo", "mlcp_measured", "measured.proto")
     grpc_echo_renamed(root / "gina" / "brief-echo", "mlcp_brief", "brief.proto", expiration_s=1)
+    seed = cortex_grpc_text_generator(root / "ivan" / "text-generator")
+    (seed / "text_generator.yaml").rename(seed / "mlcp.yaml")
     broken = grpc_echo(root / "hank" / "broken-proto")
     (broken / "echo.proto").write_text("syntax = 'proto3';\nservice S { rpc P (M) }\n")
     settings = make_settings(
@@ -81,7 +84,7 @@ async def front(
     try:
         async with serve(settings) as base, aiohttp.ClientSession() as session:
             api = Api(base, session, settings)
-            for model in (ECHO, SECOND, DUPLICATE, SLOW, DYING, BUSY, BRIEF, BROKEN):
+            for model in (ECHO, SECOND, DUPLICATE, SLOW, DYING, BUSY, BRIEF, BROKEN, SEED):
                 await mark_measured(api, model, 20_000_000)
             yield api
     finally:
@@ -400,3 +403,12 @@ async def test_a_call_in_flight_keeps_the_instance_past_its_expiry_which_then_sl
     status = await wait_status(front, BRIEF, "RUNNING")
     assert status["expirationPeriodSeconds"] == 1, status
     await wait_status(front, BRIEF, "STOPPED", timeout_s=15)
+
+
+async def test_the_seeds_text_generator_through_the_control_plane(
+    front: Api, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    pb2, pb2_grpc = generate(Path(front.settings.model_dirs) / SEED, "handler.proto", tmp_path)
+    stub = pb2_grpc.HandlerStub(channel)
+    reply = await stub.Predict(pb2.Message(text="hello-world"), metadata=AUTH, timeout=120)
+    assert reply.text == "returned message"

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install chromium run test test-fast lint typecheck bench image clean gpu-check
+.PHONY: install chromium faketime run test test-fast lint typecheck bench image clean gpu-check
 
 # MLCP_TORCH=cpu|cuda|auto (default auto): a CUDA build of torch where NVML answers, else the
 # CPU pin; scripts/torch_choice.py decides and installs a CUDA build before the agent extra.
@@ -33,12 +33,18 @@ chromium:
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
 
+# The clock-jump fault test steps the control plane's wall clock with Debian's libfaketime.
+faketime:
+	@if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfaketime; fi
+
 run: install
 	@# MLCP_RUNTIME=docker runs each instance in a container: build the agent image first (cached).
 	@if [ "$${MLCP_RUNTIME:-process}" = docker ]; then $(PY) -m instance_agent.image build; fi
 	$(PY) -m control_plane serve
 
-test: install chromium
+test: install chromium faketime
 	$(PY) -m pytest tests
 
 test-fast: install chromium

@@ -4,14 +4,19 @@ A synchronous UPDATE per request costs ~0.47 ms here, about the whole proxy budg
 and `end` only touch a dict; `flush` (run every few hundred ms, and by the reaper before it
 decides) writes inferences, the sliding expiry and this node's in-flight count in one statement
 per changed instance.
+
+When a request ended is kept on the monotonic clock and written as "so many seconds before the
+database's now()": the sliding expiry is then the database's clock plus the expiration, the
+clock the reaper judges it by, and a step of this host's wall clock (NTP, a VM resumed) neither
+pushes an expiry an hour out nor leaves it behind (issue 17).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from db import queries
 from db.queries import Executor
@@ -24,7 +29,8 @@ class Counter:
     in_flight: int = 0
     new_inferences: int = 0
     new_rejected: int = 0
-    last_end: datetime | None = None
+    # time.monotonic() when the last request ended (not yet flushed).
+    last_end: float | None = None
     reported_in_flight: int = 0
     dirty: bool = False
 
@@ -47,7 +53,7 @@ class Activity:
         c.in_flight = max(0, c.in_flight - 1)
         if completed:
             c.new_inferences += 1
-        c.last_end = datetime.now(UTC)
+        c.last_end = time.monotonic()
         c.dirty = True
 
     def reject(self, instance_id: int) -> None:
@@ -64,10 +70,10 @@ class Activity:
         c = self._counters.get(instance_id)
         return c.in_flight if c else 0
 
-    def pending(self, instance_id: int) -> tuple[int, datetime | None]:
-        """Inferences and last end time not yet flushed (so status answers are exact)."""
+    def pending(self, instance_id: int) -> int:
+        """Inferences not yet flushed (status answers flush first; these ended since)."""
         c = self._counters.get(instance_id)
-        return (c.new_inferences, c.last_end) if c else (0, None)
+        return c.new_inferences if c else 0
 
     def forget(self, instance_id: int) -> None:
         self._counters.pop(instance_id, None)
@@ -88,9 +94,10 @@ class Activity:
             new, last_end, in_flight = c.new_inferences, c.last_end, c.in_flight
             rejected = c.new_rejected
             c.new_inferences, c.new_rejected, c.last_end, c.dirty = 0, 0, None, False
+            ended_s_ago = None if last_end is None else max(0.0, time.monotonic() - last_end)
             try:
                 await queries.record_activity(
-                    db, instance_id, new, last_end, in_flight, self.node_id, rejected
+                    db, instance_id, new, ended_s_ago, in_flight, self.node_id, rejected
                 )
             except Exception:
                 # Put the numbers back so the next flush carries them.

@@ -8,7 +8,6 @@ import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -31,7 +30,7 @@ from control_plane.grpc_services import ServiceTable
 from control_plane.metrics import Metrics, RecordRequests
 from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
-from control_plane.reconciler import reconcile
+from control_plane.reconciler import reconcile_by_database_clock
 from control_plane.routes import (
     async_requests,
     capacity,
@@ -141,7 +140,7 @@ def create_app(settings: Settings) -> Starlette:
             supervisor.on_loaded = metrics.loaded
             # Also on app.state, for tests and tooling that hold the app, not a request.
             app.state.mlcp = state
-            await reconcile(supervisor, datetime.now(UTC))
+            await reconcile_by_database_clock(supervisor)
             try:
                 state.grpc = GrpcFront(state, ServiceTable())
             except RuntimeError as exc:
@@ -153,7 +152,7 @@ def create_app(settings: Settings) -> Starlette:
                 stack.push_async_callback(state.grpc.stop)
             scheduler = build_scheduler(state)
             scheduler.start()
-            stack.callback(scheduler.shutdown, wait=False)
+            stack.push_async_callback(scheduler.aclose)
             # Counters not yet flushed are written before the pool closes.
             stack.push_async_callback(activity.flush, pool)
             # Stops first on the way out: finishes or hands back its job while the pool is open.

@@ -106,7 +106,8 @@ async def load(
         request.concurrency,
         request.expiration_s,
         owner,
-        now or datetime.now(UTC),
+        # Reservations' idleness is judged by the clock their times were written by.
+        now or await queries.database_now(state.pool),
         dry_run=request.dry_run,
         benchmark=request.benchmark,
         device=request.device,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from control_plane.errors import (
@@ -324,13 +324,13 @@ def render_status(
     row: InstanceRow,
     *,
     pending_inferences: int = 0,
-    pending_last_end: datetime | None = None,
     in_flight: int = 0,
 ) -> dict[str, Any]:
-    """The Bytez status object, with this node's not-yet-flushed counters folded in."""
+    """The Bytez status object, with this node's not-yet-flushed inferences folded in.
+
+    The expiry is the row's, on the database's clock: callers flush activity first.
+    """
     expires = row.expires_at
-    if pending_last_end is not None:
-        expires = max(expires, pending_last_end + timedelta(seconds=row.expiration_s))
     return {
         MODEL: row.model,
         "status": row.state,

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -443,9 +443,13 @@ class Supervisor:
     async def check(self) -> None:
         """One pass over RUNNING instances: crashed → FAILED, hung → FAILED and killed."""
         rows = await queries.live_instances(self.pool)
+        # Leases run to an expiry written by the database's clock: measured by it too, so a
+        # step of this host's clock neither shortens nor stretches them (issue 17).
+        now = await queries.database_now(self.pool) if rows else None
         for row in rows:
             if row.state != State.RUNNING or not row.handle or not row.endpoint:
                 continue
+            assert now is not None
             try:
                 exited = await self.runtime.exited(row.handle)
             except MlcpError:
@@ -456,7 +460,7 @@ class Supervisor:
             if exited is not None:
                 await self.fail_and_stop(row, exited.reason)
                 continue
-            await self._probe(row)
+            await self._probe(row, now)
         await self.refresh_routes()
 
     def lease_s(self, row: InstanceRow, now: datetime) -> float:
@@ -483,13 +487,13 @@ class Supervisor:
         for deadline in self._progress_waiters.get(instance_id, ()):
             deadline.reschedule(probe_started + self.progress_timeout_s)
 
-    async def _probe(self, row: InstanceRow) -> None:
+    async def _probe(self, row: InstanceRow, now: datetime) -> None:
         assert row.endpoint is not None
         probe_started = asyncio.get_running_loop().time()
         try:
             async with self.session.get(
                 row.endpoint + "/health",
-                headers={LEASE_HEADER: f"{self.lease_s(row, datetime.now(UTC)):.0f}"},
+                headers={LEASE_HEADER: f"{self.lease_s(row, now):.0f}"},
                 timeout=aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S),
             ) as resp:
                 body = await resp.json(content_type=None) if resp.status == 200 else None

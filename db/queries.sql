@@ -154,16 +154,19 @@ WHERE instance_id = $1 ORDER BY id;
 
 -- name: record_activity
 -- One flush of a control plane's in-memory counters for one instance ($2 new inferences,
--- $3 end time of the last finished request or null, $4 requests in flight now, $5 node,
--- $6 requests refused because the instance was full).
-WITH bumped AS (
+-- $3 seconds since the last finished request ended, by the control plane's monotonic clock, or
+-- null; $4 requests in flight now, $5 node, $6 requests refused because the instance was full).
+-- The end time is placed on the database's clock, never the control plane's wall clock.
+WITH ended AS (
+    SELECT now() - make_interval(secs => $3::double precision) AS at
+), bumped AS (
     UPDATE instances
     SET inferences = inferences + $2,
         rejected = rejected + $6,
-        last_used_at = CASE WHEN $3::timestamptz IS NULL THEN last_used_at
-                            ELSE greatest(last_used_at, $3::timestamptz) END,
-        expires_at = CASE WHEN $3::timestamptz IS NULL THEN expires_at
-                          ELSE greatest(expires_at, $3::timestamptz + make_interval(secs => expiration_s)) END,
+        last_used_at = CASE WHEN $3::double precision IS NULL THEN last_used_at
+                            ELSE greatest(last_used_at, (SELECT at FROM ended)) END,
+        expires_at = CASE WHEN $3::double precision IS NULL THEN expires_at
+                          ELSE greatest(expires_at, (SELECT at FROM ended) + make_interval(secs => expiration_s)) END,
         modified_at = CASE WHEN $2 > 0 THEN now() ELSE modified_at END
     WHERE id = $1
     RETURNING id

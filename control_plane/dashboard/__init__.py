@@ -9,7 +9,7 @@ script and styles. The page's script counts expiries down and refreshes the inst
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -172,11 +172,11 @@ async def logout(request: Request) -> Response:
 
 async def _instance_rows(state: AppState) -> list[dict[str, Any]]:
     await state.activity.flush(state.pool)
-    now = datetime.now(UTC)
+    # The countdown by the clock the expiry is judged by (the database's), not this host's.
+    now = await queries.database_now(state.pool)
     out = []
     for row in await queries.live_instances(state.pool):
-        pending, last_end = state.activity.pending(row.id)
-        status = render_status(row, pending_inferences=pending, pending_last_end=last_end)
+        status = render_status(row, pending_inferences=state.activity.pending(row.id))
         expires = status["expiresAt"]
         left = None
         if expires:

@@ -33,11 +33,9 @@ from db.rows import InstanceRow
 
 
 def _status(state: AppState, row: InstanceRow) -> dict[str, Any]:
-    pending, last_end = state.activity.pending(row.id)
     out = render_status(
         row,
-        pending_inferences=pending,
-        pending_last_end=last_end,
+        pending_inferences=state.activity.pending(row.id),
         in_flight=state.activity.in_flight(row.id),
     )
     out["metrics"] = {

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import logging
+import math
 import os
 import re
 import signal
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import wave
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +48,8 @@ CONCURRENCIES = (1, 2, 4)
 MAX_NEW_TOKENS = 24
 # An embedding model is measured on requests of this many texts, a typical client batch.
 EMBED_TEXTS = 32
+# A speech model transcribes this much audio per measured request (one 30 s Whisper window).
+SPEECH_SECONDS = 30
 # A chat-sized prompt: long enough that attention and the KV cache are exercised.
 PROMPT = (
     "You are a helpful assistant. Explain in a few sentences why the sky is blue, how a "
@@ -288,21 +293,44 @@ async def _health(http: aiohttp.ClientSession, child: Child) -> dict[str, Any]:
         return body
 
 
-async def _generate(
-    http: aiohttp.ClientSession, child: Child, model: str, n: int, *, embeds: bool = False
-) -> int:
-    """One request as users send it: a generation, or for an embedding model a batch of texts.
+def _speech_sample(seconds: int = SPEECH_SECONDS, rate: int = 16_000) -> bytes:
+    """A WAV file of a tone: what a speech model is measured transcribing."""
+    frames = b"".join(
+        int(8000 * math.sin(2 * math.pi * 440 * i / rate)).to_bytes(2, "little", signed=True)
+        for i in range(seconds * rate)
+    )
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames)
+    return out.getvalue()
 
-    Returns the tokens it produced (generated, or for embeddings read).
+
+async def _generate(
+    http: aiohttp.ClientSession,
+    child: Child,
+    model: str,
+    n: int,
+    *,
+    embeds: bool = False,
+    speech: bool = False,
+) -> int:
+    """One request as users send it: a generation, for an embedding model a batch of texts,
+    for a speech model a transcription of SPEECH_SECONDS of audio.
+
+    Returns the tokens it produced (generated, or for embeddings read; 0 for speech).
     """
-    path = "/embed" if embeds else "/run"
+    path = "/embed" if embeds else "/transcribe" if speech else "/run"
     body: dict[str, Any] = (
         {"input": [f"{PROMPT} ({n}.{i})" for i in range(EMBED_TEXTS)]}
         if embeds
         else {"prompt": f"{PROMPT} ({n})", "params": {"max_new_tokens": MAX_NEW_TOKENS}}
     )
+    send: dict[str, Any] = {"data": _speech_sample()} if speech else {"json": body}
     try:
-        async with http.post(child.base_url + path, json=body) as resp:
+        async with http.post(child.base_url + path, **send) as resp:
             payload: dict[str, Any] = await resp.json(content_type=None)
             if resp.status != 200:
                 await asyncio.sleep(0.2)  # let a dying agent finish exiting, to say why
@@ -310,6 +338,8 @@ async def _generate(
                     raise child.failure(model)
                 code = payload.get("code", resp.status) if isinstance(payload, dict) else ""
                 raise LoadFailed(f"Load error: generation failed ({code})")
+            if speech:
+                return 0
             return int(payload.get("prompt_tokens" if embeds else "tokens_generated", 0))
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         await asyncio.sleep(0.2)
@@ -349,12 +379,13 @@ async def measure(
             # A handler project's calls are its own code's business (and a gRPC-only one has
             # no JSON call at all): it is measured loaded, as its instance starts.
             calls = ready.get("task") != "handler"
+            speech = ready.get("task") == "automatic-speech-recognition"
             phases: list[Phase] = []
             for concurrency in sorted(concurrencies):
                 started = time.monotonic()
                 tokens = await asyncio.gather(
                     *(
-                        _generate(http, child, target.model, i, embeds=embeds)
+                        _generate(http, child, target.model, i, embeds=embeds, speech=speech)
                         for i in range(concurrency if calls else 0)
                     )
                 )

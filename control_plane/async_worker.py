@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
-from control_plane import relay
+import anyio.to_thread
+
+from control_plane import relay, uploads
 from control_plane.errors import InstanceBusy, InstanceStopping, MlcpError, Unavailable
 from control_plane.lifecycle import State
 from control_plane.loading import OnDemand, route_to
 from control_plane.outage import is_outage
 from control_plane.state import AppState
+from control_plane.supervisor import Route
 from db import async_queries as aq
 from db import queries
 from db.rows import AsyncRequestRow
@@ -137,6 +142,9 @@ class AsyncWorker:
             return
         if await aq.start_async_request(pool, row.id, token) is None:
             return  # cancelled while it was routed
+        if row.upload_id is not None:
+            await self._transcribe(row, token, route)
+            return
         try:
             answer = await relay.call(state, route, row.input, _never_disconnects)
         except InstanceBusy as exc:
@@ -150,6 +158,34 @@ class AsyncWorker:
             await aq.finish_async_request(pool, row.id, token, "failed", None, reason)
             return
         result = {"text": answer["output"], "tokens_generated": answer.get("tokens_generated")}
+        await aq.finish_async_request(pool, row.id, token, "success", result, None)
+
+    async def _transcribe(self, row: AsyncRequestRow, token: uuid.UUID, route: Route) -> None:
+        """Send the request's upload to the instance's /transcribe; its answer is the result."""
+        state, pool = self.state, self.state.pool
+        assert row.upload_id is not None
+        upload = await aq.get_upload(pool, row.upload_id)
+        try:
+            if upload is None:
+                raise FileNotFoundError(row.upload_id)
+            data = await anyio.to_thread.run_sync(uploads.file_path(state, upload).read_bytes)
+        except OSError:
+            await aq.finish_async_request(pool, row.id, token, "failed", None, "the upload is gone")
+            return
+        path = "/transcribe?options=" + quote(json.dumps(row.input, separators=(",", ":")))
+        try:
+            answer = await relay.call(state, route, data, _never_disconnects, path)
+        except InstanceBusy as exc:
+            await aq.defer_async_request(pool, row.id, token, exc.message, RETRY_S)
+            return
+        except MlcpError as exc:
+            await aq.finish_async_request(pool, row.id, token, "failed", None, exc.message)
+            return
+        if not isinstance(answer, dict) or not isinstance(answer.get("text"), str):
+            reason = "the model instance sent an invalid answer"
+            await aq.finish_async_request(pool, row.id, token, "failed", None, reason)
+            return
+        result = {k: answer.get(k) for k in ("text", "chunks", "ignored", "audio_seconds")}
         await aq.finish_async_request(pool, row.id, token, "success", result, None)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from control_plane.schemas import is_valid_model_id
 from db import queries
 from db.queries import Executor
-from instance_agent.weights import HANDLER_SPEC_FILE
+from instance_agent.weights import HANDLER_SPEC_FILE, SPEECH_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def task_of(config: dict[str, object]) -> str:
     """The pipeline task a config.json describes."""
     archs = config.get("architectures")
     if isinstance(archs, list):
+        if any(arch in SPEECH_ARCHITECTURES for arch in archs):
+            return "automatic-speech-recognition"
         for arch in archs:
             if isinstance(arch, str):
                 for suffix, task in _TASK_BY_SUFFIX:

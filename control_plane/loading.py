@@ -36,7 +36,9 @@ from db import queries
 from db.rows import InstanceRow, ModelRow
 
 # Tasks an instance agent can serve.
-RUNNABLE_TASKS = frozenset({"text-generation", "feature-extraction", "handler"})
+RUNNABLE_TASKS = frozenset(
+    {"text-generation", "feature-extraction", "handler", "automatic-speech-recognition"}
+)
 # A request for a STARTING model waits this long by default for it to become RUNNING.
 DEFAULT_COLD_WAIT_S = 5.0
 MAX_COLD_WAIT_S = 120

@@ -76,6 +76,8 @@ AGENT_ERRORS: dict[str, type[MlcpError]] = {
     "loading": Loading,
     "generation_failed": GenerationFailed,
     "wrong_task": UnsupportedTask,
+    # /transcribe: the upload is not audio the instance can decode.
+    "invalid_audio": Invalid,
 }
 
 
@@ -98,11 +100,19 @@ async def _agent_error(resp: aiohttp.ClientResponse) -> MlcpError:
 
 
 async def run(
-    session: aiohttp.ClientSession, endpoint: str, payload: dict[str, Any], path: str = "/run"
+    session: aiohttp.ClientSession,
+    endpoint: str,
+    payload: dict[str, Any] | bytes,
+    path: str = "/run",
 ) -> Any:
-    """POST `path` (/run) and return the agent's JSON answer."""
+    """POST `path` (/run) and return the agent's JSON answer; bytes go as the raw body."""
+    body: dict[str, Any] = (
+        {"data": payload, "headers": {"Content-Type": "application/octet-stream"}}
+        if isinstance(payload, bytes)
+        else {"json": payload}
+    )
     try:
-        async with session.post(endpoint + path, json=payload, timeout=RUN_TIMEOUT) as resp:
+        async with session.post(endpoint + path, **body, timeout=RUN_TIMEOUT) as resp:
             if resp.status != 200:
                 raise await _agent_error(resp)
             return await resp.json(content_type=None)

@@ -85,7 +85,11 @@ def _count_failure(state: AppState, route: Route, exc: BaseException) -> None:
 
 
 async def call(
-    state: AppState, route: Route, payload: dict[str, Any], receive: Receive, path: str = "/run"
+    state: AppState,
+    route: Route,
+    payload: dict[str, Any] | bytes,
+    receive: Receive,
+    path: str = "/run",
 ) -> Any | None:
     """POST `payload` to the agent and return its JSON answer; None if the client left."""
     state.activity.begin(route.instance_id)

@@ -1,7 +1,8 @@
 """The agent's HTTP app over one model, loaded once in the background (`instance_agent.state`).
 
 Routes: /health, /run and /stream (the agent protocol), /chat (the single-model server's
-contract, `instance_agent.chat`), /embed for embedding models, /handle for handler projects
+contract, `instance_agent.chat`), /embed for embedding models, /transcribe for speech
+recognition (`instance_agent.speech`), /handle for handler projects
 (`instance_agent.user_code`), PUT /config. /health answers from
 the first moment (503 while loading); torch is imported only by the loader thread.
 """
@@ -65,6 +66,9 @@ from instance_agent.weights import HANDLER_SPEC_FILE
 __all__ = ["AgentConfig", "AgentState", "agent_state", "create_app"]
 
 logger = logging.getLogger(__name__)
+
+# The largest audio file /transcribe takes (the control plane's MLCP_MAX_UPLOAD_BYTES default).
+MAX_AUDIO_BYTES = 1 << 30
 
 # The control plane's own bound on a load's concurrency.
 MAX_CONCURRENCY = 64
@@ -214,6 +218,72 @@ async def embed(request: Request) -> Response:
         "dimensions": len(vectors[0]) if vectors else 0,
     }
     return JSONResponse(body)
+
+
+async def _read_audio(request: Request) -> bytes:
+    """The raw body of /transcribe, at most MAX_AUDIO_BYTES (counted, not trusted)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_AUDIO_BYTES:
+        raise PayloadTooLarge(f"the audio must be at most {MAX_AUDIO_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_AUDIO_BYTES:
+            raise PayloadTooLarge(f"the audio must be at most {MAX_AUDIO_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _asr_options(text: str | None) -> dict[str, Any]:
+    from instance_agent.asr_options import validate_asr_options
+
+    if text is None:
+        return {}
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidParams("'options' must be a JSON object of Whisper options") from exc
+    return validate_asr_options(parsed)
+
+
+async def _set_on_disconnect(request: Request, flag: threading.Event) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    flag.set()
+
+
+async def transcribe(request: Request) -> Response:
+    """`POST /transcribe?options=<json>`, the audio file as the body: `{"text", "chunks", ...}`.
+
+    A client that goes away stops the work at the next 30 s window.
+    """
+    state = state_of(request)
+    engine, pool = state.ready_speech()
+    options = _asr_options(request.query_params.get("options"))
+    data = await _read_audio(request)
+    from instance_agent import audio
+
+    samples = await asyncio.to_thread(audio.decode, data)
+    del data
+    gone = threading.Event()
+    watcher = asyncio.create_task(_set_on_disconnect(request, gone))
+    try:
+
+        def work() -> dict[str, Any]:
+            try:
+                return engine.transcribe(samples, options, gone.is_set)
+            except AgentError:
+                raise
+            except Exception as exc:
+                logger.exception("transcription failed")
+                raise GenerationFailed(f"transcription failed ({type(exc).__name__})") from exc
+
+        result = await pool.run(work)
+    finally:
+        gone.set()
+        watcher.cancel()
+    return JSONResponse(result)
 
 
 async def handle(request: Request) -> Response:
@@ -424,6 +494,7 @@ def create_app(
             Route("/chat", chat, methods=["POST"]),
             Route("/embed", embed, methods=["POST"]),
             Route("/handle", handle, methods=["POST"]),
+            Route("/transcribe", transcribe, methods=["POST"]),
         ],
         exception_handlers={
             AgentError: _on_agent_error,

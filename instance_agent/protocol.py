@@ -206,10 +206,15 @@ class BatchStats(TypedDict):
     requests: int
 
 
-# What the agent serves: generation (/run, /stream, /chat), embeddings (/embed) or a handler
-# project's own code (/handle, `instance_agent.user_code`).
-Task = Literal["text-generation", "feature-extraction", "handler"]
-TASKS: tuple[Task, ...] = ("text-generation", "feature-extraction", "handler")
+# What the agent serves: generation (/run, /stream, /chat), embeddings (/embed), speech
+# recognition (/transcribe) or a handler project's own code (/handle, `instance_agent.user_code`).
+Task = Literal["text-generation", "feature-extraction", "handler", "automatic-speech-recognition"]
+TASKS: tuple[Task, ...] = (
+    "text-generation",
+    "feature-extraction",
+    "handler",
+    "automatic-speech-recognition",
+)
 
 HEALTH_NOTE_READY = "Model is loaded in memory for fast inference"
 HEALTH_NOTE_LOADING = "Model is loading; requests get 503 until it is ready"

@@ -33,9 +33,13 @@ from instance_agent.weights import check_model_dir, detect_task
 if TYPE_CHECKING:
     from instance_agent.encoder import EncoderEngine
     from instance_agent.model import TransformersEngine
+    from instance_agent.speech import SpeechEngine
     from instance_agent.user_code import GrpcHandler, HandlerPool
 
 logger = logging.getLogger(__name__)
+
+# One transcription may take this long (an hour of audio on a CPU is minutes with whisper-tiny).
+TRANSCRIBE_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class AgentState:
         self.config = config
         self.status: Literal["loading", "ready", "failed"] = "loading"
         self.task: Task = config.task or "text-generation"
-        self.engine: TransformersEngine | EncoderEngine | HandlerEngine | None = None
+        self.engine: TransformersEngine | EncoderEngine | HandlerEngine | SpeechEngine | None = None
+        self.speech: SpeechEngine | None = None
         self.batcher: Batcher | EmbeddingBatcher | HandlerPool | None = None
         self.load_seconds = 0.0
         self.memory = MemoryMonitor(gpu=config.device.startswith("cuda"))
@@ -100,7 +105,7 @@ class AgentState:
                 # Refuse a bad directory before spending seconds importing torch.
                 check_model_dir(config.model_dir, config.gguf_file)
             batcher: Batcher | EmbeddingBatcher | HandlerPool
-            engine: TransformersEngine | EncoderEngine | HandlerEngine
+            engine: TransformersEngine | EncoderEngine | HandlerEngine | SpeechEngine
             if self.task == "handler":
                 from instance_agent import user_code
 
@@ -112,6 +117,19 @@ class AgentState:
                     concurrency=config.concurrency,
                     max_queue=config.max_queue,
                     timeout_s=config.handler_timeout_s,
+                )
+            elif self.task == "automatic-speech-recognition":
+                from instance_agent import speech, user_code
+
+                speech_engine = speech.load_speech(config.model_dir, device=config.device)
+                engine = speech_engine
+                self.speech = speech_engine
+                # Transcriptions run on worker threads in turn, bounded like handler calls.
+                batcher = user_code.HandlerPool(
+                    None,
+                    concurrency=config.concurrency,
+                    max_queue=config.max_queue,
+                    timeout_s=TRANSCRIBE_TIMEOUT_S,
                 )
             elif self.task == "feature-extraction":
                 from instance_agent import encoder
@@ -168,7 +186,9 @@ class AgentState:
         if not isinstance(self.batcher, Batcher):
             raise WrongTask(
                 f"{self.config.model_name} does not generate text: it answers "
-                + ("/handle" if self.task == "handler" else "/embed")
+                + {"handler": "/handle", "automatic-speech-recognition": "/transcribe"}.get(
+                    self.task, "/embed"
+                )
             )
         return cast("TransformersEngine", self.engine), self.batcher
 
@@ -182,6 +202,14 @@ class AgentState:
                 + ("/handle" if self.task == "handler" else "/run, /stream and /chat")
             )
         return self.batcher
+
+    def ready_speech(self) -> tuple[SpeechEngine, HandlerPool]:
+        """Return the speech engine and its pool, or raise `ModelLoading` / `WrongTask`."""
+        if self.status != "ready" or self.batcher is None:
+            raise ModelLoading()
+        if self.speech is None:
+            raise WrongTask(f"{self.config.model_name} does not recognise speech")
+        return self.speech, cast("HandlerPool", self.batcher)
 
     def ready_handler(self) -> HandlerPool:
         """Return the handler pool, or raise `ModelLoading` / `WrongTask`."""

@@ -16,6 +16,8 @@ PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # served for feature extraction, as Hugging Face's pipeline picks a task from the architecture.
 _GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _CONFIG_MAX_BYTES = 1_048_576
+# Whisper-family speech recognisers (`instance_agent.speech`).
+SPEECH_ARCHITECTURES = frozenset({"WhisperForConditionalGeneration"})
 # A directory holding this file is a handler project (`instance_agent.project`).
 HANDLER_SPEC_FILE = "mlcp.yaml"
 
@@ -35,6 +37,8 @@ def detect_task(model_dir: Path, gguf_file: str | None = None) -> Task:
         raise LoadFailed(f"{model_dir} has no readable config.json") from exc
     archs = config.get("architectures") if isinstance(config, dict) else None
     names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    if any(name in SPEECH_ARCHITECTURES for name in names):
+        return "automatic-speech-recognition"
     if not names or any(name.endswith(_GENERATIVE_SUFFIXES) for name in names):
         return "text-generation"
     return "feature-extraction"

@@ -166,3 +166,85 @@ def build_tiny_encoder(dest: Path) -> Path:
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+WHISPER_LANGUAGES = ("en", "de", "fr", "es")
+
+
+def build_tiny_whisper(dest: Path) -> Path:
+    """A 1-layer random Whisper (safetensors) with a feature extractor and a tokenizer trained
+    here, carrying Whisper's special tokens after the BPE vocabulary as the real one does, and a
+    generation config that knows its languages and tasks: the text is noise, every step real."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    dest.mkdir(parents=True, exist_ok=True)
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    lines = [line for line in _CORPUS.splitlines() if line.strip()]
+    core.train_from_iterator(lines * 4, trainer=trainer)
+    vocab = core.get_vocab()
+    merges = [tuple(pair) for pair in json.loads(core.to_str())["model"]["merges"]]
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, pad_token=EOS_TOKEN)
+    languages = [f"<|{code}|>" for code in WHISPER_LANGUAGES]
+    specials = [
+        "<|startoftranscript|>",
+        *languages,
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nocaptions|>",
+        "<|notimestamps|>",
+    ]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    eos = tokenizer.eos_token_id
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        num_mel_bins=80,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        d_model=32,
+        max_source_positions=1500,
+        max_target_positions=64,
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=eos,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=eos,
+        pad_token_id=eos,
+        is_multilingual=True,
+        lang_to_id={t: ids[t] for t in languages},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        suppress_tokens=[],
+        begin_suppress_tokens=[eos],
+    )
+    model.save_pretrained(dest)
+    processor = WhisperProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer
+    )
+    processor.save_pretrained(dest)
+    return dest

@@ -52,6 +52,22 @@ def stream_chunks(base: str, body: dict[str, object]) -> list[bytes]:
     return chunks
 
 
+def instance_processes(root: Path) -> list[psutil.Process]:
+    """Agents started under `root` that serve an instance: the fork server (the zygote) stays
+    up between instances, while its forked children, which share its command line, must not."""
+    agents = {
+        p.pid: p
+        for p in psutil.process_iter(["cmdline", "ppid"])
+        if "instance_agent" in " ".join(p.info["cmdline"] or [])
+        and str(root) in " ".join(p.info["cmdline"] or [])
+    }
+    return [
+        p
+        for p in agents.values()
+        if "zygote" not in (p.info["cmdline"] or []) or p.info["ppid"] in agents
+    ]
+
+
 def test_curl_walkthrough_with_smollm2(tmp_path: Path) -> None:
     # Stop instances with the server, so a failing run leaves nothing behind.
     server = start(
@@ -108,12 +124,7 @@ def test_curl_walkthrough_with_smollm2(tmp_path: Path) -> None:
         assert status == 200 and deleted["status"] == "STOPPED"
         status, instances = http("GET", base + "/model/instances", KEY)
         assert instances == []
-        agents = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if "instance_agent" in " ".join(p.info["cmdline"] or [])
-            and str(tmp_path) in " ".join(p.info["cmdline"] or [])
-        ]
+        agents = instance_processes(tmp_path)
         assert agents == [], "the instance's process must be gone after delete"
     finally:
         stop(server)

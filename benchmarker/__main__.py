@@ -14,25 +14,17 @@ import logging
 import signal
 import sys
 
+from benchmarker.settings import BenchmarkerSettings
 from benchmarker.worker import SHUTDOWN_DEADLINE_S, ModelBenchmark, Worker
-from control_plane.bootstrap import migrate_database
-from control_plane.settings import Settings
 from db import DatabaseError
-from db.embedded import EmbeddedPostgres
+from db.database import open_database
 from db.pool import create_pool
 
 logger = logging.getLogger("benchmarker")
 
 
-async def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    embedded: EmbeddedPostgres | None = None
-    if settings.database_url is not None:
-        dsn = settings.database_url.get_secret_value()
-    else:
-        embedded = EmbeddedPostgres(settings.data_dir)
-        dsn = await asyncio.to_thread(embedded.start)
-    try:
-        await migrate_database(dsn)
+async def _serve(settings: BenchmarkerSettings, args: argparse.Namespace) -> int:
+    async with open_database(settings) as dsn:
         pool = await create_pool(dsn, max_size=4)
         try:
             worker = Worker(pool, ModelBenchmark(pool, settings, device=args.device))
@@ -42,9 +34,6 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
             await _run_until_signalled(worker, args.grace_s)
         finally:
             await pool.close()
-    finally:
-        if embedded is not None:
-            embedded.stop()
     return 0
 
 
@@ -84,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return asyncio.run(_serve(Settings(), args))
+        return asyncio.run(_serve(BenchmarkerSettings(), args))
     except DatabaseError as exc:
         print(f"mlcp-benchmarker: {exc}", file=sys.stderr)
         return 2

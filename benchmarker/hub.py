@@ -17,8 +17,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from benchmarker import ModelNotFound, UnsafeWeights
+from benchmarker.model_ids import model_id_problem
 from benchmarker.safety import PICKLE_SUFFIXES, check_model_folder, check_remote_code
-from control_plane.schemas import model_id_problem
 
 logger = logging.getLogger(__name__)
 

@@ -39,8 +39,7 @@ from benchmarker import (
     UnsafeWeights,
 )
 from benchmarker.estimate import Phase, Profile, cumulative
-from control_plane.runtimes.base import InstanceSpec
-from control_plane.runtimes.process import LOAD_FAILED_MARK, agent_command, free_loopback_port
+from instance_agent.launch import AgentArgs, free_loopback_port, load_failure, serve_command
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +97,8 @@ def classify_exit(model: str, returncode: int | None, log_tail: list[str]) -> Be
     """Why the agent stopped before serving, as the failure kind a job records."""
     reason = ""
     for line in reversed(log_tail):
-        if LOAD_FAILED_MARK in line:
-            reason = line.split(LOAD_FAILED_MARK, 1)[1].strip()
+        if (found := load_failure(line)) is not None:
+            reason = found
             break
     text = reason.lower()
     if "pickle" in text:
@@ -222,20 +221,19 @@ class Child:
     @classmethod
     async def start(cls, target: Target, concurrency: int, command: list[str] | None) -> Child:
         port = free_loopback_port()
-        spec = InstanceSpec(
-            instance_id=0,
-            generation=0,
-            model=target.model,
+        args = AgentArgs(
             model_dir=target.model_dir,
-            gguf_file=target.gguf_file,
+            model_name=target.model,
+            port=port,
             concurrency=concurrency,
             max_queue=concurrency,
             device=target.device,
+            gguf_file=target.gguf_file,
         )
         log = tempfile.TemporaryFile()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *agent_command(spec, port, command),
+                *serve_command(args, command),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,

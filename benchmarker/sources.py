@@ -12,18 +12,18 @@ import json
 from pathlib import Path
 
 from benchmarker import LoadFailed
+from benchmarker.catalog import FoundModel, discover, task_of
 from benchmarker.hub import fetch
 from benchmarker.measure import Target
+from benchmarker.model_store import ModelStoreError, prepare_model
 from benchmarker.safety import check_model_folder
-from control_plane.catalog import FoundModel, discover, task_of
-from control_plane.model_store import ModelStoreError, prepare_model
-from control_plane.settings import Settings
+from benchmarker.settings import BenchmarkerSettings
 from db import queries
 from db.queries import Executor
 from db.rows import ModelRow
 
 
-async def find_locally(db: Executor, settings: Settings, model: str) -> ModelRow | None:
+async def find_locally(db: Executor, settings: BenchmarkerSettings, model: str) -> ModelRow | None:
     """The catalog row of `model` if a local source has it, looking at the disk again if needed.
 
     A folder dropped into MLCP_MODEL_DIRS since the last catalog refresh counts at once.
@@ -56,7 +56,7 @@ def _hub_model(model: str, folder: Path) -> FoundModel:
     return FoundModel(model, task_of(config), "hub", str(folder), None, weights or None)
 
 
-async def resolve(db: Executor, settings: Settings, model: str, device: str) -> Target:
+async def resolve(db: Executor, settings: BenchmarkerSettings, model: str, device: str) -> Target:
     """What to load for `model`, fetched and checked; raises a BenchmarkError when it can't be."""
     row = await find_locally(db, settings, model)
     if row is None:

@@ -27,8 +27,8 @@ import psutil
 from benchmarker import BenchmarkError, LoadFailed, OutOfMemory
 from benchmarker.estimate import Profile, minimum_bytes, phases_json, required_ram_bytes
 from benchmarker.measure import Target, measure
+from benchmarker.settings import BenchmarkerSettings
 from benchmarker.sources import resolve
-from control_plane.settings import Settings
 from db import DatabaseUnavailable, queries
 from db.pool import Pool
 from db.rows import ModelJobRow
@@ -71,7 +71,7 @@ class ModelBenchmark:
     def __init__(
         self,
         db: Pool,
-        settings: Settings,
+        settings: BenchmarkerSettings,
         *,
         device: str = "cpu",
         measure_fn: Callable[[Target], Awaitable[Profile]] | None = None,
@@ -296,7 +296,11 @@ async def _cancel(*tasks: asyncio.Future[Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def background_worker(
-    db: Pool, settings: Settings, *, name: str = "mlcp-benchmark-worker", device: str = "cpu"
+    db: Pool,
+    settings: BenchmarkerSettings,
+    *,
+    name: str = "mlcp-benchmark-worker",
+    device: str = "cpu",
 ) -> AsyncIterator[Worker]:
     """Run a worker as a named task for the lifetime of the block (the control plane's lifespan).
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import aiohttp
 
+from benchmarker.catalog import DEMO_MODEL, packaged_models
 from benchmarker.estimate import required_ram_bytes
 from benchmarker.measure import GpuReader, Target, TreeSampler, measure
-from control_plane.catalog import DEMO_MODEL, packaged_models
-from control_plane.model_store import prepare_model
+from benchmarker.model_store import prepare_model
 from control_plane.runtimes.base import InstanceSpec
 from control_plane.runtimes.process import ProcessRuntime
 from control_plane.settings import Settings

@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 
+from benchmarker.catalog import EMBEDDING_MODEL, packaged_models
 from benchmarks.harness import FAKE_AGENT, ControlPlane, control_plane, percentile
-from control_plane.catalog import EMBEDDING_MODEL, packaged_models
 from tests.fake_agent import write_fake_model
 from tests.tiny_model import build_tiny_encoder, build_tiny_model
 

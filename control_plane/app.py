@@ -9,7 +9,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 
-import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -20,7 +19,7 @@ from control_plane import handlers, uploads
 from control_plane.activity import Activity
 from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
-from control_plane.bootstrap import bootstrap_admin_key, migrate_database, refresh_catalog
+from control_plane.bootstrap import bootstrap_admin_key, refresh_catalog
 from control_plane.capacity import benchmark_device
 from control_plane.dashboard import routes as dashboard_routes
 from control_plane.errors import MlcpError
@@ -55,7 +54,7 @@ from control_plane.state import STATE_KEY, AppState
 from control_plane.supervisor import Supervisor
 from control_plane.webhook_sender import webhook_sender
 from db import queries
-from db.embedded import EmbeddedPostgres
+from db.database import open_database
 from db.pool import create_pool
 
 logger = logging.getLogger(__name__)
@@ -79,13 +78,7 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
         async with contextlib.AsyncExitStack() as stack:
-            if settings.database_url is not None:
-                dsn = settings.database_url.get_secret_value()
-            else:
-                embedded = EmbeddedPostgres(settings.data_dir)
-                dsn = await anyio.to_thread.run_sync(embedded.start)
-                stack.callback(embedded.stop)
-            await migrate_database(dsn)
+            dsn = await stack.enter_async_context(open_database(settings))
             pool = await create_pool(dsn)
             stack.push_async_callback(pool.close)
             secret = await bootstrap_admin_key(pool, settings)

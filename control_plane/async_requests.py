@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from benchmarker.model_ids import model_id_problem
 from control_plane import uploads
 from control_plane.errors import (
     InvalidField,
@@ -26,7 +27,7 @@ from control_plane.errors import (
 )
 from control_plane.jobs import is_measured
 from control_plane.loading import check_runnable
-from control_plane.schemas import iso, model_id_problem, reject_unknown, require_object
+from control_plane.schemas import iso, reject_unknown, require_object
 from control_plane.state import AppState
 from control_plane.webhooks import AllowList, check_webhook, new_secret
 from db import async_queries as aq

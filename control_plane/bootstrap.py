@@ -1,28 +1,19 @@
-"""Start-up steps that touch the database once: migrate, bootstrap the admin key, the catalog."""
+"""Start-up steps that touch the database once: bootstrap the admin key, the catalog."""
 
 from __future__ import annotations
 
 import logging
 
+from benchmarker.catalog import discover, sync_catalog
 from control_plane import auth
-from control_plane.catalog import discover, sync_catalog
 from control_plane.settings import Settings
 from db import queries
-from db.migrate import migrate
-from db.pool import Pool, connect
+from db.pool import Pool
 
 logger = logging.getLogger(__name__)
 
 # Serializes bootstrap between control planes sharing a database.
 BOOTSTRAP_LOCK_KEY = 0x6D6C6371
-
-
-async def migrate_database(dsn: str) -> None:
-    conn = await connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
 
 
 async def bootstrap_admin_key(pool: Pool, settings: Settings) -> str | None:

@@ -48,8 +48,7 @@ Exception tree::
     │   ├── InvalidWebhook (422 invalid_webhook)
     │   ├── UnsupportedTask (422 unsupported_task)
     │   ├── InsufficientMemory (422 insufficient_memory)
-    │   ├── NoGpu (422 no_gpu)
-    │   └── ModelUnavailable (422 model_unavailable)
+    │   └── NoGpu (422 no_gpu)
     ├── TooManyRequests (429 too_many_requests, Retry-After)
     ├── InstanceError (502)
     │   ├── InstanceFailed (502 instance_failed)
@@ -363,12 +362,6 @@ class NoGpu(Invalid):
     """This host has no GPU to place on: load with "device": "cpu" or "auto"."""
 
     code = "no_gpu"
-
-
-class ModelUnavailable(Invalid):
-    """The model's files could not be prepared."""
-
-    code = "model_unavailable"
 
 
 # -- 502, 504 --------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarker.model_ids import model_id_problem
 from control_plane.errors import InvalidBody, InvalidField, MlcpError, UnknownField
-from control_plane.schemas import model_id_problem
 from instance_agent.embeddings import MAX_EMBED_INPUTS, validate_embed_input
 from instance_agent.protocol import (
     CHAT_ROLES,

@@ -7,11 +7,11 @@ renderers turn rows into the exact Bytez v1 shapes.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from benchmarker.model_ids import model_id_problem
 from control_plane.errors import (
     InvalidBody,
     InvalidField,
@@ -33,9 +33,6 @@ TASK = "task"
 SOURCE = "source"
 PARAMETER_BYTES = "parameterBytes"
 
-# fullmatch, not `$`: `$` also matches before a trailing newline ("a/b\n" would pass).
-_MODEL_ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
-MODEL_ID_MAX_LEN = 96
 BYTES_PER_GB = 1_000_000_000
 
 
@@ -45,37 +42,6 @@ def iso(ts: datetime | None) -> str | None:
         return None
     ts = ts.astimezone(UTC)
     return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
-
-
-def model_id_problem(value: object) -> str | None:
-    """Why `value` is not a valid Hub model id ("org/name"), or None when it is.
-
-    The Hub's rules: 1-96 characters of [A-Za-z0-9._-] with exactly one '/', no '..' or '--',
-    and no part that starts or ends with '-' or '.'. Ids that pass can never name a path outside
-    the folder they are joined to.
-    """
-    if not isinstance(value, str):
-        return "must be a string like 'org/name'"
-    if not value:
-        return "must not be empty"
-    if len(value) > MODEL_ID_MAX_LEN:
-        return f"must be at most {MODEL_ID_MAX_LEN} characters"
-    if value.count("/") != 1:
-        return "must have the form 'org/name' (exactly one '/')"
-    if ".." in value or "--" in value:
-        return "must not contain '..' or '--'"
-    for part in value.split("/"):
-        if not part:
-            return "must have a non-empty organisation and name"
-        if not _MODEL_ID_CHARS.fullmatch(part):
-            return "may only contain letters, digits, '.', '_' and '-'"
-        if part[0] in "-." or part[-1] in "-.":
-            return "parts must not start or end with '-' or '.'"
-    return None
-
-
-def is_valid_model_id(value: object) -> bool:
-    return model_id_problem(value) is None
 
 
 def require_object(body: object) -> dict[str, Any]:

@@ -1,19 +1,20 @@
-"""Configuration from the environment (MLCP_ prefix), as listed in DESIGN.md."""
+"""Configuration from the environment (MLCP_ prefix); the README's Configuration lists it."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from benchmarker.settings import BenchmarkerSettings
 
 if TYPE_CHECKING:
     from control_plane.http_guard import HttpLimits
 
 
-class Settings(BaseSettings):
-    """Every knob of the control plane; tests build one directly instead of patching env."""
+class Settings(BenchmarkerSettings):
+    """Every knob of the control plane (the benchmarker's included); tests build one directly."""
 
     model_config = SettingsConfigDict(env_prefix="MLCP_", extra="ignore", frozen=True)
 
@@ -23,15 +24,11 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=8081, ge=0, le=65535)
     # The largest gRPC request or reply relayed (grpcio answers RESOURCE_EXHAUSTED beyond it).
     grpc_max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=2**31 - 1)
-    database_url: SecretStr | None = None
-    data_dir: Path = Path(".mlcp")
     admin_key: SecretStr | None = None
     # Signs dashboard session cookies; set it on every control plane of a deployment so they accept
     # each other's sessions. Unset: a random secret per process.
     session_secret: SecretStr | None = None
     runtime: Literal["process", "docker"] = "process"
-    # Colon- or comma-separated folders (a plain string so a shell user can write it naturally).
-    model_dirs: str = ""
     default_expiration_s: int = Field(default=1800, ge=1, le=2_592_000)
     # Expiry of instances the OpenAI-compatible routes, /chat and async requests load on demand.
     on_demand_expiration_s: int = Field(default=300, ge=1, le=2_592_000)
@@ -58,8 +55,6 @@ class Settings(BaseSettings):
     # While the database is unreachable, keys verified this recently are still served, so
     # running instances keep answering through an outage; unknown keys get 503.
     auth_stale_s: float = Field(default=300.0, ge=0)
-    hf_cache_dir: Path | None = None
-    include_packaged_models: bool = True
     catalog_refresh_s: float = Field(default=60.0, gt=0)
     # Requests an instance holds waiting beyond `concurrency`; more get 503 + Retry-After at once.
     max_queue: int = Field(default=8, ge=0, le=1024)
@@ -81,9 +76,6 @@ class Settings(BaseSettings):
     # A request to an instance that has stopped answering health checks for this long ends
     # with 504 (the instance is killed after 3 missed checks, ~15 s).
     progress_timeout_s: float = Field(default=5.0, gt=0)
-    # The command that runs an instance agent (JSON list); tests point it at a fake agent. With
-    # the docker runtime it runs inside the container.
-    agent_command: list[str] | None = None
     # The process runtime forks the real agent from a zygote that has torch and transformers
     # imported (cold start ÷ a fresh process's import and load, benchmarks/bench_cold_start.py);
     # false: every instance is a fresh interpreter.
@@ -125,24 +117,3 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1, le=50)
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
     webhook_backoff_s: float = Field(default=1.0, gt=0, le=300)
-
-    @property
-    def model_dir_paths(self) -> list[Path]:
-        parts = self.model_dirs.replace(",", ":").split(":")
-        return [Path(p.strip()).expanduser() for p in parts if p.strip()]
-
-    @property
-    def resolved_hf_cache(self) -> Path:
-        if self.hf_cache_dir is not None:
-            return self.hf_cache_dir
-        import os
-
-        if os.environ.get("HF_HUB_CACHE"):
-            return Path(os.environ["HF_HUB_CACHE"])
-        hf_home = os.environ.get("HF_HOME")
-        base = Path(hf_home) if hf_home else Path.home() / ".cache" / "huggingface"
-        return base / "hub"
-
-    @property
-    def model_store(self) -> Path:
-        return self.data_dir / "models"

@@ -18,11 +18,11 @@ from types import TracebackType
 
 import aiohttp
 
+from benchmarker.model_store import ModelStoreError, prepare_model
 from control_plane import capacity
 from control_plane.activity import Activity
 from control_plane.errors import InstanceFailed, InstanceStopping, MlcpError
 from control_plane.lifecycle import State, allowed_from, health_timeout_s
-from control_plane.model_store import prepare_model
 from control_plane.runtimes.base import InstanceSpec, Launched, Listed, Runtime
 from control_plane.vram_recovery import FreeReader, wait_for_recovery
 from db import queries
@@ -312,8 +312,10 @@ class Supervisor:
                 await self.runtime.stop(launched.handle, STOP_GRACE_S)
             raise
         except Exception as exc:
-            reason = exc.message if isinstance(exc, MlcpError) else "could not start the instance"
-            if not isinstance(exc, MlcpError):
+            if isinstance(exc, MlcpError | ModelStoreError):
+                reason = exc.message
+            else:
+                reason = "could not start the instance"
                 logger.exception("starting instance %s failed", row.id)
             if launched is not None:
                 await self.runtime.stop(launched.handle, STOP_GRACE_S)

@@ -20,9 +20,9 @@ import uvicorn
 
 from control_plane.app import create_app
 from control_plane.http_guard import server_config
-from control_plane.runtimes.process import free_loopback_port as free_port
 from control_plane.settings import Settings
 from control_plane.state import AppState
+from instance_agent.launch import free_loopback_port as free_port
 
 ADMIN_KEY = "mlcp_test-admin-key-0123456789abcdefghijklmnop"
 

@@ -55,30 +55,19 @@ def serve() -> None:
 
 
 def _with_db(work: Callable[[Any], Awaitable[None]]) -> None:
-    from control_plane.bootstrap import migrate_database
     from db import DatabaseError
-    from db.embedded import EmbeddedPostgres
+    from db.database import open_database
     from db.pool import connect
 
     settings = Settings()
 
     async def main() -> None:
-        embedded: EmbeddedPostgres | None = None
-        if settings.database_url is not None:
-            dsn = settings.database_url.get_secret_value()
-        else:
-            embedded = EmbeddedPostgres(settings.data_dir)
-            dsn = await asyncio.to_thread(embedded.start)
-        try:
-            await migrate_database(dsn)
+        async with open_database(settings) as dsn:
             conn = await connect(dsn)
             try:
                 await work(conn)
             finally:
                 await conn.close()
-        finally:
-            if embedded is not None:
-                embedded.stop()
 
     try:
         asyncio.run(main())

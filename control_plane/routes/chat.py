@@ -11,12 +11,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from benchmarker.model_ids import model_id_problem
 from control_plane import relay
 from control_plane.auth import Principal
 from control_plane.errors import InvalidAnswer, InvalidField, InvalidModelId
 from control_plane.handlers import authed, json_body
 from control_plane.routes.openai import GENERATES, serving
-from control_plane.schemas import model_id_problem
 from control_plane.state import AppState
 from instance_agent.chat import render_chat, validate_chat_body
 from instance_agent.protocol import DEFAULT_MAX_NEW_TOKENS_CAP, ProtocolError

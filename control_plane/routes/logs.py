@@ -6,12 +6,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from benchmarker.model_ids import model_id_problem
 from control_plane.auth import Principal
 from control_plane.errors import InvalidField, InvalidModelId, NotLoaded
 from control_plane.handlers import authed
 from control_plane.loading import not_loaded
 from control_plane.routes.instances import may_manage, not_yours
-from control_plane.schemas import model_id_problem
 from control_plane.state import AppState
 from db import queries
 

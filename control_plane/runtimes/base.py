@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from instance_agent.launch import AgentArgs
+
 
 @dataclass(frozen=True)
 class InstanceSpec:
@@ -21,6 +23,18 @@ class InstanceSpec:
     device: str = "cpu"
     # A hard memory limit where the runtime can enforce one (docker); None: no limit.
     mem_limit_bytes: int | None = None
+
+    def agent_args(self, port: int) -> AgentArgs:
+        """The agent's `serve` options for this instance, listening on loopback at `port`."""
+        return AgentArgs(
+            model_dir=self.model_dir,
+            model_name=self.model,
+            port=port,
+            concurrency=self.concurrency,
+            max_queue=self.max_queue,
+            device=self.device,
+            gguf_file=self.gguf_file,
+        )
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from docker.types import DeviceRequest
 
 from control_plane.errors import RuntimeFailed
 from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
-from control_plane.runtimes.process import agent_command, exit_reason, free_loopback_port
+from control_plane.runtimes.process import exit_reason
+from instance_agent.launch import free_loopback_port, serve_command
 from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def container_config(
     device_requests, agent_device = gpu_request(spec.device, free_gpu_bytes)
     inside = replace(spec, model_dir=Path(MODEL_MOUNT), device=agent_device)
     port = host_port if network == "host" else AGENT_PORT
-    argv = agent_command(inside, port, list(command))[len(command) :]
+    argv = serve_command(inside.agent_args(port), list(command))[len(command) :]
     if network == "bridge":
         # Reachable only through the published port, which the engine binds to 127.0.0.1.
         argv[argv.index("--host") + 1] = "0.0.0.0"

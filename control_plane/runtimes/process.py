@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -30,44 +28,13 @@ import psutil
 from control_plane.errors import RuntimeFailed
 from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
 from control_plane.runtimes.zygote import Zygote, ZygoteChild, ZygoteUnavailable
+from instance_agent.launch import free_loopback_port, load_failure, serve_command
 from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
 
 logger = logging.getLogger(__name__)
 
 # <cluster>:<instance id>:<generation>
 LABEL_ENV = "MLCP_INSTANCE"
-LOAD_FAILED_MARK = "mlcp-agent: load failed:"
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def agent_command(spec: InstanceSpec, port: int, base: list[str] | None = None) -> list[str]:
-    cmd = [
-        *(base if base is not None else [sys.executable, "-m", "instance_agent"]),
-        "serve",
-        "--model-dir",
-        str(spec.model_dir),
-        "--model-name",
-        spec.model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--concurrency",
-        str(spec.concurrency),
-        "--max-queue",
-        str(spec.max_queue),
-        "--device",
-        spec.device,
-    ]
-    if spec.gguf_file:
-        cmd += ["--gguf-file", spec.gguf_file]
-    return cmd
 
 
 def _alive(pid: int) -> bool:
@@ -89,8 +56,8 @@ def last_lines(path: Path, n: int) -> list[str]:
 def exit_reason(returncode: int, log_tail: list[str]) -> str:
     """A human reason for an agent's exit, preferring its own load-failure line."""
     for line in reversed(log_tail):
-        if LOAD_FAILED_MARK in line:
-            return "load failed: " + line.split(LOAD_FAILED_MARK, 1)[1].strip()[:500]
+        if (reason := load_failure(line)) is not None:
+            return "load failed: " + reason[:500]
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -191,7 +158,7 @@ class ProcessRuntime:
         self, spec: InstanceSpec, port: int, env: dict[str, str], log_file: Path
     ) -> asyncio.subprocess.Process | ZygoteChild:
         if self.zygote is not None:
-            argv = agent_command(spec, port, [])
+            argv = serve_command(spec.agent_args(port), [])
             try:
                 return await self.zygote.spawn(argv, env, log_file)
             except ZygoteUnavailable as exc:
@@ -199,7 +166,7 @@ class ProcessRuntime:
         try:
             with log_file.open("ab") as log:
                 return await asyncio.create_subprocess_exec(
-                    *agent_command(spec, port, self._command),
+                    *serve_command(spec.agent_args(port), self._command),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
@@ -263,8 +230,8 @@ class ProcessRuntime:
             return None
         self._record_path(pid).unlink(missing_ok=True)
         for line in reversed(last_lines(self.log_path(handle), 20)):
-            if LOAD_FAILED_MARK in line:
-                return Exited("load failed: " + line.split(LOAD_FAILED_MARK, 1)[1].strip()[:500])
+            if (reason := load_failure(line)) is not None:
+                return Exited("load failed: " + reason[:500])
         return Exited("instance process is gone")
 
     async def stop(self, handle: str, grace_s: float) -> None:

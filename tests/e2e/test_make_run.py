@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.catalog import DEMO_MODEL
+from benchmarker.catalog import DEMO_MODEL
 from tests.e2e.server import (
     assert_graceful,
     http,

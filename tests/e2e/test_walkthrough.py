@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from control_plane.catalog import DEMO_MODEL
+from benchmarker.catalog import DEMO_MODEL
 from tests.e2e.server import http, start, stop
 
 KEY = "mlcp_walkthrough-admin-key-0123456789abcdef"

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from benchmarker.catalog import DEMO_MODEL, EMBEDDING_MODEL
 from control_plane.bootstrap import refresh_catalog
-from control_plane.catalog import DEMO_MODEL, EMBEDDING_MODEL
 from tests.harness import ADMIN_KEY, Api, make_settings, serve
 
 

@@ -14,7 +14,7 @@ import asyncpg
 import openai
 import pytest
 
-from control_plane.catalog import EMBEDDING_MODEL, packaged_models
+from benchmarker.catalog import EMBEDDING_MODEL, packaged_models
 from tests.harness import ADMIN_KEY, Api, create_database, make_settings, mark_measured, serve
 
 pytestmark = pytest.mark.slow

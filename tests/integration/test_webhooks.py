@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from control_plane import webhooks
-from control_plane.runtimes.process import free_loopback_port
+from instance_agent.launch import free_loopback_port
 from tests.fake_agent import write_fake_model
 from tests.harness import Api, app_state, make_settings, mark_measured, serve
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from control_plane import catalog
-from control_plane.catalog import (
+from benchmarker import catalog
+from benchmarker.catalog import (
     DEMO_MODEL,
     discover,
     packaged_models,

@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
+from benchmarker.model_ids import is_valid_model_id, model_id_problem
 from control_plane.errors import Invalid
 from control_plane.schemas import (
-    is_valid_model_id,
     iso,
-    model_id_problem,
     parse_int_field,
     parse_key_create,
     parse_model_request,

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from control_plane.schemas import is_valid_model_id
+from benchmarker.model_ids import is_valid_model_id
 from db import queries
 from db.queries import Executor
 from instance_agent.weights import HANDLER_SPEC_FILE, SPEECH_ARCHITECTURES

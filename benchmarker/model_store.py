@@ -14,8 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from control_plane.errors import ModelUnavailable
-from control_plane.schemas import is_valid_model_id
+from benchmarker.model_ids import is_valid_model_id
 from db.rows import ModelRow
 
 logger = logging.getLogger(__name__)
@@ -24,8 +23,12 @@ CONVERT_TIMEOUT_S = 600.0
 _locks: dict[str, asyncio.Lock] = {}
 
 
-# The model's files could not be prepared.
-ModelStoreError = ModelUnavailable
+class ModelStoreError(Exception):
+    """The model's files could not be prepared (the message says why, for an instance's reason)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
 
 
 @dataclass(frozen=True)

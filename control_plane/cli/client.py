@@ -12,7 +12,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from http.client import HTTPResponse
 from typing import Any
 
@@ -27,21 +27,26 @@ STREAM_IDLE_S = 300.0
 class CliError(Exception):
     """A failure to show the user as one line; `exit_code` 1."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # The server's HTTP status and error code, when the server answered.
+        self.status = status
+        self.code = code
 
 
-def _server_message(status: int, raw: bytes) -> str:
+def _server_error(status: int, raw: bytes) -> CliError:
     try:
         body = json.loads(raw)
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         code = body.get("code")
-        return f"{body['error']} ({code}, HTTP {status})" if code else f"{body['error']}"
+        code = code if isinstance(code, str) else None
+        message = f"{body['error']} ({code}, HTTP {status})" if code else f"{body['error']}"
+        return CliError(message, status=status, code=code)
     text = raw.decode("utf-8", "replace").strip().splitlines()
-    return f"HTTP {status}" + (f": {text[0][:200]}" if text else "")
+    return CliError(f"HTTP {status}" + (f": {text[0][:200]}" if text else ""), status=status)
 
 
 class Client:
@@ -74,7 +79,7 @@ class Client:
             return resp
         except urllib.error.HTTPError as exc:
             with exc:
-                raise CliError(_server_message(exc.code, exc.read())) from None
+                raise _server_error(exc.code, exc.read()) from None
         except urllib.error.URLError as exc:
             reason = exc.reason
             why = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
@@ -108,6 +113,43 @@ class Client:
                 return json.loads(raw)
             except ValueError:
                 raise CliError(f"{self.url} sent an answer that is not JSON") from None
+
+    def exists(self, path: str) -> bool:
+        """`HEAD path`: True on 200, False on 404; another status is an error."""
+        req = self._request("HEAD", path, None, None)
+        try:
+            with self._open(req, self.timeout_s):
+                return True
+        except CliError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def upload(
+        self,
+        method: str,
+        path: str,
+        chunks: Iterable[bytes],
+        size: int,
+        content_type: str,
+        *,
+        query: dict[str, str] | None = None,
+    ) -> Any:
+        """Send `size` bytes from `chunks` as the body (streamed); the decoded JSON answer."""
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        req = self._request(method, path, None, {"Content-Type": content_type})
+        req.data = chunks  # urllib streams an iterable body
+        req.add_header("Content-Length", str(size))
+        with self._open(req, self.timeout_s) as resp:
+            try:
+                raw = resp.read()
+            except (TimeoutError, OSError) as exc:
+                raise CliError(f"the answer from {self.url} broke off: {exc}") from None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise CliError(f"{self.url} sent an answer that is not JSON") from None
 
     def stream(
         self,

@@ -6,12 +6,13 @@ import json
 import re
 import sys
 import time
+import urllib.parse
 from typing import Annotated, Any
 
 import typer
 
 from control_plane.cli import output
-from control_plane.cli.client import CliError
+from control_plane.cli.client import Client, CliError
 from control_plane.cli.config import Target
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the server's JSON for scripts")]
@@ -19,6 +20,9 @@ Model = Annotated[str, typer.Argument(help="a catalog model id, e.g. org/name")]
 MESSAGE_AVAILABLE = "Model available"
 PULL_POLL_S = 1.0
 PULL_DEADLINE_S = 3600.0
+LOGS_POLL_S = 1.0
+# Each poll of `logs -f` reads this many last lines, and prints those after the previous read.
+LOGS_FOLLOW_TAIL = 1000
 _DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")
 
 
@@ -228,17 +232,66 @@ def status(ctx: typer.Context, model: Model, as_json: JsonFlag = False) -> None:
         )
 
 
+def model_of(client: Client, name: str) -> str:
+    """A catalog model id as given; a name without '/' is the caller's API: its model."""
+    if "/" in name:
+        return name
+    api = client.call("GET", "/apis/" + urllib.parse.quote(name, safe=""))
+    model = api.get("model") if isinstance(api, dict) else None
+    if not isinstance(model, str):
+        raise CliError(f"{client.url} did not say which model API {name} is")
+    return model
+
+
+def new_lines(before: list[str], now: list[str]) -> list[str]:
+    """The lines of `now` after its longest overlap with the end of `before` (two log tails)."""
+    for k in range(min(len(before), len(now)), 0, -1):
+        if before[-k:] == now[:k]:
+            return now[k:]
+    return now
+
+
+def _tail(client: Client, model: str, tail: int) -> str:
+    text = client.call("GET", "/model/logs", query={"model": model, "tail": str(tail)})
+    return text if isinstance(text, str) else json.dumps(text)
+
+
 def logs(
     ctx: typer.Context,
-    model: Model,
+    model: Annotated[
+        str, typer.Argument(help="a catalog model id (org/name) or the name of one of your APIs")
+    ],
     tail: Annotated[int, typer.Option("--tail", "-n", min=1, max=5000)] = 200,
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="keep printing new lines (Ctrl-C to stop)")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """The last log lines of the model's instance (its owner or an admin)."""
-    text = (
-        _target(ctx).client().call("GET", "/model/logs", query={"model": model, "tail": str(tail)})
-    )
-    if as_json:
-        output.print_json({"model": model, "lines": str(text).splitlines()})
+    """The last log lines of the model's (or API's) instance (its owner or an admin)."""
+    client = _target(ctx).client()
+    model = model_of(client, model)
+    if not follow:
+        text = _tail(client, model, tail)
+        if as_json:
+            output.print_json({"model": model, "lines": text.splitlines()})
+            return
+        sys.stdout.write(text)
         return
-    sys.stdout.write(text if isinstance(text, str) else json.dumps(text))
+    seen: list[str] = []
+    while True:
+        try:
+            lines = _tail(client, model, LOGS_FOLLOW_TAIL).splitlines()
+        except CliError as exc:
+            if exc.code != "not_loaded":
+                raise
+            lines = []  # no instance yet (or it stopped): wait for the next one
+        fresh = new_lines(seen, lines) if seen else lines[-tail:]
+        for line in fresh:
+            if as_json:
+                output.out.print(json.dumps({"model": model, "line": line}), markup=False)
+            else:
+                sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        if lines:
+            seen = lines
+        time.sleep(LOGS_POLL_S)

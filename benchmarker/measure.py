@@ -3,8 +3,9 @@
 The child is started with the same command line and environment as a `process` instance, so the
 figure is what an instance of the model will reach. Memory is read after real generations: a
 memory-mapped model shows ~0.21x its parameter bytes after loading but ~1.26x once it has
-generated (DESIGN.md). The peak is the larger of this process's 20 ms samples of the child's
-whole process tree and the child's own kernel high-water mark (`peakRssBytes` on /health).
+generated (`python -m benchmarks.bench_memory`). The peak is the larger of this process's
+20 ms samples of the child's whole process tree and the child's own kernel high-water mark
+(`peakRssBytes` on /health).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from benchmarker import (
 )
 from benchmarker.estimate import Phase, Profile, cumulative
 from instance_agent.launch import AgentArgs, free_loopback_port, load_failure, serve_command
+from instance_agent.nvml import Nvml
 
 logger = logging.getLogger(__name__)
 
@@ -123,34 +125,23 @@ def classify_exit(model: str, returncode: int | None, log_tail: list[str]) -> Be
 
 
 class GpuReader:
-    """GPU memory used by a set of processes, through NVML; absent when there is no GPU."""
+    """GPU memory used by a set of processes; absent (`open` answers None) without a GPU."""
 
-    def __init__(self, nvml: Any) -> None:
+    def __init__(self, nvml: Nvml) -> None:
         self._nvml = nvml
 
     @classmethod
     def open(cls) -> GpuReader | None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            if pynvml.nvmlDeviceGetCount() == 0:
-                return None
-        except Exception:
+        nvml = Nvml.open()
+        if nvml is None:
             return None
-        return cls(pynvml)
+        if nvml.device_count() == 0:
+            nvml.close()
+            return None
+        return cls(nvml)
 
     def used_bytes(self, pids: set[int]) -> int | None:
-        total = 0
-        try:
-            for index in range(self._nvml.nvmlDeviceGetCount()):
-                handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
-                for info in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if info.pid in pids and info.usedGpuMemory is not None:
-                        total += int(info.usedGpuMemory)
-        except Exception:
-            return None
-        return total
+        return self._nvml.used_by(pids)
 
 
 class TreeSampler:

@@ -298,7 +298,7 @@ def main() -> None:
     if docker_ready():
         plans.append(("docker", measure_container))
     for runtime, measure in plans:
-        # Host networking: the engine here may run without a bridge (DESIGN.md).
+        # Host networking: the engine may run without a bridge (`dockerd --bridge=none`, as CI's).
         run_env = {**env, "MLCP_RUNTIME": runtime, "MLCP_DOCKER_NETWORK": "host"}
         samples = Samples()
         with control_plane([MODELS_ROOT], fake_agent=None, **run_env) as cp:

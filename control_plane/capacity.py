@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import psutil
 
 from control_plane.placement import Device
+from instance_agent.nvml import device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -22,26 +22,7 @@ class Observed:
 
 def gpu_readings() -> list[Observed]:
     """Each NVIDIA GPU's memory, or [] without a driver (every machine here has none)."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return []
-    try:
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
-            out.append(Observed(f"cuda:{i}", int(info.total), int(info.free)))
-        return out
-    except pynvml.NVMLError:
-        logger.warning("could not read GPU memory through NVML")
-        return []
-    finally:
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
+    return [Observed(f"cuda:{d.index}", d.total_bytes, d.free_bytes) for d in device_memory()]
 
 
 def gpu_free(device: str) -> int | None:

@@ -4,7 +4,8 @@ Requests are admitted while fewer than `concurrency + max_queue` are unfinished,
 once otherwise (ollama's scheduler does the same). One worker thread takes the oldest pending
 request plus up to `concurrency - 1` others with the same sampling settings and runs them as one
 batch; requests that arrive meanwhile wait for the next batch. Batching is the point: on a 2-core
-box SmolLM2 gave 11.3 tokens/s for one prompt and 37.6 for eight at once (DESIGN.md).
+box SmolLM2 gave 11.3 tokens/s for one prompt and 37.6 for eight at once
+(`python -m benchmarks.bench_batching`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Memory readings of this process: resident set size, and GPU memory when it runs on CUDA.
 
-A model's footprint grows with its first generations (DESIGN.md: ~0.21x of its parameter bytes
+A model's footprint grows with its first generations (measured with SmolLM2 by
+`python -m benchmarks.bench_memory`: ~0.21x of its parameter bytes
 right after a memory-mapped load, ~1.4x after a batch of 8), so peaks are sampled during
 generation as well as on each health check, and checked against the kernel's own peak.
 """
@@ -12,10 +13,10 @@ import os
 import resource
 import sys
 import threading
-from typing import Any
 
 import psutil
 
+from instance_agent.nvml import Nvml
 from instance_agent.protocol import MemoryReading
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class MemoryMonitor:
         self._lock = threading.Lock()
         self._peak_rss_bytes = 0
         self._peak_gpu_bytes: int | None = None
-        self._nvml: Any = _open_nvml() if gpu else None
+        self._nvml = Nvml.open() if gpu else None
 
     def sample(self) -> MemoryReading:
         """Take a reading now, updating the peaks."""
@@ -49,33 +50,10 @@ class MemoryMonitor:
     def _gpu_bytes(self) -> int | None:
         if self._nvml is None:
             return None
-        pid = os.getpid()
-        total = 0
-        try:
-            for index in range(self._nvml.nvmlDeviceGetCount()):
-                handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
-                for info in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if info.pid == pid and info.usedGpuMemory is not None:
-                        total += int(info.usedGpuMemory)
-        except Exception as exc:
-            # Containers often hide other PIDs from NVML; a missing reading must not fail health.
-            logger.debug("GPU memory reading failed: %s", exc)
-            return None
-        return total
+        return self._nvml.used_by({os.getpid()})
 
 
 def _kernel_peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kibibytes, macOS bytes.
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
-
-
-def _open_nvml() -> Any:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception as exc:
-        logger.warning("GPU memory readings unavailable: %s", exc)
-        return None
-    return pynvml

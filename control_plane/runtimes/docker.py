@@ -36,6 +36,7 @@ from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
 from control_plane.runtimes.process import exit_reason
 from instance_agent.launch import free_loopback_port, serve_command
 from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
+from instance_agent.nvml import session as nvml_session
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -178,22 +179,9 @@ def container_exit_reason(state: dict[str, Any], log_tail: list[str]) -> str | N
 
 def free_gpu_memory() -> dict[int, int] | None:
     """GPU index → free bytes from NVML, or None where there is no NVIDIA driver."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        free: dict[int, int] = {}
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            free[index] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
-        return free
-    except Exception:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
+    with nvml_session() as nvml:
+        devices = nvml.devices() if nvml is not None else None
+    return {d.index: d.free_bytes for d in devices} if devices is not None else None
 
 
 # -- the runtime (IO) ------------------------------------------------------------------------

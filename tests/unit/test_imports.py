@@ -1,4 +1,4 @@
-"""The control plane never imports torch or transformers (HOUSE_STYLE: heavy imports contained).
+"""The control plane never imports torch or transformers (docs/architecture.md: heavy imports).
 
 Each check runs in a fresh interpreter: this test process may already hold torch from other tests.
 """

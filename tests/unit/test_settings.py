@@ -1,4 +1,4 @@
-"""Settings read from MLCP_* environment variables, as DESIGN.md lists them."""
+"""Settings read from MLCP_* environment variables, as the README's Configuration lists them."""
 
 from __future__ import annotations
 

@@ -40,8 +40,10 @@ from benchmarker import (
     UnsafeWeights,
 )
 from benchmarker.estimate import Phase, Profile, cumulative
+from instance_agent.client import AgentClient, AgentNotReady, AgentUnreachable
 from instance_agent.launch import AgentArgs, free_loopback_port, load_failure, serve_command
 from instance_agent.nvml import Nvml
+from instance_agent.protocol import HealthReady
 
 logger = logging.getLogger(__name__)
 
@@ -260,26 +262,19 @@ class Child:
             self.log.close()
 
 
-async def _wait_ready(http: aiohttp.ClientSession, child: Child, model: str) -> dict[str, Any]:
+async def _wait_ready(http: aiohttp.ClientSession, child: Child, model: str) -> HealthReady:
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while time.monotonic() < deadline:
         if child.proc.returncode is not None:
             raise child.failure(model)
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with http.get(
-                child.base_url + "/health", timeout=aiohttp.ClientTimeout(total=5)
-            ) as resp:
-                if resp.status == 200:
-                    body: dict[str, Any] = await resp.json()
-                    return body
+        with contextlib.suppress(AgentUnreachable, AgentNotReady):
+            return await AgentClient(http, 5.0).health(child.base_url)
         await asyncio.sleep(HEALTH_POLL_S)
     raise LoadFailed(f"Load error: {model} did not load within {LOAD_TIMEOUT_S:.0f} s")
 
 
-async def _health(http: aiohttp.ClientSession, child: Child) -> dict[str, Any]:
-    async with http.get(child.base_url + "/health") as resp:
-        body: dict[str, Any] = await resp.json()
-        return body
+async def _health(http: aiohttp.ClientSession, child: Child) -> HealthReady:
+    return await AgentClient(http, 30.0).health(child.base_url)
 
 
 def _speech_sample(seconds: int = SPEECH_SECONDS, rate: int = 16_000) -> bytes:
@@ -337,8 +332,8 @@ async def _generate(
         raise LoadFailed(f"Load error: generation failed ({type(exc).__name__})") from exc
 
 
-def _reported_peak(health: dict[str, Any]) -> tuple[int, int | None]:
-    memory = health.get("memory") or {}
+def _reported_peak(health: HealthReady) -> tuple[int, int | None]:
+    memory = health["memory"]
     rss = memory.get("peakRssBytes")
     gpu = memory.get("peakGpuBytes")
     return (int(rss) if isinstance(rss, int) else 0, int(gpu) if isinstance(gpu, int) else None)

@@ -25,6 +25,7 @@ import grpc
 import grpc.aio
 
 from benchmarks.harness import ControlPlane, control_plane, free_port, percentile
+from instance_agent.client import AgentClient
 from tests.grpc_stubs import generate
 from tests.handler_projects import grpc_echo
 
@@ -72,8 +73,7 @@ async def _run(cp: ControlPlane, grpc_port: int, pb2: ModuleType, pb2_grpc: Modu
         assert isinstance(status, dict)
         endpoint = str(status["endpoint"])
         async with aiohttp.ClientSession() as http:
-            async with http.get(endpoint + "/health") as resp:
-                agent_grpc = (await resp.json())["grpcPort"]
+            agent_grpc = (await AgentClient(http).health(endpoint))["grpcPort"]
             async with grpc.aio.insecure_channel(f"127.0.0.1:{agent_grpc}") as agent:
                 direct = pb2_grpc.EchoStub(agent)
 

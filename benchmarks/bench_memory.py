@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -27,6 +25,7 @@ from control_plane.runtimes.base import InstanceSpec
 from control_plane.runtimes.process import ProcessRuntime
 from control_plane.settings import Settings
 from db.rows import ModelRow
+from instance_agent.client import AgentClient
 
 GOAL = (0.98, 1.05)
 READY_TIMEOUT_S = 300.0
@@ -76,37 +75,24 @@ async def observed_peak_bytes(target: Target, log_dir: Path) -> int:
     sampler.start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
-            await _wait_ready(http, launched.endpoint, runtime, launched.handle)
+            agent = AgentClient(http, 30.0)
+
+            async def exited() -> str | None:
+                gone = await runtime.exited(launched.handle)
+                return gone.reason if gone is not None else None
+
+            await agent.wait_ready(launched.endpoint, READY_TIMEOUT_S, exited)
             body = {"prompt": USER_PROMPT, "params": {"max_new_tokens": MAX_NEW_TOKENS}}
             async with http.post(launched.endpoint + "/run", json=body) as resp:
                 resp.raise_for_status()
                 await resp.read()
             sampler.sample()
-            async with http.get(launched.endpoint + "/health") as resp:
-                health: dict[str, Any] = await resp.json()
-        reported = int(health["memory"]["peakRssBytes"])
+            health = await agent.health(launched.endpoint)
+        reported = health["memory"]["peakRssBytes"]
         return max(reported, sampler.peak_rss_bytes)
     finally:
         sampler.stop()
         await runtime.stop(launched.handle, 5.0)
-
-
-async def _wait_ready(
-    http: aiohttp.ClientSession, endpoint: str, runtime: ProcessRuntime, handle: str
-) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        exited = await runtime.exited(handle)
-        if exited is not None:
-            raise RuntimeError(f"the instance exited: {exited.reason}")
-        try:
-            async with http.get(endpoint + "/health") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("the instance did not become ready")
 
 
 async def accuracy(label: str, target: Target, log_dir: Path) -> Accuracy:

@@ -12,9 +12,21 @@ import sys
 
 HEALTH = json.dumps(
     {
+        # Every field of instance_agent.protocol.HealthReady: the control plane checks them.
         "status": "healthy",
+        "model": "idle",
         "model_loaded": True,
+        "note": "Model is loaded in memory for fast inference",
+        "task": "text-generation",
+        "concurrency": 1,
+        "maxQueue": 0,
+        "inFlight": 0,
+        "queued": 0,
+        "loadSeconds": 0.0,
+        "device": "cpu",
+        "contextLength": 256,
         "memory": {"rssBytes": 1, "peakRssBytes": 1, "gpuBytes": None, "peakGpuBytes": None},
+        "stats": {"batches": 0, "maxBatchSize": 1, "requests": 0},
     }
 ).encode()
 

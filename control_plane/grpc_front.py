@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import aiohttp
 import grpc
 import grpc.aio
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -61,6 +60,7 @@ from control_plane.loading import OnDemand, cold_wait_s, route_to
 from control_plane.state import AppState
 from control_plane.supervisor import Route
 from db import queries
+from instance_agent.client import AgentClient, AgentNotReady, AgentUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -223,15 +223,13 @@ class GrpcFront:
         if known is not None:
             return known[1]
         try:
-            async with self._state.session.get(
-                route.endpoint + "/health",
-                timeout=aiohttp.ClientTimeout(total=_HEALTH_TIMEOUT_S),
-            ) as resp:
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            health = await AgentClient(self._state.session, _HEALTH_TIMEOUT_S).health(
+                route.endpoint
+            )
+        except (AgentUnreachable, AgentNotReady) as exc:
             self._state.supervisor.request_failed(route.instance_id)
             raise InstanceError("the API's instance did not answer") from exc
-        port = body.get("grpcPort") if isinstance(body, dict) else None
+        port = health.get("grpcPort")
         if not isinstance(port, int):
             raise InstanceError("the API's instance serves no gRPC (its project has no proto)")
         host = urlsplit(route.endpoint).hostname or "127.0.0.1"

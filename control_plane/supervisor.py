@@ -28,7 +28,9 @@ from control_plane.vram_recovery import FreeReader, wait_for_recovery
 from db import queries
 from db.pool import Pool
 from db.rows import InstanceRow, ModelRow
-from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_HEADER
+from instance_agent.client import AgentClient, AgentNotReady, AgentUnreachable
+from instance_agent.lease import DEFAULT_LEASE_GRACE_S
+from instance_agent.protocol import HealthReady
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ class Supervisor:
         self.pool = pool
         self.runtime = runtime
         self.session = session
+        self.agents = AgentClient(session, HEALTH_REQUEST_TIMEOUT_S)
         self.activity = activity
         self.model_store = model_store
         self.max_queue = max_queue
@@ -254,16 +257,8 @@ class Supervisor:
     async def _push_concurrency(self, row: InstanceRow) -> None:
         if row.endpoint is None:
             return
-        try:
-            async with self.session.put(
-                row.endpoint + "/config",
-                json={"concurrency": row.concurrency},
-                timeout=aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S),
-            ) as resp:
-                if resp.status >= 400:
-                    logger.warning("instance %s refused the new concurrency", row.id)
-        except (aiohttp.ClientError, TimeoutError):
-            logger.warning("could not reach instance %s to change its concurrency", row.id)
+        if not await self.agents.set_concurrency(row.endpoint, row.concurrency):
+            logger.warning("instance %s did not take its new concurrency", row.id)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
@@ -336,21 +331,14 @@ class Supervisor:
         return None
 
     async def _wait_healthy(self, launched: Launched, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
-        while True:
-            exited = await self.runtime.exited(launched.handle)
-            if exited is not None:
-                raise StartFailed(exited.reason)
-            try:
-                async with self.session.get(launched.endpoint + "/health", timeout=timeout) as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise StartFailed(f"the instance did not become healthy within {timeout_s:.0f} s")
-            await asyncio.sleep(HEALTH_POLL_S)
+        async def exited() -> str | None:
+            gone = await self.runtime.exited(launched.handle)
+            return gone.reason if gone is not None else None
+
+        try:
+            await self.agents.wait_ready(launched.endpoint, timeout_s, exited, poll_s=HEALTH_POLL_S)
+        except AgentNotReady as exc:
+            raise StartFailed(str(exc)) from None
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -391,15 +379,12 @@ class Supervisor:
 
     async def _drain(self, endpoint: str) -> None:
         deadline = time.monotonic() + DRAIN_S
-        timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
         while time.monotonic() < deadline:
             try:
-                async with self.session.get(endpoint + "/health", timeout=timeout) as resp:
-                    body = await resp.json(content_type=None) if resp.status == 200 else None
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                return  # not answering: nothing to wait for
-            busy = body.get("inFlight", 0) if isinstance(body, dict) else 0
-            if not isinstance(busy, int) or busy <= 0:
+                health = await self.agents.health(endpoint)
+            except (AgentUnreachable, AgentNotReady):
+                return  # not serving: nothing to wait for
+            if health["inFlight"] <= 0:
                 return
             await asyncio.sleep(0.1)
 
@@ -492,14 +477,10 @@ class Supervisor:
     async def _probe(self, row: InstanceRow, now: datetime) -> None:
         assert row.endpoint is not None
         probe_started = asyncio.get_running_loop().time()
+        body: HealthReady | None
         try:
-            async with self.session.get(
-                row.endpoint + "/health",
-                headers={LEASE_HEADER: f"{self.lease_s(row, now):.0f}"},
-                timeout=aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S),
-            ) as resp:
-                body = await resp.json(content_type=None) if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+            body = await self.agents.health(row.endpoint, lease_s=self.lease_s(row, now))
+        except (AgentUnreachable, AgentNotReady):
             body = None
         self._health_seen(row.id, body is not None, probe_started)
         if body is None:

@@ -29,6 +29,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from instance_agent.lease import LEASE_ENV, LEASE_HEADER, Lease, parse_lease_s, watch
+from instance_agent.protocol import (
+    HEALTH_NOTE_LOADING,
+    HEALTH_NOTE_READY,
+    HealthLoading,
+    HealthReady,
+)
 
 
 def write_fake_model(root: Path, name: str, mode: str = "ok", **behaviour: Any) -> Path:
@@ -113,32 +119,37 @@ def create_app(fake: Fake, name: str, exit_after_s: float | None = None) -> Star
         if lease is not None and renew is not None:
             lease.renew(renew, time.monotonic())
         if fake.mode == "never_healthy":
-            return JSONResponse({"status": "loading", "model": name}, status_code=503)
+            waiting: HealthLoading = {
+                "status": "loading",
+                "model": name,
+                "model_loaded": False,
+                "note": HEALTH_NOTE_LOADING,
+            }
+            return JSONResponse(waiting, status_code=503)
         if fake.hung:
             await asyncio.sleep(3600)
-        return JSONResponse(
-            {
-                "status": "healthy",
-                "model": name,
-                "model_loaded": True,
-                "note": "Model is loaded in memory for fast inference",
-                "task": "text-generation",
-                "concurrency": fake.concurrency,
-                "maxQueue": fake.max_queue,
-                "inFlight": fake.running,
-                "queued": fake.waiting,
-                "loadSeconds": 0.0,
-                "device": "cpu",
-                "contextLength": 256,
-                "memory": {
-                    "rssBytes": fake.mem_bytes,
-                    "peakRssBytes": fake.mem_bytes,
-                    "gpuBytes": None,
-                    "peakGpuBytes": None,
-                },
-                "stats": {"batches": fake.requests, "maxBatchSize": 1, "requests": fake.requests},
-            }
-        )
+        body: HealthReady = {
+            "status": "healthy",
+            "model": name,
+            "model_loaded": True,
+            "note": HEALTH_NOTE_READY,
+            "task": "text-generation",
+            "concurrency": fake.concurrency,
+            "maxQueue": fake.max_queue,
+            "inFlight": fake.running,
+            "queued": fake.waiting,
+            "loadSeconds": 0.0,
+            "device": "cpu",
+            "contextLength": 256,
+            "memory": {
+                "rssBytes": fake.mem_bytes,
+                "peakRssBytes": fake.mem_bytes,
+                "gpuBytes": None,
+                "peakGpuBytes": None,
+            },
+            "stats": {"batches": fake.requests, "maxBatchSize": 1, "requests": fake.requests},
+        }
+        return JSONResponse(body)
 
     async def config(request: Request) -> Response:
         body = await request.json()

@@ -12,8 +12,6 @@ from db import queries
 
 logger = logging.getLogger(__name__)
 
-PENDING_INTERVAL_S = 1.0
-
 
 async def load_pending(state: AppState) -> None:
     """One pass over pending loads: load measured models, drop those whose benchmark failed."""

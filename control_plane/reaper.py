@@ -14,7 +14,6 @@ from db.rows import InstanceRow
 
 logger = logging.getLogger(__name__)
 
-REAP_INTERVAL_S = 0.25
 # A node whose in-flight report is older than this is presumed dead, so its count no longer
 # protects an instance (flushes happen every ~0.2 s while requests run).
 STALE_ACTIVITY_S = 30.0

@@ -20,7 +20,6 @@ from db.rows import InstanceRow
 
 logger = logging.getLogger(__name__)
 
-RECONCILE_INTERVAL_S = 10.0
 GONE_REASON = "the instance's process or container is gone (found by reconciliation)"
 
 

@@ -1,11 +1,16 @@
 """The control plane's periodic loops: which coroutine runs how often, on the monotonic clock.
 
-The coroutines live elsewhere and tests call them directly. This was APScheduler's interval
-trigger, which plans every run by the wall clock: after the host's clock stepped back an hour
-(NTP, a VM resumed), every loop waited that hour, so no health check renewed any agent's lease,
-the reaper stopped and activity was never flushed (tests/faults/test_clock_jump.py). A run here
-is planned on the event loop's clock, which is monotonic; like the APScheduler setup it
-replaces, a job never overlaps itself and missed runs are coalesced into one.
+`LOOPS` is the one table of every periodic loop and its interval; `build_scheduler` binds each
+to its coroutine, which lives in the module that owns the rule (tests call those directly). The
+long-running workers (benchmark jobs, async requests, webhooks, the event hub) are started and
+stopped beside the scheduler in `app.py`'s lifespan; docs/architecture.md lists them all.
+
+This was APScheduler's interval trigger, which plans every run by the wall clock: after the
+host's clock stepped back an hour (NTP, a VM resumed), every loop waited that hour, so no health
+check renewed any agent's lease, the reaper stopped and activity was never flushed
+(tests/faults/test_clock_jump.py). A run here is planned on the event loop's clock, which is
+monotonic; like the APScheduler setup it replaces, a job never overlaps itself and missed runs
+are coalesced into one.
 """
 
 from __future__ import annotations
@@ -20,17 +25,25 @@ from datetime import UTC, datetime
 from control_plane.async_requests import clean_up as clean_up_async
 from control_plane.bootstrap import refresh_catalog
 from control_plane.outage import DatabaseOutage, is_outage
-from control_plane.pending_loads import PENDING_INTERVAL_S, load_pending
-from control_plane.reaper import REAP_INTERVAL_S, reap_by_database_clock
-from control_plane.reconciler import RECONCILE_INTERVAL_S, reconcile_by_database_clock
+from control_plane.pending_loads import load_pending
+from control_plane.reaper import reap_by_database_clock
+from control_plane.reconciler import reconcile_by_database_clock
 from control_plane.state import AppState
 
 logger = logging.getLogger(__name__)
 
-FLUSH_INTERVAL_S = 0.2
-CHECK_INTERVAL_S = 2.0
-ROUTES_INTERVAL_S = 1.0
-ASYNC_CLEANUP_INTERVAL_S = 60.0
+# name -> (interval in seconds, what a pass does); None: MLCP_CATALOG_REFRESH_S.
+LOOPS: dict[str, tuple[float | None, str]] = {
+    "flush-activity": (0.2, "write this node's per-instance request counters (activity.py)"),
+    "reaper": (0.25, "stop instances idle past their expiry, by the database's clock"),
+    "routes": (1.0, "refresh the in-memory table of RUNNING instances the proxy routes to"),
+    "pending-loads": (1.0, "load models whose benchmark finished for loads that waited on it"),
+    "instance-check": (2.0, "health-check instances started here, renewing their leases"),
+    "reconciler": (10.0, "adopt instances whose launcher is gone; fail rows whose agent is gone"),
+    "async-cleanup": (60.0, "delete async requests and uploads past their retention"),
+    "catalog": (None, "rediscover models in MLCP_MODEL_DIRS, the HF cache and packages"),
+    "grpc-services": (None, "re-read the services of handler projects with a .proto"),
+}
 # How long shutdown lets a pass under way finish (a flush writing counters) before cancelling it.
 STOP_GRACE_S = 5.0
 
@@ -113,21 +126,19 @@ def build_scheduler(state: AppState) -> Scheduler:
     scheduler = Scheduler()
     sup, act, pool = state.supervisor, state.activity, state.pool
 
-    def every(seconds: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
-        scheduler.add(seconds, name, _guarded(name, job, state.outage))
-
-    every(FLUSH_INTERVAL_S, "flush-activity", lambda: act.flush(pool))
-    every(REAP_INTERVAL_S, "reaper", lambda: reap_by_database_clock(pool, sup, act))
-    every(CHECK_INTERVAL_S, "instance-check", sup.check)
-    every(ROUTES_INTERVAL_S, "routes", sup.refresh_routes)
-    every(RECONCILE_INTERVAL_S, "reconciler", lambda: reconcile_by_database_clock(sup))
-    every(PENDING_INTERVAL_S, "pending-loads", lambda: load_pending(state))
-    every(
-        ASYNC_CLEANUP_INTERVAL_S, "async-cleanup", lambda: clean_up_async(state, datetime.now(UTC))
-    )
-    every(
-        state.settings.catalog_refresh_s, "catalog", lambda: refresh_catalog(pool, state.settings)
-    )
+    jobs: dict[str, Callable[[], Awaitable[object]]] = {
+        "flush-activity": lambda: act.flush(pool),
+        "reaper": lambda: reap_by_database_clock(pool, sup, act),
+        "routes": sup.refresh_routes,
+        "pending-loads": lambda: load_pending(state),
+        "instance-check": sup.check,
+        "reconciler": lambda: reconcile_by_database_clock(sup),
+        "async-cleanup": lambda: clean_up_async(state, datetime.now(UTC)),
+        "catalog": lambda: refresh_catalog(pool, state.settings),
+    }
     if state.grpc is not None:
-        every(state.settings.catalog_refresh_s, "grpc-services", state.grpc.refresh)
+        jobs["grpc-services"] = state.grpc.refresh
+    for name, job in jobs.items():
+        seconds = LOOPS[name][0] or state.settings.catalog_refresh_s
+        scheduler.add(seconds, name, _guarded(name, job, state.outage))
     return scheduler

@@ -54,6 +54,12 @@ class OutOfMemory(BenchmarkError):
     code = "out_of_memory"
 
 
+class HandlerFailed(BenchmarkError):
+    """A handler project's code failed to load (import, Handler(config)): not worth a retry."""
+
+    code = "handler_failed"
+
+
 class LoadFailed(BenchmarkError):
     """Load error: the model could not be loaded or run."""
 

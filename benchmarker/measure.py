@@ -34,6 +34,7 @@ import psutil
 
 from benchmarker import (
     BenchmarkError,
+    HandlerFailed,
     LoadFailed,
     NeedsRemoteCode,
     OutOfMemory,
@@ -44,6 +45,7 @@ from instance_agent.client import AgentClient, AgentNotReady, AgentUnreachable
 from instance_agent.launch import AgentArgs, free_loopback_port, load_failure, serve_command
 from instance_agent.nvml import Nvml
 from instance_agent.protocol import HealthReady
+from instance_agent.weights import HANDLER_SPEC_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class Target:
     model_dir: Path
     gguf_file: str | None = None
     device: str = "cpu"
+    # The interpreter of a handler project's own environment; None: this one.
+    python: str | None = None
 
 
 def device_kind(device: str) -> str:
@@ -97,13 +101,21 @@ def scrub_paths(text: str) -> str:
     return _PATH.sub(lambda m: Path(m.group(0)).name or "/", text)
 
 
-def classify_exit(model: str, returncode: int | None, log_tail: list[str]) -> BenchmarkError:
-    """Why the agent stopped before serving, as the failure kind a job records."""
+def classify_exit(
+    model: str, returncode: int | None, log_tail: list[str], *, user_code: bool = False
+) -> BenchmarkError:
+    """Why the agent stopped before serving, as the failure kind a job records.
+
+    With `user_code` (a handler project), the agent's load failure is the user's exception,
+    the same on every attempt.
+    """
     reason = ""
     for line in reversed(log_tail):
         if (found := load_failure(line)) is not None:
             reason = found
             break
+    if user_code and reason:
+        return HandlerFailed(f"the handler failed to load: {scrub_paths(reason)[:1000]}")
     text = reason.lower()
     if "pickle" in text:
         return UnsafeWeights()
@@ -203,13 +215,28 @@ def _tail(log: IO[bytes], lines: int = 40) -> list[str]:
     return list(deque(text.splitlines(), maxlen=lines))
 
 
+def _base_command(target: Target, command: list[str] | None) -> list[str] | None:
+    """The agent's command: a custom one (tests), the project environment's python, or ours."""
+    if command is None and target.python is not None:
+        return [target.python, "-m", "instance_agent"]
+    return command
+
+
 class Child:
     """The measuring agent process: started in its own session, stopped with its whole group."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, log: IO[bytes], base_url: str) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        log: IO[bytes],
+        base_url: str,
+        *,
+        user_code: bool = False,
+    ) -> None:
         self.proc = proc
         self.log = log
         self.base_url = base_url
+        self.user_code = user_code
 
     @classmethod
     async def start(cls, target: Target, concurrency: int, command: list[str] | None) -> Child:
@@ -226,7 +253,7 @@ class Child:
         log = tempfile.TemporaryFile()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *serve_command(args, command),
+                *serve_command(args, _base_command(target, command)),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -239,10 +266,11 @@ class Child:
             raise LoadFailed(
                 f"Load error: could not start the instance agent ({exc.strerror})"
             ) from exc
-        return cls(proc, log, f"http://127.0.0.1:{port}")
+        user_code = (target.model_dir / HANDLER_SPEC_FILE).is_file()
+        return cls(proc, log, f"http://127.0.0.1:{port}", user_code=user_code)
 
     def failure(self, model: str) -> BenchmarkError:
-        return classify_exit(model, self.proc.returncode, _tail(self.log))
+        return classify_exit(model, self.proc.returncode, _tail(self.log), user_code=self.user_code)
 
     async def stop(self) -> None:
         """SIGTERM the group, wait, then SIGKILL; the log is closed afterwards."""

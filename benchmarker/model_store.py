@@ -16,6 +16,7 @@ from pathlib import Path
 
 from benchmarker.model_ids import is_valid_model_id
 from db.rows import ModelRow
+from instance_agent.environment import python_for_version
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class ModelStoreError(Exception):
 class LoadTarget:
     model_dir: Path
     gguf_file: str | None
+    # A deployed handler API's own environment's interpreter; None: the agent's.
+    python: str | None = None
 
 
 def converted_dir(store: Path, model: str) -> Path:
@@ -84,6 +87,8 @@ async def prepare_model(row: ModelRow, store: Path) -> LoadTarget:
     if row.source_path is None:
         raise ModelStoreError(f"model {row.name} has no local files")
     source = Path(row.source_path)
+    if row.source_kind == "apis":
+        return LoadTarget(source, None, python_for_version(source))
     if row.gguf_file is None:
         return LoadTarget(source, None)
     out = converted_dir(store, row.name)

@@ -31,6 +31,8 @@ from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
 from control_plane.reconciler import reconcile_by_database_clock
 from control_plane.routes import (
+    api_calls,
+    apis,
     async_requests,
     capacity,
     chat,
@@ -131,6 +133,8 @@ def create_app(settings: Settings) -> Starlette:
                 upload_secret=await uploads.server_secret(pool),
             )
             supervisor.on_loaded = metrics.loaded
+            # Deploys under way are cancelled before the supervisor and the pool close.
+            stack.push_async_callback(state.deploys.close)
             # Also on app.state, for tests and tooling that hold the app, not a request.
             app.state.mlcp = state
             await reconcile_by_database_clock(supervisor)
@@ -174,6 +178,9 @@ def create_app(settings: Settings) -> Starlette:
             *events.routes,
             *dashboard_routes,
             *metrics_routes.routes,
+            *apis.routes,
+            # Last: `/{api}` and `/{owner}/{api}` must never shadow a route above.
+            *api_calls.routes,
         ],
         exception_handlers={
             MlcpError: handlers.on_mlcp_error,

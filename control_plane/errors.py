@@ -24,7 +24,8 @@ Exception tree::
     │   ├── NotLoaded (404 not_loaded)
     │   ├── KeyNotFound (404 key_not_found)
     │   ├── RequestNotFound (404 request_not_found)
-    │   └── UploadNotFound (404 upload_not_found)
+    │   ├── UploadNotFound (404 upload_not_found)
+    │   └── ApiNotFound (404 api_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409)
     │   ├── NotBenchmarked (409 not_benchmarked)
@@ -34,7 +35,9 @@ Exception tree::
     │   ├── RequestFinished (409 request_finished)
     │   ├── UploadComplete (409 upload_complete)
     │   ├── UploadInProgress (409 upload_in_progress)
-    │   └── UploadIncomplete (409 upload_incomplete)
+    │   ├── UploadIncomplete (409 upload_incomplete)
+    │   ├── ApiNotReady (409 api_not_ready)
+    │   └── ApiNameTaken (409 api_name_taken)
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
     ├── Invalid (422 invalid_request)
@@ -48,11 +51,19 @@ Exception tree::
     │   ├── InvalidWebhook (422 invalid_webhook)
     │   ├── UnsupportedTask (422 unsupported_task)
     │   ├── InsufficientMemory (422 insufficient_memory)
-    │   └── NoGpu (422 no_gpu)
+    │   ├── NoGpu (422 no_gpu)
+    │   ├── InvalidApiName (422 invalid_api_name)
+    │   ├── InvalidProject (422 invalid_project)
+    │   ├── InvalidProjectSpec (422 invalid_spec)
+    │   ├── InvalidRequirements (422 invalid_requirements)
+    │   ├── MissingBlob (422 missing_blob)
+    │   └── BlobHashMismatch (422 blob_hash_mismatch)
     ├── TooManyRequests (429 too_many_requests, Retry-After)
     ├── InstanceError (502)
     │   ├── InstanceFailed (502 instance_failed)
-    │   └── InvalidAnswer (502 instance_error)
+    │   ├── InvalidAnswer (502 instance_error)
+    │   ├── HandlerError (502 handler_error)
+    │   └── HandlerBadOutput (502 handler_bad_output)
     ├── Unavailable (503, always with Retry-After)
     │   ├── CapacityFull (503 capacity_full)
     │   ├── Loading (503 loading)
@@ -62,6 +73,7 @@ Exception tree::
     │   ├── RuntimeFailed (503 runtime_failed)
     │   └── DatabaseUnavailable (503 database_unavailable)
     └── InstanceTimeout (504 instance_timeout)
+        └── HandlerTimeout (504 handler_timeout)
 """
 
 from __future__ import annotations
@@ -454,6 +466,81 @@ class DatabaseUnavailable(Unavailable):
 
     code = "database_unavailable"
     default_retry_after_s = 2
+
+
+# -- handler APIs (issue 11) -------------------------------------------------------------------
+
+
+class ApiNotFound(NotFound):
+    """No such API."""
+
+    code = "api_not_found"
+
+
+class ApiNotReady(Conflict):
+    """The API's current version is not available yet (building or benchmarking) or failed."""
+
+    code = "api_not_ready"
+
+
+class ApiNameTaken(Conflict):
+    """A catalog model found on disk already has this API's model id."""
+
+    code = "api_name_taken"
+
+
+class InvalidApiName(Invalid):
+    """The API name is invalid or reserved."""
+
+    code = "invalid_api_name"
+
+
+class InvalidProject(Invalid):
+    """The uploaded project is not a safe tar.gz of a project."""
+
+    code = "invalid_project"
+
+
+class InvalidProjectSpec(Invalid):
+    """The project's spec (mlcp.yaml) is invalid."""
+
+    code = "invalid_spec"
+
+
+class InvalidRequirements(Invalid):
+    """The project's requirements.txt cannot be installed here."""
+
+    code = "invalid_requirements"
+
+
+class MissingBlob(Invalid):
+    """A weight file the project lists has not been uploaded: PUT /apis/blobs/{sha256} first."""
+
+    code = "missing_blob"
+
+
+class BlobHashMismatch(Invalid):
+    """The uploaded bytes do not have the SHA-256 of the URL."""
+
+    code = "blob_hash_mismatch"
+
+
+class HandlerError(InstanceError):
+    """The API's handler raised an exception."""
+
+    code = "handler_error"
+
+
+class HandlerBadOutput(InstanceError):
+    """The API's handler returned a value that is not JSON-serialisable."""
+
+    code = "handler_bad_output"
+
+
+class HandlerTimeout(InstanceTimeout):
+    """The API's handler did not return in time."""
+
+    code = "handler_timeout"
 
 
 def error_classes() -> list[type[MlcpError]]:

@@ -196,7 +196,9 @@ class GrpcFront:
         projects = [
             (row.name, Path(row.source_path))
             for row in rows
-            if row.task == "handler" and row.source_path is not None
+            # Deployed APIs (owned by a key's name) are not served over gRPC yet: their
+            # ownership is not the table's (per key id), and it must not leak.
+            if row.task == "handler" and row.source_path is not None and row.source_kind != "apis"
         ]
         table, refused = await grpc_services.build_table(self._compiler, projects)
         self.table.replace(table, refused)

@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 # How long a refused connection's input is still read (and dropped) before it is closed.
 LINGER_S = 1.0
-# PUTs under this path stream files (control_plane/uploads.py): timed per chunk, not whole.
-UPLOAD_PATH_PREFIX = b"/v1/input/uploads/"
+# PUTs under these paths stream files (control_plane/uploads.py, a deployed project and its
+# weights, control_plane/api_bundle.py): timed per chunk, not whole.
+UPLOAD_PATH_PREFIXES = (b"/v1/input/uploads/", b"/apis/")
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         super().on_headers_complete()
-        if self.parser.get_method() == b"PUT" and self.url.startswith(UPLOAD_PATH_PREFIX):
+        if self.parser.get_method() == b"PUT" and self.url.startswith(UPLOAD_PATH_PREFIXES):
             # A file upload (up to MLCP_MAX_UPLOAD_BYTES) may rightly take longer than
             # receipt_s to arrive whole: from here its deadline is receipt_s between chunks.
             self._per_chunk = True

@@ -16,6 +16,9 @@ import aiohttp
 
 from control_plane.errors import (
     GenerationFailed,
+    HandlerBadOutput,
+    HandlerError,
+    HandlerTimeout,
     InstanceBusy,
     InstanceFailed,
     InstanceTimeout,
@@ -78,7 +81,18 @@ AGENT_ERRORS: dict[str, type[MlcpError]] = {
     "wrong_task": UnsupportedTask,
     # /transcribe: the upload is not audio the instance can decode.
     "invalid_audio": Invalid,
+    # /handle: the user's handler misbehaved (docs/handlers.md); its message says how.
+    "handler_error": HandlerError,
+    "handler_bad_output": HandlerBadOutput,
+    "handler_timeout": HandlerTimeout,
+    "grpc_only": UnsupportedTask,
 }
+# Codes whose 5xx statuses are the handler's doing, not the instance failing.
+_HANDLER_CODES = frozenset({"handler_error", "handler_bad_output", "handler_timeout"})
+
+
+class RawJson(bytes):
+    """A JSON body already encoded: sent as is, as application/json (handler payloads)."""
 
 
 async def _agent_error(resp: aiohttp.ClientResponse) -> MlcpError:
@@ -89,7 +103,9 @@ async def _agent_error(resp: aiohttp.ClientResponse) -> MlcpError:
         body = None
     message = body.get("error") if isinstance(body, dict) else None
     code = body.get("code") if isinstance(body, dict) else None
-    known = isinstance(code, str) and (resp.status < 500 or resp.status == 503)
+    known = isinstance(code, str) and (
+        resp.status < 500 or resp.status == 503 or code in _HANDLER_CODES
+    )
     cls = AGENT_ERRORS.get(str(code)) if known else None
     if cls is None or not isinstance(message, str):
         return InvalidAnswer("the model instance answered with an error")
@@ -106,11 +122,13 @@ async def run(
     path: str = "/run",
 ) -> Any:
     """POST `path` (/run) and return the agent's JSON answer; bytes go as the raw body."""
-    body: dict[str, Any] = (
-        {"data": payload, "headers": {"Content-Type": "application/octet-stream"}}
-        if isinstance(payload, bytes)
-        else {"json": payload}
-    )
+    body: dict[str, Any]
+    if isinstance(payload, RawJson):
+        body = {"data": bytes(payload), "headers": {"Content-Type": "application/json"}}
+    elif isinstance(payload, bytes):
+        body = {"data": payload, "headers": {"Content-Type": "application/octet-stream"}}
+    else:
+        body = {"json": payload}
     try:
         async with session.post(endpoint + path, **body, timeout=RUN_TIMEOUT) as resp:
             if resp.status != 200:

@@ -108,6 +108,9 @@ class Settings(BenchmarkerSettings):
     # at most `max_upload_bytes`, counted while it streams in (Content-Length is not trusted).
     upload_url_expiry_s: int = Field(default=3600, ge=1, le=604_800)
     max_upload_bytes: int = Field(default=1 << 30, ge=1)
+    # A deployed handler project (PUT /apis/{name}: its code, unpacked) and each of its weight
+    # files (PUT /apis/blobs/{sha256}) may be at most this large, counted while they stream in.
+    max_project_bytes: int = Field(default=2 << 30, ge=1)
     # Hosts webhooks may be sent to, comma-separated: names matched exactly, IP addresses or
     # CIDR blocks matched against literal addresses. Default loopback only, so a key cannot make
     # the service call an arbitrary host (SSRF).

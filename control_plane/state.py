@@ -20,6 +20,7 @@ from control_plane.supervisor import Supervisor
 from db.pool import Pool
 
 if TYPE_CHECKING:
+    from control_plane.deploys import Deploys
     from control_plane.grpc_front import GrpcFront
 
 STATE_KEY = "mlcp"
@@ -48,6 +49,14 @@ class AppState:
     upload_secret: bytes = b""
     # The gRPC port's server (MLCP_GRPC_PORT), once the lifespan started it.
     grpc: GrpcFront | None = None
+    # Deploys of handler APIs under way on this control plane (set by the lifespan).
+    deploys: Deploys = field(default_factory=lambda: _deploys())
+
+
+def _deploys() -> Deploys:
+    from control_plane.deploys import Deploys
+
+    return Deploys()
 
 
 def state_of(request: Request) -> AppState:

@@ -283,6 +283,7 @@ class Supervisor:
                 mem_limit_bytes=mem_limit(
                     row.reserved_bytes if row.device == "cpu" else row.host_reserved_bytes
                 ),
+                python=target.python,
             )
             launch_started = time.monotonic()
             launched = await self.runtime.start(spec)

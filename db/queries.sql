@@ -59,7 +59,8 @@ SET task = EXCLUDED.task,
     param_bytes = EXCLUDED.param_bytes,
     present = true,
     updated_at = now()
-WHERE (models.task, models.source_kind, models.source_path, models.gguf_file,
+WHERE models.source_kind <> 'apis'
+  AND (models.task, models.source_kind, models.source_path, models.gguf_file,
        models.param_bytes, models.present)
       IS DISTINCT FROM
       (EXCLUDED.task, EXCLUDED.source_kind, EXCLUDED.source_path, EXCLUDED.gguf_file,
@@ -67,7 +68,7 @@ WHERE (models.task, models.source_kind, models.source_path, models.gguf_file,
 
 -- name: mark_models_absent_except
 UPDATE models SET present = false, updated_at = now()
-WHERE present AND source_kind <> 'hub' AND NOT (name = ANY($1::text[]));
+WHERE present AND source_kind NOT IN ('hub', 'apis') AND NOT (name = ANY($1::text[]));
 
 -- name: list_models
 SELECT name, task, source_kind, source_path, gguf_file, param_bytes, required_ram_bytes,
@@ -685,3 +686,103 @@ SELECT 'evictions', regexp_replace(reason, ' for .*$', ''), count(*)
 FROM instance_events
 WHERE to_state = 'STOPPING' AND reason LIKE 'evicted%'
 GROUP BY 2;
+
+-- handler APIs (issue 11) ----------------------------------------------------------------------
+
+-- name: get_api
+-- One API by owner and name, deleted ones included.
+-- $1 = owner, $2 = name
+SELECT * FROM apis WHERE owner = $1 AND name = $2;
+
+-- name: get_api_by_model
+-- The API whose catalog model this is (not deleted), if any.
+-- $1 = model
+SELECT * FROM apis WHERE model = $1 AND status <> 'deleted';
+
+-- name: list_apis
+-- APIs not deleted, of one owner or (NULL) of every owner.
+-- $1 = owner
+SELECT * FROM apis WHERE status <> 'deleted' AND ($1::text IS NULL OR owner = $1)
+ORDER BY owner, name;
+
+-- name: begin_api_version
+-- Store a new version as the API's current one, status building; the API row is made on the
+-- first deploy. Returns the API with its new version number.
+-- $1 = owner, $2 = name, $3 = model, $4 = public
+INSERT INTO apis (owner, name, model, public, version, status)
+VALUES ($1, $2, $3, $4, 1, 'building')
+ON CONFLICT (owner, name) DO UPDATE
+SET version = apis.version + 1, status = 'building', reason = NULL, public = EXCLUDED.public,
+    updated_at = now()
+RETURNING *;
+
+-- name: insert_api_version
+-- Record where a version's files are.
+-- $1 = owner, $2 = name, $3 = version, $4 = content_sha256, $5 = storage_path, $6 = spec_file,
+-- $7 = requirements_sha256
+INSERT INTO api_versions (owner, name, version, content_sha256, storage_path, spec_file,
+                          requirements_sha256)
+VALUES ($1, $2, $3, $4, $5, $6, $7);
+
+-- name: get_api_version
+-- $1 = owner, $2 = name, $3 = version
+SELECT * FROM api_versions WHERE owner = $1 AND name = $2 AND version = $3;
+
+-- name: set_api_status
+-- Move the API's current version on, only while it is still that version (a newer deploy wins).
+-- $1 = owner, $2 = name, $3 = version, $4 = status, $5 = reason
+UPDATE apis SET status = $4, reason = $5, updated_at = now()
+WHERE owner = $1 AND name = $2 AND version = $3 AND status <> 'deleted'
+RETURNING *;
+
+-- name: delete_api
+-- Mark the API deleted and take its catalog model out of the list.
+-- $1 = owner, $2 = name
+WITH gone AS (
+    UPDATE apis SET status = 'deleted', reason = NULL, updated_at = now()
+    WHERE owner = $1 AND name = $2 AND status <> 'deleted'
+    RETURNING *
+), absent AS (
+    UPDATE models SET present = false, updated_at = now()
+    WHERE name = (SELECT model FROM gone)
+)
+SELECT * FROM gone;
+
+-- name: upsert_api_model
+-- The catalog row of an API's version: its files, unmeasured (the version is benchmarked anew).
+-- $1 = model, $2 = source_path, $3 = param_bytes
+WITH profiles AS (
+    DELETE FROM model_profiles WHERE model = $1
+), observations AS (
+    DELETE FROM model_observations WHERE model = $1
+)
+INSERT INTO models (name, task, source_kind, source_path, param_bytes, present)
+VALUES ($1, 'handler', 'apis', $2, $3, true)
+ON CONFLICT (name) DO UPDATE
+SET task = 'handler', source_kind = 'apis', source_path = EXCLUDED.source_path,
+    gguf_file = NULL, param_bytes = EXCLUDED.param_bytes, required_ram_bytes = NULL,
+    benchmarked_at = NULL, present = true, updated_at = now();
+
+-- name: get_api_blob
+-- $1 = sha256
+SELECT sha256, size_bytes FROM api_blobs WHERE sha256 = $1;
+
+-- name: missing_api_blobs
+-- The hashes of this list that are not stored.
+-- $1 = sha256s
+SELECT h FROM unnest($1::text[]) AS h WHERE NOT EXISTS (SELECT 1 FROM api_blobs b WHERE b.sha256 = h);
+
+-- name: insert_api_blob
+-- Record a stored blob; true when this call stored it first.
+-- $1 = sha256, $2 = size_bytes
+WITH ins AS (
+    INSERT INTO api_blobs (sha256, size_bytes) VALUES ($1, $2)
+    ON CONFLICT (sha256) DO NOTHING
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM ins);
+
+-- name: get_model_job
+-- One model job by id (a deploy follows the job of its version).
+-- $1 = job_id
+SELECT * FROM model_jobs WHERE id = $1;

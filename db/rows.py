@@ -262,3 +262,40 @@ class LifecycleEventRow:
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> LifecycleEventRow:
         return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ApiRow:
+    """A handler API (owner/name) and its current version's progress."""
+
+    owner: str
+    name: str
+    model: str
+    public: bool
+    version: int
+    status: str
+    reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> ApiRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ApiVersionRow:
+    """One stored version of an API: its upload's hash and where its files are."""
+
+    owner: str
+    name: str
+    version: int
+    content_sha256: str
+    storage_path: str
+    spec_file: str
+    requirements_sha256: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> ApiVersionRow:
+        return cls(**{f: r[f] for f in cls.__dataclass_fields__})

@@ -29,7 +29,7 @@ SPEC_FILE = "mlcp.yaml"
 SPEC_MAX_BYTES = 65_536
 MAX_HANDLER_CONCURRENCY = 64
 DEFAULT_EXPIRATION_S = 600
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+API_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 # Names that would shadow a control-plane route when used as `POST /{name}`.
 RESERVED_NAMES = frozenset(
     {
@@ -100,7 +100,7 @@ def check_name(name: object) -> str:
     """Return a valid, unreserved API name or raise `InvalidSpec`."""
     if isinstance(name, str) and name in RESERVED_NAMES:
         raise InvalidSpec(f"name {name!r} is reserved: it would shadow a route of mlcp")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not API_NAME.match(name):
         raise InvalidSpec(
             "name must be 1-63 lowercase letters, digits or '-', starting and ending with a "
             "letter or digit"

@@ -13,23 +13,32 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from control_plane import relay
+from control_plane import proxy, relay
 from control_plane.auth import Principal
-from control_plane.errors import InvalidAnswer, NotLoaded
+from control_plane.errors import InvalidAnswer, InvalidPrompt, ModelNotFound, NotLoaded
 from control_plane.handlers import authed, json_body
 from control_plane.lifecycle import State
 from control_plane.loading import cold_wait_s, load, not_loaded, route_to
 from control_plane.metrics import MODEL_SCOPE_KEY
+from control_plane.routes import api_calls
 from control_plane.schemas import (
+    MODEL,
+    PROMPT,
     parse_load_request,
+    parse_model_field,
     parse_model_request,
     parse_run_request,
+    reject_unknown,
     render_event,
     render_status,
 )
 from control_plane.state import AppState
+from db import api_queries as aq
 from db import queries
 from db.rows import InstanceRow
+
+# `/model/run`'s payload for a handler model (a deployed API): any JSON value.
+INPUT = "input"
 
 
 def _status(state: AppState, row: InstanceRow) -> dict[str, Any]:
@@ -133,7 +142,10 @@ async def delete(request: Request, state: AppState, principal: Principal) -> Res
 @authed("user")
 async def run(request: Request, state: AppState, principal: Principal) -> Response:
     """Run the model: JSON, or a stream of text (or server-sent events)."""
-    body = parse_run_request(await json_body(request, state))
+    raw = await json_body(request, state)
+    if isinstance(raw, dict) and INPUT in raw and PROMPT not in raw:
+        return await _run_handler(request, state, principal, raw)
+    body = parse_run_request(raw)
     route = await route_to(state, body.model, cold_wait_s(request.headers.get("prefer")))
     # Labelled only once routed: a label per made-up model name would grow forever.
     request.scope[MODEL_SCOPE_KEY] = body.model
@@ -155,6 +167,34 @@ async def run(request: Request, state: AppState, principal: Principal) -> Respon
             "time_seconds": answer.get("time_seconds"),
             "tokens_per_second": answer.get("tokens_per_second"),
         }
+    )
+
+
+async def _run_handler(
+    request: Request, state: AppState, principal: Principal, raw: dict[str, Any]
+) -> Response:
+    """`{"model", "input"}` for a handler model: the handler's output as `output`."""
+    reject_unknown(raw, frozenset({MODEL, INPUT}))
+    model = parse_model_field(raw)
+    api = await aq.get_api_by_model(state.pool, model)
+    if api is not None and api_calls.may_call(principal, api):
+        answer = await api_calls.call_api(state, request, principal, api, raw[INPUT])
+    else:
+        row = await queries.get_model(state.pool, model)
+        if api is not None or row is None or not row.present:
+            raise ModelNotFound(f"model {model} is not in the catalog")
+        if row.task != "handler":
+            raise InvalidPrompt("'prompt' is required ('input' is for handler models)")
+        route = await route_to(state, model, cold_wait_s(request.headers.get("prefer")))
+        request.scope[MODEL_SCOPE_KEY] = model
+        payload = proxy.RawJson(json.dumps(raw[INPUT], ensure_ascii=False).encode())
+        answer = await relay.call(state, route, payload, request.receive, "/handle")
+        if answer is not None and not (isinstance(answer, dict) and "output" in answer):
+            raise InvalidAnswer("the model instance sent an invalid answer")
+    if answer is None:
+        return Response(status_code=relay.CLIENT_CLOSED)
+    return JSONResponse(
+        {"output": answer["output"], "error": None, "time_seconds": answer.get("time_seconds")}
     )
 
 

@@ -23,6 +23,9 @@ class InstanceSpec:
     device: str = "cpu"
     # A hard memory limit where the runtime can enforce one (docker); None: no limit.
     mem_limit_bytes: int | None = None
+    # A deployed handler API's environment (control_plane/api_envs.py): the agent runs under
+    # this interpreter, never forked from the zygote; None: the agent's own.
+    python: str | None = None
 
     def agent_args(self, port: int) -> AgentArgs:
         """The agent's `serve` options for this instance, listening on loopback at `port`."""

@@ -157,7 +157,11 @@ class ProcessRuntime:
     async def _launch(
         self, spec: InstanceSpec, port: int, env: dict[str, str], log_file: Path
     ) -> asyncio.subprocess.Process | ZygoteChild:
-        if self.zygote is not None:
+        command = self._command
+        if command is None and spec.python is not None:
+            # The zygote's interpreter has not the project's packages on its path.
+            command = [spec.python, "-m", "instance_agent"]
+        elif self.zygote is not None:
             argv = serve_command(spec.agent_args(port), [])
             try:
                 return await self.zygote.spawn(argv, env, log_file)
@@ -166,7 +170,7 @@ class ProcessRuntime:
         try:
             with log_file.open("ab") as log:
                 return await asyncio.create_subprocess_exec(
-                    *serve_command(spec.agent_args(port), self._command),
+                    *serve_command(spec.agent_args(port), command),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,

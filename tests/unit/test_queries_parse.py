@@ -17,7 +17,7 @@ def queries_text() -> str:
 
 
 # The modules holding typed wrappers: queries.py, and one per family that outgrew it.
-WRAPPER_MODULES = ("queries.py", "async_queries.py")
+WRAPPER_MODULES = ("queries.py", "async_queries.py", "api_queries.py")
 
 
 def wrapper_block_names() -> dict[str, list[str]]:

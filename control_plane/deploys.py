@@ -1,0 +1,295 @@
+"""Deploying a handler project: check and store a version, then move it to "available".
+
+`stage` reads `PUT /apis/{name}`'s tar.gz into `incoming/`, unpacks it safely, links its weight
+blobs and checks its spec and requirements: everything that can be refused is refused here,
+before a row or a version folder exists. `store` makes the version (the API's row, its folder
+under `versions/`) and `advance` runs in the background: the environment is built (building),
+the catalog row `owner/name` points at the version and the model job queue measures it
+(benchmarking), then available, or failed with the reason. A live instance of the previous
+version is rolled over: one instance per model is what the database allows (its unique index),
+so it is stopped once the new version is available and the new one is started in its place,
+with the same concurrency and expiry; the API's reason says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio.to_thread
+from starlette.requests import Request
+
+from control_plane import api_bundle as bundle
+from control_plane.api_envs import EnvBuildFailed, ensure_env
+from control_plane.errors import (
+    ApiNameTaken,
+    InvalidApiName,
+    InvalidProjectSpec,
+    InvalidRequirements,
+    MlcpError,
+    UnsupportedMediaType,
+)
+from control_plane.lifecycle import State
+from control_plane.schemas import LoadRequest, is_valid_model_id
+from control_plane.state import AppState
+from db import api_queries as aq
+from db import queries
+from db.rows import ApiRow
+from instance_agent.environment import Requirements, RequirementsRefused, read_requirements
+from instance_agent.project import (
+    RESERVED_NAMES,
+    SPEC_FILE,
+    InvalidSpec,
+    ProjectSpec,
+    check_name,
+    parse_spec,
+)
+
+logger = logging.getLogger(__name__)
+
+JOB_POLL_S = 0.5
+_MEDIA_TYPES = frozenset(
+    {"application/gzip", "application/x-gzip", "application/x-tar", "application/octet-stream"}
+)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A checked project unpacked under incoming/, not yet a version."""
+
+    folder: Path
+    spec: ProjectSpec
+    spec_file: str
+    requirements: Requirements
+    content_sha256: str
+    param_bytes: int | None
+
+
+def check_api_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except InvalidSpec as exc:
+        raise InvalidApiName(exc.message) from exc
+
+
+def model_of(owner: str, name: str) -> str:
+    """The catalog model of an API; the owner (the key's name) must be usable in a model id."""
+    model = f"{owner}/{name}"
+    if owner in RESERVED_NAMES or not is_valid_model_id(model):
+        raise InvalidApiName(
+            f"this key's name {owner[:100]!r} cannot own an API: it must be a valid model id "
+            "part (letters, digits, '.', '_', '-') and not a route's name"
+        )
+    return model
+
+
+def _spec_text(project: Path, spec_name: str | None) -> tuple[str, str]:
+    if spec_name is not None:
+        if "/" in spec_name or not spec_name.endswith((".yaml", ".yml")) or spec_name[0] == ".":
+            raise InvalidProjectSpec("'spec' must name a .yaml file at the project's root")
+        candidates = [project / spec_name]
+    elif (project / SPEC_FILE).is_file():
+        candidates = [project / SPEC_FILE]
+    else:
+        candidates = sorted(project.glob("*.yaml")) + sorted(project.glob("*.yml"))
+    if len(candidates) != 1 or not candidates[0].is_file():
+        raise InvalidProjectSpec(
+            f"the project has no {SPEC_FILE} (nor exactly one other .yaml spec at its root; "
+            "name it with ?spec=FILE)"
+        )
+    try:
+        return candidates[0].name, candidates[0].read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidProjectSpec(f"{candidates[0].name} is not UTF-8 text") from exc
+
+
+def check_project(project: Path, name: str, spec_name: str | None) -> tuple[str, ProjectSpec]:
+    """The project's spec file and spec, checked against its files; mlcp.yaml written from it."""
+    spec_file, text = _spec_text(project, spec_name)
+    try:
+        spec = parse_spec(text)
+    except InvalidSpec as exc:
+        raise InvalidProjectSpec(f"{spec_file}: {exc.message}") from exc
+    if spec.name != name:
+        raise InvalidProjectSpec(
+            f"{spec_file} names the API {spec.name!r}, but it is deployed as {name!r}"
+        )
+    root = project.resolve()
+    for label, rel in (("handler.path", spec.handler_path), ("protobuf_path", spec.protobuf_path)):
+        if rel is None:
+            continue
+        path = project / rel
+        if not path.is_file() or not path.resolve().is_relative_to(root):
+            raise InvalidProjectSpec(f"{spec_file}: {label} {rel!r} is not a file of the project")
+    if spec_file != SPEC_FILE:
+        # The agent and the catalog read mlcp.yaml first: the spec deployed is the one named.
+        (project / SPEC_FILE).write_text(text, "utf-8")
+    return spec_file, spec
+
+
+def _unpack_and_check(
+    root: Path, archive: Path, folder: Path, cap: int, name: str, spec_name: str | None
+) -> tuple[str, ProjectSpec, Requirements, int | None]:
+    bundle.unpack(archive, folder, cap)
+    bundle.link_weights(root, folder, bundle.read_manifest(folder))
+    spec_file, spec = check_project(folder, name, spec_name)
+    try:
+        requirements = read_requirements(folder)
+    except RequirementsRefused as exc:
+        raise InvalidRequirements(str(exc)) from exc
+    return spec_file, spec, requirements, bundle.weights_bytes(folder)
+
+
+async def stage(state: AppState, request: Request, name: str, spec_name: str | None) -> Staged:
+    """Receive, unpack and check `PUT /apis/{name}`'s body; nothing is left on refusal."""
+    media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    if media and media not in _MEDIA_TYPES:
+        raise UnsupportedMediaType("send the project as a tar.gz (Content-Type: application/gzip)")
+    cap = state.settings.max_project_bytes
+    bundle.check_declared_length(request.headers.get("content-length"), cap, "a project")
+    root = bundle.apis_root(state.settings.data_dir)
+    work = bundle.incoming(root)
+    archive = work.with_suffix(".tar.gz")
+    try:
+        received = await bundle.receive(request.stream(), archive, cap, "a project")
+        spec_file, spec, requirements, weights = await anyio.to_thread.run_sync(
+            _unpack_and_check, root, archive, work, cap, name, spec_name
+        )
+    except BaseException:
+        await anyio.to_thread.run_sync(bundle.remove, work)
+        raise
+    finally:
+        await anyio.to_thread.run_sync(bundle.remove, archive)
+    return Staged(work, spec, spec_file, requirements, received.sha256, weights)
+
+
+async def store(state: AppState, owner: str, staged: Staged) -> ApiRow:
+    """Make the staged project the API's new current version (status building)."""
+    model = model_of(owner, staged.spec.name)
+    root = bundle.apis_root(state.settings.data_dir)
+    try:
+        existing = await queries.get_model(state.pool, model)
+        if existing is not None and existing.present and existing.source_kind != "apis":
+            raise ApiNameTaken(
+                f"the catalog already has a model {model} (from {existing.source_kind}); "
+                "deploy under another name"
+            )
+        async with state.pool.acquire() as conn, conn.transaction():
+            row = await aq.begin_api_version(
+                conn, owner, staged.spec.name, model, staged.spec.public
+            )
+            folder = bundle.version_dir(root, owner, row.name, row.version)
+            await aq.insert_api_version(
+                conn,
+                owner,
+                row.name,
+                row.version,
+                staged.content_sha256,
+                str(folder),
+                staged.spec_file,
+                staged.requirements.sha256,
+            )
+            # A folder left by a version whose row was never committed is not anyone's.
+            await anyio.to_thread.run_sync(bundle.remove, folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            await anyio.to_thread.run_sync(os.replace, staged.folder, folder)
+    except BaseException:
+        await anyio.to_thread.run_sync(bundle.remove, staged.folder)
+        raise
+    return row
+
+
+class Deploys:
+    """The background `advance` tasks of this control plane, cancelled when it stops."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, state: AppState, row: ApiRow) -> None:
+        task = asyncio.create_task(advance(state, row), name=f"mlcp-deploy-{row.model}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait_idle(self) -> None:
+        """Until every deploy under way has finished (tests, benchmarks)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _set(state: AppState, row: ApiRow, status: str, reason: str | None) -> ApiRow | None:
+    return await aq.set_api_status(state.pool, row.owner, row.name, row.version, status, reason)
+
+
+async def advance(state: AppState, row: ApiRow) -> None:
+    """building → benchmarking → available (rolling a live instance over), or failed."""
+    try:
+        await _advance(state, row)
+    except asyncio.CancelledError:
+        raise
+    except MlcpError as exc:
+        with contextlib.suppress(Exception):
+            await _set(state, row, "failed", exc.message)
+    except Exception:
+        logger.exception("deploying %s version %d failed", row.model, row.version)
+        with contextlib.suppress(Exception):
+            await _set(state, row, "failed", "deploy failed unexpectedly (see the server log)")
+
+
+async def _advance(state: AppState, row: ApiRow) -> None:
+    root = bundle.apis_root(state.settings.data_dir)
+    folder = bundle.version_dir(root, row.owner, row.name, row.version)
+    try:
+        requirements = await anyio.to_thread.run_sync(read_requirements, folder)
+        await ensure_env(root, requirements, folder)
+    except (EnvBuildFailed, RequirementsRefused) as exc:
+        await _set(state, row, "failed", str(exc))
+        return
+    if await _set(state, row, "benchmarking", None) is None:
+        return  # a newer version or a delete took over
+    weights = await anyio.to_thread.run_sync(bundle.weights_bytes, folder)
+    async with state.pool.acquire() as conn, conn.transaction():
+        await queries.lock_model_requests(conn, row.model)
+        await aq.upsert_api_model(conn, row.model, str(folder), weights)
+    job = None
+    while job is None:  # a job of an earlier version may still be live: queue after it
+        job = await queries.enqueue_model_job(state.pool, row.model)
+        if job is None:
+            await asyncio.sleep(JOB_POLL_S)
+    while job.state not in ("available", "failed"):
+        await asyncio.sleep(JOB_POLL_S)
+        current = await aq.get_api(state.pool, row.owner, row.name)
+        if current is None or current.version != row.version or current.status == "deleted":
+            return
+        job = await aq.get_model_job(state.pool, job.id) or job
+    if job.state == "failed":
+        await _set(state, row, "failed", f"benchmark failed: {job.reason or 'no reason given'}")
+        return
+    reason = await _roll_over(state, row)
+    await _set(state, row, "available", reason)
+
+
+async def _roll_over(state: AppState, row: ApiRow) -> str | None:
+    """Replace a live instance of an earlier version by one of this version; what was done."""
+    live = await queries.latest_instance_for_model(state.pool, row.model)
+    if live is None or live.state not in (State.STARTING, State.RUNNING):
+        return None
+    sup = state.supervisor
+    await sup.stop(live, f"replaced by version {row.version}", drain=True)
+    from control_plane.loading import load  # loading imports the supervisor's world
+
+    await load(
+        state, LoadRequest(row.model, live.concurrency, live.expiration_s), live.owner_key_id
+    )
+    return (
+        f"rolled over to version {row.version}: the previous instance was stopped, then this "
+        "version's started (one instance per API at a time)"
+    )

@@ -1,0 +1,232 @@
+"""Deployed handler APIs end to end: PUT /apis/{name}, building → benchmarking → available, both
+seed URL shapes, /model/run with `input`, redeploy rollover, ownership, environments, delete.
+
+One control plane for the module (real PostgreSQL, uvicorn, benchmark worker, agent processes);
+each test deploys its own APIs under its own keys.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.api_deploy import deploy, wait_api
+from tests.handler_projects import write_spec
+from tests.harness import Api, create_database, make_settings, pid_alive, serve
+
+pytestmark = pytest.mark.timeout(300)
+
+HANDLER = """\
+import os
+import sys
+import time
+
+from instance_agent.handler import handler
+
+VERSION = {version}
+
+
+@handler
+def inference_handler(inputs, _):
+    if isinstance(inputs, dict) and "raise" in inputs:
+        raise ValueError(inputs["raise"])
+    if isinstance(inputs, dict) and "bad_output" in inputs:
+        return {{1, 2}}
+    if isinstance(inputs, dict) and "exit" in inputs:
+        sys.exit(inputs["exit"])
+    return {{"echo": inputs, "version": VERSION, "pid": os.getpid(), "python": sys.executable}}
+"""
+
+
+def project(
+    root: Path,
+    name: str,
+    *,
+    version: int = 1,
+    public: bool = False,
+    requirements: str | None = None,
+    main: str | None = None,
+) -> Path:
+    folder = root / f"{name}-{uuid.uuid4().hex[:6]}"
+    (folder / "src").mkdir(parents=True)
+    (folder / "model").mkdir()
+    (folder / "model" / "weights.txt").write_text(f"weights of {name}\n")
+    (folder / "src" / "main.py").write_text(main or HANDLER.format(version=version))
+    if requirements is not None:
+        (folder / "requirements.txt").write_text(requirements)
+    write_spec(
+        folder,
+        f"""\
+        name: {name}
+        handler: {{type: python, path: src/main.py}}
+        concurrency: 2
+        public: {str(public).lower()}
+        example: {{}}
+        """,
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+async def served(
+    pg_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Api]:
+    name, dsn = await create_database(pg_dsn, "mlcp_t", template_db)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE cluster SET id = $1", uuid.uuid4().hex[:12])
+    finally:
+        await conn.close()
+    settings = make_settings(
+        dsn, tmp_path_factory.mktemp("apis-data"), include_packaged_models=False
+    )
+    async with serve(settings) as base, aiohttp.ClientSession() as session:
+        yield Api(base, session, settings)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def user_key(api: Api, name: str) -> str:
+    status, body = await api.call("POST", "/admin/keys", {"name": name, "scope": "user"})
+    assert status == 201, body
+    return str(body["key"])
+
+
+def owner() -> str:
+    return f"u{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.slow
+async def test_deploy_call_redeploy_and_delete(served: Api, tmp_path: Path) -> None:
+    api = served
+    alice_name, bob_name = owner(), owner()
+    alice, bob = await user_key(api, alice_name), await user_key(api, bob_name)
+    status, body = await deploy(api, project(tmp_path, "echo-api"), alice, name="echo-api")
+    assert status == 202, body
+    assert body == {
+        "name": "echo-api",
+        "owner": alice_name,
+        "model": f"{alice_name}/echo-api",
+        "version": 1,
+        "status": "building",
+    }
+    ready = await wait_api(api, "echo-api", alice, "available")
+    assert ready["instance"] is None and ready["public"] is False
+
+    # Cortex: the caller's own API at /{name}; the answer is the handler's return value.
+    status, out = await api.call("POST", "/echo-api", key=alice, data='"so simple!"')
+    assert status == 200, out
+    assert (out["echo"], out["version"]) == ("so simple!", 1)
+    first_pid = out["pid"]
+    # CellStrat: GET loads (it is loaded already) and answers the status; POST wraps the output.
+    status, got = await api.call("GET", f"/{alice_name}/echo-api", key=alice)
+    assert status == 200 and got["instance"]["status"] == "RUNNING", got
+    status, got = await api.call(
+        "POST", f"/{alice_name}/echo-api", key=alice, headers={"x-api-key": alice}, data="[1, 2]"
+    )
+    assert status == 200, got
+    assert got["statusCode"] == 200 and got["body"]["output"]["echo"] == [1, 2]
+    status, got = await api.call(
+        "POST", "/model/run", {"model": f"{alice_name}/echo-api", "input": {"a": 1}}, key=alice
+    )
+    assert status == 200 and got["output"]["echo"] == {"a": 1} and got["error"] is None, got
+
+    # The handler's misbehaviour is the caller's answer, never a 500.
+    status, got = await api.call("POST", "/echo-api", {"raise": "bad input"}, key=alice)
+    assert (status, got["code"]) == (502, "handler_error") and "ValueError" in got["error"]
+    status, got = await api.call("POST", "/echo-api", {"bad_output": 1}, key=alice)
+    assert (status, got["code"]) == (502, "handler_bad_output"), got
+    status, got = await api.call("POST", "/echo-api", {"exit": 3}, key=alice)
+    assert (status, got["code"]) == (502, "handler_error"), got
+    big = io.BytesIO(b'"' + b"x" * 20_000_000 + b'"')
+    headers = {**api.headers(alice), "Content-Type": "application/json"}
+    async with api.session.post(api.base + "/echo-api", data=big, headers=headers) as r:
+        assert (r.status, (await r.json())["code"]) == (413, "payload_too_large")
+    status, got = await api.call("POST", "/echo-api", key=alice, data="{not json")
+    assert (status, got["code"]) == (400, "invalid_json"), got
+
+    # Another user's key: the API does not exist for it.
+    for method, path in (
+        ("GET", "/apis/echo-api"),
+        ("DELETE", "/apis/echo-api"),
+    ):
+        status, got = await api.call(method, path, key=bob, data='"x"')
+        assert (status, got["code"]) == (404, "api_not_found"), (method, path, got)
+    # Calls: the same answer as a path that leads nowhere, revealing nothing.
+    for method, path in (
+        ("POST", f"/{alice_name}/echo-api"),
+        ("GET", f"/{alice_name}/echo-api"),
+        ("POST", "/echo-api"),
+        ("GET", "/etc/passwd"),
+    ):
+        status, got = await api.call(method, path, key=bob, data='"x"')
+        assert (status, got) == (404, {"error": "no such route", "code": "not_found"}), got
+    status, got = await api.call(
+        "POST", "/model/run", {"model": f"{alice_name}/echo-api", "input": 1}, key=bob
+    )
+    assert (status, got["code"]) == (404, "model_not_found"), got
+    status, listed = await api.call("GET", "/apis", key=bob)
+    assert (status, listed) == (200, [])
+    status, got = await api.call("GET", f"/apis/{alice_name}/echo-api")  # admin
+    assert status == 200 and got["owner"] == alice_name
+
+    # Redeploy: version 2, public; the instance rolls over to it.
+    v2 = project(tmp_path, "echo-api", version=2, public=True)
+    status, body = await deploy(api, v2, alice, name="echo-api")
+    assert (status, body["version"]) == (202, 2), body
+    ready = await wait_api(api, "echo-api", alice, "available", version=2)
+    assert "rolled over to version 2" in (ready["reason"] or ""), ready
+    status, out = await api.call("POST", "/echo-api", key=alice, data="1")
+    assert status == 200 and out["version"] == 2 and out["pid"] != first_pid, out
+    assert not pid_alive(first_pid)
+    # public: true lets bob call it by its owner's path (POST /{name} is only ever the caller's).
+    status, got = await api.call("POST", f"/{alice_name}/echo-api", key=bob, data="2")
+    assert status == 200 and got["body"]["output"]["version"] == 2, got
+
+    status, got = await api.call("DELETE", "/apis/echo-api", key=alice)
+    assert (status, got) == (200, {"name": "echo-api", "status": "deleted"})
+    assert not pid_alive(out["pid"])
+    status, got = await api.call("GET", "/apis/echo-api", key=alice)
+    assert (status, got["code"]) == (404, "api_not_found"), got
+    status, got = await api.call("POST", "/echo-api", key=alice, data="1")
+    assert (status, got["code"]) == (404, "not_found"), got
+    versions = api.settings.data_dir / "apis" / "versions" / alice_name / "echo-api"
+    assert not versions.exists()
+
+
+@pytest.mark.slow
+async def test_environments_and_failures_are_told(served: Api, tmp_path: Path) -> None:
+    api = served
+    key = await user_key(api, owner())
+    # A requirement the agent already has: a venv layered on its packages, run by its python.
+    layered = project(tmp_path, "with-env", requirements="pyyaml  # satisfied\n")
+    assert (await deploy(api, layered, key, name="with-env"))[0] == 202
+    # One that pip cannot install: failed, with pip's own last lines.
+    broken = project(tmp_path, "bad-reqs", requirements="./no-such-dir\n")
+    assert (await deploy(api, broken, key, name="bad-reqs"))[0] == 202
+    # A handler that raises at import: failed, with the exception.
+    crash = project(tmp_path, "import-fails", main="raise ZeroDivisionError('at import')\n")
+    assert (await deploy(api, crash, key, name="import-fails"))[0] == 202
+
+    failed = await wait_api(api, "bad-reqs", key, "failed")
+    assert "pip install" in failed["reason"] and "no-such-dir" in failed["reason"], failed
+    status, got = await api.call("POST", "/bad-reqs", key=key, data="1")
+    assert (status, got["code"]) == (409, "api_not_ready"), got
+    failed = await wait_api(api, "import-fails", key, "failed")
+    assert "ZeroDivisionError: at import" in failed["reason"], failed
+    await wait_api(api, "with-env", key, "available")
+    status, out = await api.call("POST", "/with-env", key=key, data='"x"')
+    assert status == 200, out
+    envs = (api.settings.data_dir / "apis" / "envs").resolve()
+    assert Path(out["python"]).parent.parent.parent == envs, out
+    status, listed = await api.call("GET", "/apis", key=key)
+    assert sorted(a["name"] for a in listed) == ["bad-reqs", "import-fails", "with-env"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import anyio.to_thread
 from starlette.requests import Request
 
+from benchmarker.model_ids import is_valid_model_id
 from control_plane import api_bundle as bundle
 from control_plane.api_envs import EnvBuildFailed, ensure_env
 from control_plane.errors import (
@@ -34,7 +35,7 @@ from control_plane.errors import (
     UnsupportedMediaType,
 )
 from control_plane.lifecycle import State
-from control_plane.schemas import LoadRequest, is_valid_model_id
+from control_plane.schemas import LoadRequest
 from control_plane.state import AppState
 from db import api_queries as aq
 from db import queries

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 
+from benchmarker.model_ids import is_valid_model_id
 from control_plane import proxy, relay
 from control_plane.auth import Principal
 from control_plane.errors import (
@@ -30,7 +31,6 @@ from control_plane.handlers import json_body
 from control_plane.loading import MAX_COLD_WAIT_S, OnDemand, cold_wait_s, route_to
 from control_plane.metrics import MODEL_SCOPE_KEY
 from control_plane.routes.apis import render_api
-from control_plane.schemas import is_valid_model_id
 from control_plane.state import AppState, state_of
 from control_plane.supervisor import Route as InstanceRoute
 from db import api_queries as aq

@@ -1,14 +1,14 @@
-"""Instance lifecycle: the states, which transitions are allowed, and expiry arithmetic.
+"""Instance lifecycle: the states, which transitions are allowed, and how long a start may take.
 
     STARTING → RUNNING → STOPPING → STOPPED
         └──────────┴─────────┴──→ FAILED (with a reason)
 
-Pure functions only; db/queries.sql applies each transition as one conditional UPDATE.
+Pure; db/queries.sql applies each transition as one conditional UPDATE (`transition_instance`),
+and expiry is computed there too, by the database's clock (`claim_expired_instances`).
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from enum import StrEnum
 
 
@@ -19,8 +19,6 @@ class State(StrEnum):
     STOPPED = "STOPPED"
     FAILED = "FAILED"
 
-
-LIVE = (State.STARTING, State.RUNNING, State.STOPPING)
 
 # to-state → the states it may be entered from.
 ALLOWED_FROM: dict[State, tuple[State, ...]] = {
@@ -34,20 +32,6 @@ ALLOWED_FROM: dict[State, tuple[State, ...]] = {
 
 def allowed_from(to: State) -> list[str]:
     return [s.value for s in ALLOWED_FROM[to]]
-
-
-def can_transition(current: State, to: State) -> bool:
-    return current in ALLOWED_FROM[to]
-
-
-def expires_at(last_used_at: datetime, expiration_s: int) -> datetime:
-    """Sliding expiry: measured from the end of the last request."""
-    return last_used_at + timedelta(seconds=expiration_s)
-
-
-def is_due(expiry: datetime, in_flight: int, now: datetime) -> bool:
-    """Whether an instance should be reaped now: expired and nothing in flight."""
-    return in_flight == 0 and expiry <= now
 
 
 def health_timeout_s(param_bytes: int | None) -> float:

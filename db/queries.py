@@ -150,15 +150,6 @@ def _instance(row: Any) -> InstanceRow | None:
     return InstanceRow.of(row) if row else None
 
 
-async def insert_instance(
-    db: Executor, model: str, concurrency: int, expiration_s: int, runtime: str, owner: int | None
-) -> InstanceRow | None:
-    """A new STARTING instance, or None when the model already has a live one."""
-    return _instance(
-        await db.fetchrow(sql("insert_instance"), model, concurrency, expiration_s, runtime, owner)
-    )
-
-
 async def update_live_instance_settings(
     db: Executor, model: str, concurrency: int, expiration_s: int
 ) -> InstanceRow | None:
@@ -200,10 +191,6 @@ async def live_instances(db: Executor) -> list[InstanceRow]:
     return [InstanceRow.of(r) for r in await db.fetch(sql("live_instances"))]
 
 
-async def list_instances(db: Executor) -> list[InstanceRow]:
-    return [InstanceRow.of(r) for r in await db.fetch(sql("list_instances"))]
-
-
 async def instance_events(db: Executor, instance_id: int) -> list[InstanceEventRow]:
     return [InstanceEventRow.of(r) for r in await db.fetch(sql("instance_events"), instance_id)]
 
@@ -242,8 +229,6 @@ async def record_observed_memory(db: Executor, instance_id: int, mem_bytes: int)
 
 
 # -- jobs and profiles --------------------------------------------------------------------------
-
-LIVE_JOB_STATES = ("queued", "benchmarking")
 
 
 def _job(row: Any) -> ModelJobRow | None:

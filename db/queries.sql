@@ -2,22 +2,28 @@
 -- db/queries.py wraps every block in one typed function.
 
 -- name: insert_key
+-- Store a new key (only its hash and display prefix).
+-- $1 = name, $2 = prefix, $3 = key_hash, $4 = scope
 INSERT INTO api_keys (name, prefix, key_hash, scope)
 VALUES ($1, $2, $3, $4)
 RETURNING id, name, prefix, scope, created_at, revoked_at;
 
 -- name: get_active_key_by_hash
+-- The usable key (not revoked, disabled or expired) with this hash: authentication.
+-- $1 = key_hash
 SELECT id, name, prefix, key_hash, scope
 FROM api_keys
 WHERE key_hash = $1 AND revoked_at IS NULL AND disabled_at IS NULL
   AND (expires_at IS NULL OR expires_at > now());
 
 -- name: list_keys
+-- Every key, revoked ones included, for the admin listing.
 SELECT id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at
 FROM api_keys
 ORDER BY id;
 
 -- name: count_active_admin_keys
+-- How many admin keys are not revoked (the last one may not be revoked).
 SELECT count(*) FROM api_keys WHERE scope = 'admin' AND revoked_at IS NULL;
 
 -- name: lock_admin_keys
@@ -49,6 +55,8 @@ WHERE key_hash = $1
 RETURNING id, name, prefix, scope, created_at, revoked_at;
 
 -- name: upsert_discovered_model
+-- Record (or refresh) a model found on disk or in a package; keeps its measurements.
+-- $1 = name, $2 = task, $3 = source_kind, $4 = source_path, $5 = gguf_file, $6 = param_bytes
 INSERT INTO models (name, task, source_kind, source_path, gguf_file, param_bytes, present)
 VALUES ($1, $2, $3, $4, $5, $6, true)
 ON CONFLICT (name) DO UPDATE
@@ -67,10 +75,13 @@ WHERE models.source_kind <> 'apis'
        EXCLUDED.param_bytes, true);
 
 -- name: mark_models_absent_except
+-- Hide local models no longer found (hub downloads stay).
+-- $1 = names
 UPDATE models SET present = false, updated_at = now()
 WHERE present AND source_kind NOT IN ('hub', 'apis') AND NOT (name = ANY($1::text[]));
 
 -- name: list_models
+-- The catalog: every model present, by name.
 SELECT name, task, source_kind, source_path, gguf_file, param_bytes, required_ram_bytes,
        benchmarked_at, present
 FROM models
@@ -78,6 +89,8 @@ WHERE present
 ORDER BY name;
 
 -- name: get_model
+-- One catalog model by name, present or not.
+-- $1 = name
 SELECT name, task, source_kind, source_path, gguf_file, param_bytes, required_ram_bytes,
        benchmarked_at, present
 FROM models
@@ -85,14 +98,9 @@ WHERE name = $1;
 
 -- instances ------------------------------------------------------------------------------------
 
--- name: insert_instance
-INSERT INTO instances (model, state, reason, concurrency, expiration_s, runtime, owner_key_id,
-                       expires_at)
-VALUES ($1, 'STARTING', 'load requested', $2, $3, $4, $5, now() + make_interval(secs => $3::integer))
-ON CONFLICT (model) WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') DO NOTHING
-RETURNING *;
-
 -- name: update_live_instance_settings
+-- Change a live instance's concurrency and expiry, sliding its expiry from its last use.
+-- $1 = model, $2 = concurrency, $3 = expiration_s
 UPDATE instances
 SET concurrency = $2,
     expiration_s = $3,
@@ -102,6 +110,8 @@ WHERE model = $1 AND state IN ('STARTING', 'RUNNING')
 RETURNING *;
 
 -- name: transition_instance
+-- Move an instance to a state if it is in an allowed one, recording the event.
+-- $1 = instance_id, $2 = to, $3 = reason, $4 = allowed_from
 WITH moved AS (
     UPDATE instances
     SET state = $2, reason = $3, modified_at = now()
@@ -116,6 +126,8 @@ WITH moved AS (
 SELECT * FROM moved;
 
 -- name: mark_running
+-- STARTING -> RUNNING once the agent is healthy, with where it listens; expiry starts now.
+-- $1 = instance_id, $2 = endpoint, $3 = handle
 WITH moved AS (
     UPDATE instances
     SET state = 'RUNNING', reason = 'healthy', endpoint = $2, handle = $3,
@@ -130,26 +142,29 @@ WITH moved AS (
 SELECT * FROM moved;
 
 -- name: set_instance_handle
+-- Note the runtime's handle and endpoint of an instance as soon as it is launched.
+-- $1 = instance_id, $2 = handle, $3 = endpoint
 UPDATE instances SET handle = $2, endpoint = $3, modified_at = now()
 WHERE id = $1
 RETURNING *;
 
 -- name: get_instance
+-- One instance by id.
+-- $1 = instance_id
 SELECT * FROM instances WHERE id = $1;
 
 -- name: latest_instance_for_model
+-- A model's newest instance, live or not.
+-- $1 = model
 SELECT * FROM instances WHERE model = $1 ORDER BY id DESC LIMIT 1;
 
 -- name: live_instances
+-- Every instance that is starting, running or stopping.
 SELECT * FROM instances WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') ORDER BY id;
 
--- name: list_instances
-SELECT * FROM instances
-WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') OR modified_at > now() - interval '1 hour'
-ORDER BY id DESC
-LIMIT 1000;
-
 -- name: instance_events
+-- An instance's state history, oldest first.
+-- $1 = instance_id
 SELECT from_state, to_state, reason, at FROM instance_events
 WHERE instance_id = $1 ORDER BY id;
 
@@ -158,6 +173,8 @@ WHERE instance_id = $1 ORDER BY id;
 -- $3 seconds since the last finished request ended, by the control plane's monotonic clock, or
 -- null; $4 requests in flight now, $5 node, $6 requests refused because the instance was full).
 -- The end time is placed on the database's clock, never the control plane's wall clock.
+-- $1 = instance_id, $2 = new_inferences, $3 = ended_s_ago, $4 = in_flight, $5 = node_id,
+-- $6 = new_rejected
 WITH ended AS (
     SELECT now() - make_interval(secs => $3::double precision) AS at
 ), bumped AS (
@@ -180,6 +197,7 @@ SET in_flight = EXCLUDED.in_flight, updated_at = EXCLUDED.updated_at;
 -- name: claim_expired_instances
 -- Expired RUNNING instances that no live control plane reports busy move to STOPPING; a
 -- node's in-flight report older than $2 seconds counts as dead.
+-- $1 = now, $2 = stale_after_s
 WITH due AS (
     SELECT i.id FROM instances i
     WHERE i.state = 'RUNNING' AND i.expires_at <= $1
@@ -205,6 +223,8 @@ WITH due AS (
 SELECT * FROM moved;
 
 -- name: record_observed_memory
+-- Raise an instance's highest observed memory (from its health checks).
+-- $1 = instance_id, $2 = mem_bytes
 UPDATE instances SET observed_mem_bytes = greatest(coalesce(observed_mem_bytes, 0), $2)
 WHERE id = $1;
 
@@ -213,17 +233,21 @@ WHERE id = $1;
 -- name: enqueue_model_job
 -- Queue a job unless one is live; concurrent callers collapse onto one row. No row comes back
 -- when another transaction's live job won; the caller then reads that one.
+-- $1 = model
 INSERT INTO model_jobs (model) VALUES ($1)
 ON CONFLICT (model) WHERE state IN ('queued', 'benchmarking') DO NOTHING
 RETURNING *;
 
 -- name: insert_failed_model_job
 -- A request that fails before any work (unknown model while offline) is recorded as a job too.
+-- $1 = model, $2 = error_code, $3 = reason
 INSERT INTO model_jobs (model, state, error_code, reason, started_at, finished_at)
 VALUES ($1, 'failed', $2, $3, now(), now())
 RETURNING *;
 
 -- name: latest_model_job
+-- A model's newest benchmark job in one of the given states.
+-- $1 = model, $2 = states
 SELECT * FROM model_jobs
 WHERE model = $1 AND state = ANY($2::text[])
 ORDER BY id DESC
@@ -232,6 +256,7 @@ LIMIT 1;
 -- name: claim_model_job
 -- The oldest due job, or one whose worker stopped heartbeating $3 seconds ago; the new lease
 -- token ($2) fences off the previous holder.
+-- $1 = worker_id, $2 = token, $3 = stale_after_s
 UPDATE model_jobs
 SET state = 'benchmarking', lease_token = $2, worker_id = $1, heartbeat_at = now(),
     attempts = attempts + 1, started_at = coalesce(started_at, now()), modified_at = now()
@@ -247,12 +272,15 @@ WHERE id = (
 RETURNING *;
 
 -- name: heartbeat_model_job
+-- Keep a held job's lease alive; no row when the lease was lost.
+-- $1 = job_id, $2 = token
 UPDATE model_jobs SET heartbeat_at = now()
 WHERE id = $1 AND lease_token = $2 AND state = 'benchmarking'
 RETURNING id;
 
 -- name: finish_model_job
 -- 'available' or 'failed' for good; no row when the lease was taken over (a late result).
+-- $1 = job_id, $2 = token, $3 = state, $4 = error_code, $5 = reason
 UPDATE model_jobs
 SET state = $3, error_code = $4, reason = $5, finished_at = now(), lease_token = NULL,
     heartbeat_at = NULL, modified_at = now()
@@ -260,6 +288,8 @@ WHERE id = $1 AND lease_token = $2 AND state = 'benchmarking'
 RETURNING *;
 
 -- name: retry_model_job
+-- Requeue a held job after a failure that may pass, after a delay.
+-- $1 = job_id, $2 = token, $3 = error_code, $4 = reason, $5 = delay_s
 UPDATE model_jobs
 SET state = 'queued', error_code = $3, reason = $4,
     run_after = now() + make_interval(secs => $5::double precision),
@@ -269,6 +299,7 @@ RETURNING *;
 
 -- name: release_model_job
 -- A worker shutting down hands its job back without spending an attempt.
+-- $1 = job_id, $2 = token
 UPDATE model_jobs
 SET state = 'queued', attempts = greatest(attempts - 1, 0), lease_token = NULL,
     heartbeat_at = NULL, worker_id = NULL, modified_at = now()
@@ -276,6 +307,8 @@ WHERE id = $1 AND lease_token = $2 AND state = 'benchmarking'
 RETURNING id;
 
 -- name: upsert_model_profile
+-- Store a model's measured memory profile for a device kind.
+-- $1 = model, $2 = device_kind, $3 = required_ram_bytes, $4 = peak_gpu_bytes, $5 = load_s, $6 = phases, $7 = job_id
 INSERT INTO model_profiles (model, device_kind, required_ram_bytes, peak_gpu_bytes, load_s,
                             phases, job_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -288,15 +321,20 @@ SET required_ram_bytes = EXCLUDED.required_ram_bytes,
     measured_at = now();
 
 -- name: set_model_measured
+-- Mark a model benchmarked, with the memory it needs.
+-- $1 = model, $2 = required_ram_bytes
 UPDATE models SET required_ram_bytes = $2, benchmarked_at = now(), updated_at = now()
 WHERE name = $1;
 
 -- name: get_model_profile
+-- A model's measured profile for a device kind.
+-- $1 = model, $2 = device_kind
 SELECT * FROM model_profiles WHERE model = $1 AND device_kind = $2;
 
 -- name: record_model_observation
 -- Keep the highest memory a running instance reached at this concurrency; a peak at concurrency
 -- 1 above the catalog figure raises the figure, so profiles are corrected over time.
+-- $1 = model, $2 = device_kind, $3 = concurrency, $4 = peak_rss_bytes, $5 = peak_gpu_bytes
 WITH seen AS (
     INSERT INTO model_observations (model, device_kind, concurrency, peak_rss_bytes,
                                     peak_gpu_bytes)
@@ -316,15 +354,18 @@ WHERE m.name = seen.model AND seen.concurrency = 1
 -- name: observed_peaks
 -- The highest memory running instances of a model reached on one kind of device, at this
 -- concurrency or below. $1 = model, $2 = device_kind, $3 = concurrency
+-- $1 = model, $2 = device_kind, $3 = concurrency
 SELECT max(peak_rss_bytes) AS rss_bytes, max(peak_gpu_bytes) AS gpu_bytes
 FROM model_observations
 WHERE model = $1 AND device_kind = $2 AND concurrency <= $3;
 
 -- name: lock_model_requests
 -- Serializes /model/job decisions for one model (across control planes) until the transaction ends.
+-- $1 = model
 SELECT pg_advisory_xact_lock(hashtextextended('mlcp:model_job:' || $1, 0));
 
 -- name: cluster_id
+-- The id of this database's cluster: labels every instance its control planes start.
 SELECT id FROM cluster;
 
 -- admission ------------------------------------------------------------------------------------
@@ -334,6 +375,9 @@ SELECT id FROM cluster;
 SELECT pg_advisory_xact_lock(7301);
 
 -- name: reservations
+-- Memory held per live instance and device, with in-flight counts from fresh activity reports:
+-- admission's ledger.
+-- $1 = stale_after_s
 SELECT i.id, i.model, i.device, i.reserved_bytes, i.host_reserved_bytes, i.state,
        i.last_used_at,
        coalesce((SELECT sum(a.in_flight) FROM instance_activity a
@@ -361,6 +405,7 @@ RETURNING *;
 
 -- name: evict_instance
 -- RUNNING and idle only: a request in flight on any live node protects it.
+-- $1 = instance_id, $2 = reason, $3 = stale_after_s
 WITH moved AS (
     UPDATE instances i
     SET state = 'STOPPING', reason = $2, modified_at = now()
@@ -378,6 +423,8 @@ WITH moved AS (
 SELECT * FROM moved;
 
 -- name: upsert_pending_load
+-- Remember a load that waits for its model's benchmark (the latest request wins).
+-- $1 = model, $2 = concurrency, $3 = expiration_s, $4 = owner
 INSERT INTO pending_loads (model, concurrency, expiration_s, owner_key_id)
 VALUES ($1, $2, $3, $4)
 ON CONFLICT (model) DO UPDATE
@@ -385,6 +432,7 @@ SET concurrency = EXCLUDED.concurrency, expiration_s = EXCLUDED.expiration_s,
     owner_key_id = EXCLUDED.owner_key_id, requested_at = now();
 
 -- name: pending_loads
+-- Loads waiting on a benchmark, with whether the model is measured or its job failed.
 SELECT p.model, p.concurrency, p.expiration_s, p.owner_key_id,
        m.required_ram_bytes IS NOT NULL AS measured,
        (SELECT j.state FROM model_jobs j WHERE j.model = p.model ORDER BY j.id DESC LIMIT 1)
@@ -393,9 +441,13 @@ FROM pending_loads p JOIN models m ON m.name = p.model
 ORDER BY p.requested_at;
 
 -- name: delete_pending_load
+-- Forget a model's pending load.
+-- $1 = model
 DELETE FROM pending_loads WHERE model = $1;
 
 -- name: evictions_for_model
+-- How many times a model's instances were evicted (shown by /model/status).
+-- $1 = model
 SELECT count(*) FROM instance_events e JOIN instances i ON i.id = e.instance_id
 WHERE i.model = $1 AND e.to_state = 'STOPPING' AND e.reason LIKE 'evicted%';
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,40 @@ def test_parameters_are_numbered_without_gaps() -> None:
 def test_unknown_block_is_a_key_error() -> None:
     with pytest.raises(KeyError):
         queries.sql("no_such_block_anywhere")
+
+
+def test_every_block_says_what_it_does_and_names_its_parameters() -> None:
+    for name, body in parse_queries(queries_text()).items():
+        lines = body.splitlines()
+        comments = [ln for ln in lines if ln.startswith("--")]
+        assert comments and not comments[0].startswith("-- $"), f"{name}: no purpose line"
+        code = "\n".join(ln.split("--", 1)[0] for ln in lines)
+        numbers = sorted({int(n) for n in re.findall(r"\$(\d+)", code)})
+        named = sorted(
+            int(n)
+            for ln in comments
+            if ln.startswith("-- $")
+            for n in re.findall(r"\$(\d+) = \w+", ln)
+        )
+        assert named == numbers, f"{name}: parameters {numbers}, named {named}"
+
+
+def test_every_wrapper_has_a_caller_outside_db() -> None:
+    root = Path(__file__).resolve().parents[2]
+    used: set[str] = set()
+    for package in ("control_plane", "benchmarker", "instance_agent", "benchmarks"):
+        for path in (root / package).rglob("*.py"):
+            tree = ast.parse(path.read_text("utf-8"))
+            used.update(n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute))
+            used.update(
+                alias.name
+                for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module in ("db.queries", "db.async_queries")
+                for alias in n.names
+            )
+    wrappers = {
+        node.name
+        for node in _wrapper_functions()
+        if isinstance(node, ast.AsyncFunctionDef) and not node.name.startswith("_")
+    }
+    assert sorted(wrappers - used) == []

@@ -777,6 +777,7 @@ INSERT INTO api_versions (owner, name, version, content_sha256, storage_path, sp
 VALUES ($1, $2, $3, $4, $5, $6, $7);
 
 -- name: get_api_version
+-- One stored version of an owner's API.
 -- $1 = owner, $2 = name, $3 = version
 SELECT * FROM api_versions WHERE owner = $1 AND name = $2 AND version = $3;
 
@@ -816,6 +817,7 @@ SET task = 'handler', source_kind = 'apis', source_path = EXCLUDED.source_path,
     benchmarked_at = NULL, present = true, updated_at = now();
 
 -- name: get_api_blob
+-- A stored weights blob, by content hash.
 -- $1 = sha256
 SELECT sha256, size_bytes FROM api_blobs WHERE sha256 = $1;
 

@@ -163,6 +163,9 @@ class GrpcFront:
             options=(
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # grpcio sets SO_REUSEPORT by default: a second server on the same port would
+                # bind too and take half the calls. A taken port must fail, as for HTTP.
+                ("grpc.so_reuseport", 0),
             )
         )
         self._health = health.aio.HealthServicer()

@@ -7,8 +7,11 @@ The real agent is forked from a zygote that has torch and transformers imported 
 (`control_plane.runtimes.zygote`), which takes the imports out of every cold start; a custom
 agent command (tests' fake agents) or a zygote that cannot start falls back to a fresh
 subprocess. A forked child's /proc environment and command line are the zygote's, so each one
-is also recorded in a small file (`forked/<pid>.json`: label, endpoint, start time) that `list`
-and `exited` read after a restart.
+is also recorded in a small file (`<pid>.json`: label, endpoint, start time) that `list` and
+`exited` read after a restart. The records live in a folder per cluster under the host's
+temporary directory, not under MLCP_DATA_DIR: every control plane of the cluster on this host must
+see them, as it sees the environment labels of fresh processes, or its reconciler would take
+another control plane's instances for gone ones.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -74,6 +78,12 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
+def forked_records_dir(cluster: str) -> Path:
+    """Where this host keeps the records of a cluster's forked instances (one per uid)."""
+    safe = "".join(c for c in cluster if c.isalnum() or c in "-_") or "default"
+    return Path(tempfile.gettempdir()) / f"mlcp-{os.getuid()}" / f"forked-{safe}"
+
+
 class ProcessRuntime:
     name = "process"
 
@@ -86,10 +96,12 @@ class ProcessRuntime:
         env: dict[str, str] | None = None,
         lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
         zygote: bool = True,
+        records_dir: Path | None = None,
     ) -> None:
         self.lease_grace_s = lease_grace_s
         self.log_dir = log_dir
         self.cluster = cluster
+        self.records_dir = records_dir or forked_records_dir(cluster)
         self._command = command
         self._env = env or {}
         self._procs: dict[int, asyncio.subprocess.Process | ZygoteChild] = {}
@@ -136,12 +148,12 @@ class ProcessRuntime:
         return self.log_dir / f"instance-{handle}.log"
 
     def _record_path(self, pid: int) -> Path:
-        return self.log_dir / "forked" / f"{pid}.json"
+        return self.records_dir / f"{pid}.json"
 
     def _record(self, pid: int, label: str, port: int) -> None:
         record = {"label": label, "port": port, "created": _create_time(pid)}
         path = self._record_path(pid)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps(record))
 
     def _recorded(self, pid: int) -> dict[str, object] | None:
@@ -276,7 +288,7 @@ class ProcessRuntime:
     def _list_forked(self) -> list[Listed]:
         """Forked instances, from their records (their /proc shows the zygote's environment)."""
         found: list[Listed] = []
-        for path in sorted((self.log_dir / "forked").glob("*.json")):
+        for path in sorted(self.records_dir.glob("*.json")):
             if not path.stem.isdigit():
                 continue
             pid = int(path.stem)

@@ -412,3 +412,24 @@ async def test_the_seeds_text_generator_through_the_control_plane(
     stub = pb2_grpc.HandlerStub(channel)
     reply = await stub.Predict(pb2.Message(text="hello-world"), metadata=AUTH, timeout=120)
     assert reply.text == "returned message"
+
+
+async def test_a_second_control_plane_cannot_take_a_grpc_port_in_use(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    taken = app_state(front).grpc
+    assert taken is not None
+    settings = front.settings.model_copy(
+        update={"grpc_port": taken.port, "data_dir": tmp_path, "stop_instances_on_exit": False}
+    )
+    async with serve(settings) as base, aiohttp.ClientSession() as session:
+        second = Api(base, session, settings)
+        # HTTP is served; gRPC is not (the port is the first control plane's, and stays so).
+        assert app_state(second).grpc is None
+        async with session.get(base + "/health") as resp:
+            assert resp.status == 200
+        for i in range(6):
+            reply = await echo_stub(stubs, ECHO, channel).Predict(
+                stubs[ECHO].Text(text=f"still-{i}"), metadata=AUTH, timeout=60
+            )
+            assert reply.text == f"p:still-{i}"

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from control_plane.cli import admin, apis, events, keys, models, output
+from control_plane.cli import admin, apis, deploy, events, keys, models, output
 from control_plane.cli.client import CliError
 from control_plane.cli.config import Target
 
@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-GROUPS = (models, events, keys, admin, apis)
+GROUPS = (models, events, keys, admin, apis, deploy)
 for group in GROUPS:
     group.register(app)
 

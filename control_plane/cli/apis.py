@@ -27,6 +27,8 @@ COLUMNS = ("NAME", "STATUS", "VERSION", "INSTANCE", "UNTIL")
 
 def register(app: typer.Typer) -> None:
     app.command("init")(init)
+    app.command("get")(get)
+    app.command("delete")(delete)
 
 
 def _target(ctx: typer.Context) -> Target:

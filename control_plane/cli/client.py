@@ -49,6 +49,13 @@ def _server_error(status: int, raw: bytes) -> CliError:
     return CliError(f"HTTP {status}" + (f": {text[0][:200]}" if text else ""), status=status)
 
 
+def _cut_off(url: str) -> CliError:
+    # The server answers an over-large body (413) and closes before urllib has sent it all.
+    return CliError(
+        f"{url} closed the connection during the upload (is it larger than the server takes?)"
+    )
+
+
 class Client:
     """Talks to one control plane with one key."""
 
@@ -82,10 +89,16 @@ class Client:
                 raise _server_error(exc.code, exc.read()) from None
         except urllib.error.URLError as exc:
             reason = exc.reason
+            if isinstance(reason, BrokenPipeError | ConnectionResetError) and req.data is not None:
+                raise _cut_off(self.url) from None
             why = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
             raise CliError(f"cannot reach the control plane at {self.url}: {why}") from None
         except TimeoutError:
             raise CliError(f"{self.url} did not answer within {timeout_s:g} s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            if req.data is None:
+                raise CliError(f"the connection to {self.url} was reset") from None
+            raise _cut_off(self.url) from None
         except (OSError, ValueError) as exc:
             raise CliError(f"cannot reach the control plane at {self.url}: {exc}") from None
 

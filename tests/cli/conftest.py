@@ -61,13 +61,20 @@ class Cli:
         key = override.get("key", self.key)
         return cli_env(self.home, url, key)
 
-    async def __call__(self, *args: str, **override: str | None) -> Result:
+    async def __call__(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+        **override: str | None,
+    ) -> Result:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "control_plane",
             *args,
-            env=self.env(**override),
+            cwd=cwd,
+            env={**self.env(**override), **(extra_env or {})},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -285,3 +285,66 @@ async def test_bad_input_is_one_clear_line(alice: Cli, live: Api, tmp_path: Path
     assert_clean_error(await alice("deploy", cwd=project), "reserved")
     # Nothing was deployed by any of these.
     assert (await alice("get", "--json")).json() == []
+
+
+FAILING_ON_REQUEST = """\
+from instance_agent.handler import handler
+
+
+@handler
+def inference_handler(inputs, context):
+    if inputs == "boom":
+        raise ValueError("boom-marker")
+    return inputs
+"""
+
+
+async def test_logs_follow_an_apis_instance(alice: Cli, live: Api, tmp_path: Path) -> None:
+    project = await init(alice, tmp_path)
+    (project / "src" / "main.py").write_text(FAILING_ON_REQUEST)
+    assert (await asyncio.wait_for(alice("deploy", cwd=project), DEPLOY_TIMEOUT_S)).code == 0
+    assert (await call(live, "POST", f"/{NAME}", alice.key, "hi"))[0] == 200
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "control_plane",
+        "logs",
+        NAME,
+        "-f",
+        env=alice.env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        await asyncio.sleep(1.5)  # its first read is done: what follows is new
+        status, body = await call(live, "POST", f"/{NAME}", alice.key, "boom")
+        assert status == 502 and "boom-marker" in body["error"], body
+        lines: list[str] = []
+        while not any("ValueError: boom-marker" in line for line in lines):
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+            assert line, "mlcp logs -f ended"
+            lines.append(line.decode())
+        assert any("Traceback" in line for line in lines)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 130
+
+
+async def test_the_servers_own_cap_is_a_clear_error(
+    db_dsn: str, tmp_path: Path, alice: Cli
+) -> None:
+    settings = make_settings(
+        db_dsn,
+        tmp_path / "small-data",
+        model_dirs=str(tmp_path / "models"),
+        include_packaged_models=False,
+        max_project_bytes=4000,
+    )
+    async with serve(settings) as base:
+        small = Cli(base, ADMIN_KEY, alice.home)
+        project = await init(small, tmp_path)
+        (project / "model" / "big.bin").write_bytes(os.urandom(200_000))
+        refused = await small("deploy", cwd=project)
+        assert refused.code == 1 and "Traceback" not in refused.err, refused
+        assert "413" in refused.err or "closed the connection" in refused.err, refused

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from control_plane.reconciler import reconcile
+from tests.fake_agent import write_fake_model
 from tests.faults.scenario import control_plane
 from tests.harness import Api, app_state, instance_pid, load, pid_alive, wait_gone, wait_status
 
@@ -102,3 +103,41 @@ async def test_racing_loads_deletes_and_reaping(db_dsn: str, tmp_path: Path) -> 
         moves = await transitions(a, RACED)
         assert moves.count(("RUNNING", "STOPPING")) == 2, moves  # one per instance
         assert [to for _, to in moves].count("STOPPED") == 2, moves
+
+
+async def test_racing_benchmark_jobs_measure_each_model_once(db_dsn: str, tmp_path: Path) -> None:
+    """Both control planes run a benchmark worker; both are asked for the same jobs at once."""
+    folder = tmp_path / "shared-models"
+    models = [f"fake/job-race-{i}" for i in range(3)]
+    for name in models:
+        write_fake_model(folder, name, mode="ok", mem_bytes=40_000_000)
+    shared = {"model_dirs": str(folder)}
+    async with (
+        control_plane(db_dsn, tmp_path / "a", {}, **shared) as a,
+        control_plane(db_dsn, tmp_path / "b", {}, **shared) as b,
+    ):
+        answers = await asyncio.gather(
+            *(api.call("POST", "/model/job", {"model": m}) for m in models for api in (a, b, a, b))
+        )
+        assert all(status == 200 and body["success"] for status, body in answers), answers
+        for model in models:
+            for api in (a, b):
+                deadline = asyncio.get_running_loop().time() + 120
+                while True:
+                    status, body = await api.call("POST", "/model/job", {"model": model})
+                    assert status == 200 and body["success"], body
+                    if body["message"] == "Model available":
+                        break
+                    assert asyncio.get_running_loop().time() < deadline, body
+                    await asyncio.sleep(0.2)
+        pool = app_state(a).pool
+        jobs = await pool.fetch(
+            "SELECT model, state, attempts FROM model_jobs ORDER BY model, id", timeout=10
+        )
+        # One job per model, measured once, by one of the two workers.
+        assert [(j["model"], j["state"], j["attempts"]) for j in jobs] == [
+            (m, "available", 1) for m in models
+        ]
+        assert await pool.fetchval("SELECT count(*) FROM model_profiles") == len(models)
+        listed = {m["name"]: m for m in (await b.call("GET", "/model/list"))[1]}
+        assert all(listed[m]["benchmarked"] for m in models)

@@ -68,7 +68,8 @@ RUN_TIMEOUT_S = 600.0
 STOP_GRACE_S = 5.0
 HEALTH_POLL_S = 0.1
 _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=RUN_TIMEOUT_S, connect=5.0)
-_PATH = re.compile(r"(?:/[\w.@+,=-]+)+/?")
+# An absolute path: a '/' that does not continue a word, so `src/main.py` is left as it is.
+_PATH = re.compile(r"(?<![\w.@+,=-])(?:/[\w.@+,=-]+)+/?")
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ async def test_a_failing_handler_shows_its_reason(alice: Cli, tmp_path: Path) ->
     assert failed.err.splitlines()[0].startswith(f"{NAME}: uploaded version 1"), failed.err
     error = failed.err[failed.err.index("mlcp: ") :]
     assert error.startswith(f"mlcp: {NAME}: version 1 failed: "), failed.err
-    assert "RuntimeError: no weights here" in error
+    assert "importing src/main.py failed: RuntimeError: no weights here" in error
     listed = await alice("get", NAME, "--json")
     assert listed.json()["status"] == "failed"
     assert "no weights here" in listed.json()["reason"]

@@ -117,6 +117,11 @@ def test_classify_exit(line: str, returncode: int, kind: type[Exception]) -> Non
 
 def test_scrub_paths_keeps_only_the_last_component() -> None:
     assert scrub_paths("no file /a/b/c/model.safetensors here") == "no file model.safetensors here"
+    # A path relative to the project says where in it; only absolute ones are cut.
+    assert (
+        scrub_paths("importing src/main.py failed: /srv/apis/alice/x/src/main.py")
+        == "importing src/main.py failed: main.py"
+    )
 
 
 def job(state: str, **fields: object) -> ModelJobRow:

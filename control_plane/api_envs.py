@@ -113,6 +113,9 @@ async def _build(folder: Path, project_dir: Path, timeout_s: float) -> None:
         "--no-input",
         "--progress-bar",
         "off",
+        # A local source package builds with the agent's setuptools, offline, instead of
+        # downloading a build backend into an isolated environment first.
+        "--no-build-isolation",
         "-r",
         REQUIREMENTS_FILE,
         "-c",

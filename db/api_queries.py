@@ -81,10 +81,6 @@ async def get_api_blob(db: Executor, sha256: str) -> int | None:
     return int(r["size_bytes"]) if r else None
 
 
-async def missing_api_blobs(db: Executor, sha256s: list[str]) -> list[str]:
-    return [r["h"] for r in await db.fetch(sql("missing_api_blobs"), sha256s)]
-
-
 async def insert_api_blob(db: Executor, sha256: str, size_bytes: int) -> bool:
     return bool(await db.fetchval(sql("insert_api_blob"), sha256, size_bytes))
 

@@ -821,11 +821,6 @@ SET task = 'handler', source_kind = 'apis', source_path = EXCLUDED.source_path,
 -- $1 = sha256
 SELECT sha256, size_bytes FROM api_blobs WHERE sha256 = $1;
 
--- name: missing_api_blobs
--- The hashes of this list that are not stored.
--- $1 = sha256s
-SELECT h FROM unnest($1::text[]) AS h WHERE NOT EXISTS (SELECT 1 FROM api_blobs b WHERE b.sha256 = h);
-
 -- name: insert_api_blob
 -- Record a stored blob; true when this call stored it first.
 -- $1 = sha256, $2 = size_bytes

@@ -8,6 +8,7 @@ each test deploys its own APIs under its own keys.
 from __future__ import annotations
 
 import io
+import textwrap
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,6 +45,23 @@ def inference_handler(inputs, _):
 """
 
 
+# A local package a project's requirements.txt installs (`./vendored`), built offline.
+VENDORED = {
+    "vendored/pyproject.toml": textwrap.dedent(
+        """\
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "mlcp-test-vendored"
+        version = "1.0"
+        """
+    ),
+    "vendored/mlcp_test_vendored/__init__.py": 'GREETING = "hi from vendored"\n',
+}
+
+
 def project(
     root: Path,
     name: str,
@@ -52,6 +70,7 @@ def project(
     public: bool = False,
     requirements: str | None = None,
     main: str | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
     folder = root / f"{name}-{uuid.uuid4().hex[:6]}"
     (folder / "src").mkdir(parents=True)
@@ -60,6 +79,9 @@ def project(
     (folder / "src" / "main.py").write_text(main or HANDLER.format(version=version))
     if requirements is not None:
         (folder / "requirements.txt").write_text(requirements)
+    for rel, text in (files or {}).items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
     write_spec(
         folder,
         f"""\
@@ -207,9 +229,19 @@ async def test_deploy_call_redeploy_and_delete(served: Api, tmp_path: Path) -> N
 async def test_environments_and_failures_are_told(served: Api, tmp_path: Path) -> None:
     api = served
     key = await user_key(api, owner())
-    # A requirement the agent already has: a venv layered on its packages, run by its python.
-    layered = project(tmp_path, "with-env", requirements="pyyaml  # satisfied\n")
+    # A package the agent lacks (a local one, so no network): a venv layered on the agent's
+    # packages (torch is already there), and the instance runs under its python.
+    layered = project(
+        tmp_path,
+        "with-env",
+        requirements="./vendored  # built offline\ntorch\n",
+        files=VENDORED,
+        main=HANDLER.format(version="__import__('mlcp_test_vendored').GREETING"),
+    )
     assert (await deploy(api, layered, key, name="with-env"))[0] == 202
+    # Requirements the agent satisfies already: no venv, the agent's own interpreter.
+    satisfied = project(tmp_path, "no-env", requirements="pyyaml\ntorch\n")
+    assert (await deploy(api, satisfied, key, name="no-env"))[0] == 202
     # One that pip cannot install: failed, with pip's own last lines.
     broken = project(tmp_path, "bad-reqs", requirements="./no-such-dir\n")
     assert (await deploy(api, broken, key, name="bad-reqs"))[0] == 202
@@ -225,8 +257,11 @@ async def test_environments_and_failures_are_told(served: Api, tmp_path: Path) -
     assert "ZeroDivisionError: at import" in failed["reason"], failed
     await wait_api(api, "with-env", key, "available")
     status, out = await api.call("POST", "/with-env", key=key, data='"x"')
-    assert status == 200, out
+    assert status == 200 and out["version"] == "hi from vendored", out
     envs = (api.settings.data_dir / "apis" / "envs").resolve()
     assert Path(out["python"]).parent.parent.parent == envs, out
+    await wait_api(api, "no-env", key, "available")
+    status, out = await api.call("POST", "/no-env", key=key, data='"x"')
+    assert status == 200 and not Path(out["python"]).is_relative_to(envs), out
     status, listed = await api.call("GET", "/apis", key=key)
-    assert sorted(a["name"] for a in listed) == ["bad-reqs", "import-fails", "with-env"]
+    assert sorted(a["name"] for a in listed) == ["bad-reqs", "import-fails", "no-env", "with-env"]

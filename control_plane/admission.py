@@ -21,6 +21,7 @@ from control_plane.device_kind import (
     Observed,
     candidates,
     choose_kind,
+    hosts,
     need_on,
 )
 from control_plane.errors import CapacityFull, InsufficientMemory, NoGpu, StateChanging
@@ -187,7 +188,7 @@ async def admit(
         kind = choose_kind(device, devices, None if own is None else own.device)
         targets, host = candidates(kind, devices)
         if not targets and kind == CUDA:
-            raise NoGpu(f'this host has no GPU for {model.name}: load with "device": "cpu"')
+            raise NoGpu(f'no GPU here for {model.name}: load with "device": "cpu"')
         need = await need_for(conn, model, concurrency, kind)
         plan = plan_load(
             model.name,
@@ -199,6 +200,7 @@ async def admit(
             dry_run=dry_run,
             host=host,
             host_bytes=need.host_bytes,
+            hosts=hosts(devices),
         )
         done = Admission(plan, need.device_bytes, kind=kind, host_bytes=need.host_bytes)
         if dry_run or not isinstance(plan, Place | Retune) or need.device_bytes is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -21,6 +22,7 @@ from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, refresh_catalog
 from control_plane.capacity import benchmark_device
+from control_plane.cluster import ray_runtime_of
 from control_plane.dashboard import routes as dashboard_routes
 from control_plane.errors import MlcpError
 from control_plane.events import EventHub
@@ -92,6 +94,14 @@ def create_app(settings: Settings) -> Starlette:
             stack.push_async_callback(session.close)
             activity = Activity(node_id=uuid.uuid4().hex)
             runtime = build_runtime(settings, await queries.cluster_id(pool))
+            if (ray := ray_runtime_of(runtime)) is not None:
+                try:
+                    await asyncio.to_thread(ray.connect)
+                    await ray.refresh_nodes()
+                except MlcpError as exc:
+                    # Said plainly, then start-up fails: uvicorn exits non-zero.
+                    logger.error("mlcp: %s", exc.message)
+                    raise
             if isinstance(runtime, ProcessRuntime):
                 # Imports torch in the background so the first load already forks.
                 runtime.warm_up()

@@ -12,15 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from benchmarker.estimate import Profile, gpu_for_concurrency, ram_for_concurrency, with_margin
-from control_plane.placement import HOST_DEVICE, Device
+from control_plane.device_names import HOST_DEVICE, local_of
+from control_plane.placement import Device
 
 AUTO, CPU, CUDA = "auto", "cpu", "cuda"
 REQUESTABLE = (AUTO, CPU, CUDA)
 
 
 def kind_of(device: str) -> str:
-    """The profile key of a device: 'cpu' or 'cuda' for 'cuda:N'."""
-    return device.split(":", 1)[0]
+    """The profile key of a device: 'cpu' or 'cuda' for 'cuda:N' (on any node)."""
+    return local_of(device).split(":", 1)[0]
 
 
 def choose_kind(requested: str, devices: list[Device], live_device: str | None) -> str:
@@ -37,11 +38,20 @@ def choose_kind(requested: str, devices: list[Device], live_device: str | None) 
 
 
 def candidates(kind: str, devices: list[Device]) -> tuple[list[Device], Device | None]:
-    """The devices a load of `kind` may go to, and the host when its RAM is reserved beside."""
+    """The devices a load of `kind` may go to, and the host when its RAM is reserved beside.
+
+    Across the nodes of a cluster every node's host is a candidate for `cpu`; the hosts
+    beside GPUs there are `hosts(devices)`, one per node.
+    """
     host = next((d for d in devices if d.name == HOST_DEVICE), None)
     if kind == CPU:
-        return ([host] if host is not None else []), None
+        return [d for d in devices if local_of(d.name) == HOST_DEVICE], None
     return [d for d in devices if kind_of(d.name) == kind], host
+
+
+def hosts(devices: list[Device]) -> list[Device]:
+    """The host-memory device of every node (one on a single host)."""
+    return [d for d in devices if local_of(d.name) == HOST_DEVICE]
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ Exception tree::
     │   ├── StateChanging (503 state_changing)
     │   ├── GenerationFailed (503 generation_failed)
     │   ├── RuntimeFailed (503 runtime_failed)
+    │   │   └── ClusterUnavailable (503 cluster_unavailable)
     │   └── DatabaseUnavailable (503 database_unavailable)
     └── InstanceTimeout (504 instance_timeout)
         └── HandlerTimeout (504 handler_timeout)
@@ -459,6 +460,13 @@ class RuntimeFailed(Unavailable):
     """The runtime (processes, the Docker engine) could not do what an instance needed."""
 
     code = "runtime_failed"
+
+
+class ClusterUnavailable(RuntimeFailed):
+    """The Ray cluster is unreachable."""
+
+    code = "cluster_unavailable"
+    default_retry_after_s = 5
 
 
 class DatabaseUnavailable(Unavailable):

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from control_plane.admission import Admission, admit, plan_body
+from control_plane.cluster import admission_devices
 from control_plane.device_kind import CPU
 from control_plane.errors import (
     BenchmarkFailed,
@@ -113,6 +114,7 @@ async def load(
         dry_run=request.dry_run,
         benchmark=request.benchmark,
         device=request.device,
+        devices=await admission_devices(state),
     )
     plan = admission.plan
     if isinstance(plan, NotMeasured | QueueBenchmark) and admission.kind != CPU:

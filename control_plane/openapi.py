@@ -68,6 +68,7 @@ _STATUS = {
         "inFlight": {"type": "integer"},
         "runtime": {"type": "string"},
         "device": {"type": "string"},
+        "node": {"type": ["string", "null"], "description": "the Ray node (MLCP_RUNTIME=ray)"},
         "reservedBytes": {"type": "integer"},
         "observedBytes": {"type": ["integer", "null"]},
         "endpoint": {"type": ["string", "null"], "description": "admin keys only"},

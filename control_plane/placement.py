@@ -7,14 +7,17 @@ carries the data in and out of PostgreSQL.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+
+from control_plane.device_names import HOST_DEVICE, host_of, node_of
 
 # Headroom kept free on every device beyond the reservations (allocator slack, the OS, the
 # control plane itself): 10% of the device, at least 256 MiB.
 MARGIN_FRACTION = 0.10
 MARGIN_MIN_BYTES = 256 * 1024 * 1024
-HOST_DEVICE = "cpu"
+__all__ = ["HOST_DEVICE"]  # re-exported: callers take the host's name from here
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class Reservation:
         """Bytes this instance holds per device: its own device, and the host's RAM."""
         out = {self.device: self.mem_bytes}
         if self.host_bytes:
-            out[HOST_DEVICE] = out.get(HOST_DEVICE, 0) + self.host_bytes
+            host = host_of(self.device)  # the host of its own node
+            out[host] = out.get(host, 0) + self.host_bytes
         return out
 
 
@@ -139,6 +143,58 @@ def decide(
         free_now = min(free_now, usable[host.name] - used[host.name])
     busy = [r for r in reservations if not is_evictable(r)]
     return Full(retry_after_s=retry_after(busy), free_bytes=max(0, free_now))
+
+
+def decide_across(
+    need_bytes: int,
+    devices: list[Device],
+    reservations: list[Reservation],
+    now: datetime,
+    *,
+    host: Device | None = None,
+    hosts: Sequence[Device] = (),
+    host_bytes: int = 0,
+) -> Decision:
+    """`decide` over the devices of several nodes: each node on its own, the best of them.
+
+    On one host (devices of no node) this is `decide`. Across nodes, a GPU's host memory is
+    reserved on its own node's host, found in `hosts`; a fit anywhere beats an eviction, and
+    a need that fits no single node never fits, whatever the nodes hold together.
+    """
+    groups: dict[str | None, list[Device]] = {}
+    for d in devices:
+        groups.setdefault(node_of(d.name), []).append(d)
+    if (len(groups) <= 1 and None in groups) or not groups:
+        return decide(need_bytes, devices, reservations, now, host=host, host_bytes=host_bytes)
+    by_name = {h.name: h for h in hosts}
+    results: list[Decision] = []
+    for node, group in groups.items():
+        beside = by_name.get(host_of(group[0].name)) if host_bytes or host else None
+        if node is None:
+            beside = host
+        results.append(
+            decide(
+                need_bytes,
+                group,
+                reservations,
+                now,
+                host=beside,
+                host_bytes=host_bytes if beside is not None else 0,
+            )
+        )
+    fits = [r for r in results if isinstance(r, Fit)]
+    if fits:
+        return min(fits, key=lambda f: (f.headroom_bytes, f.device))
+    evicts = [r for r in results if isinstance(r, Evict)]
+    if evicts:
+        return min(evicts, key=lambda e: (len(e.victims), sum(v.reload_s for v in e.victims)))
+    fulls = [r for r in results if isinstance(r, Full)]
+    if fulls:
+        return Full(
+            retry_after_s=min(f.retry_after_s for f in fulls),
+            free_bytes=max(f.free_bytes for f in fulls),
+        )
+    return NeverFits(max(r.largest_device_bytes for r in results if isinstance(r, NeverFits)))
 
 
 def _evictions(
@@ -245,6 +301,7 @@ def plan_load(
     dry_run: bool = False,
     host: Device | None = None,
     host_bytes: int = 0,
+    hosts: Sequence[Device] = (),
 ) -> LoadPlan:
     """What a load of `model` needing `need_bytes` does, given every reservation held now.
 
@@ -263,7 +320,14 @@ def plan_load(
         others = [r for r in reservations if r.instance_id != own.instance_id]
         here = [d for d in devices if d.name == own.device]
         need = max(need_bytes, own.mem_bytes)
-        return Retune(own, decide(need, here, others, now, host=host, host_bytes=host_bytes))
+        return Retune(
+            own,
+            decide_across(need, here, others, now, host=host, hosts=hosts, host_bytes=host_bytes),
+        )
     if need_bytes is None:
         return QueueBenchmark() if benchmark and not dry_run else NotMeasured()
-    return Place(decide(need_bytes, devices, reservations, now, host=host, host_bytes=host_bytes))
+    return Place(
+        decide_across(
+            need_bytes, devices, reservations, now, host=host, hosts=hosts, host_bytes=host_bytes
+        )
+    )

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 
 from control_plane.async_requests import clean_up as clean_up_async
 from control_plane.bootstrap import refresh_catalog
+from control_plane.cluster import ray_runtime, watch_nodes
 from control_plane.outage import DatabaseOutage, is_outage
 from control_plane.pending_loads import load_pending
 from control_plane.reaper import reap_by_database_clock
@@ -32,7 +33,8 @@ from control_plane.state import AppState
 
 logger = logging.getLogger(__name__)
 
-# name -> (interval in seconds, what a pass does); None: MLCP_CATALOG_REFRESH_S.
+# name -> (interval in seconds, what a pass does); None: a setting's (MLCP_RAY_NODES_REFRESH_S for
+# ray-nodes, MLCP_CATALOG_REFRESH_S for the others).
 LOOPS: dict[str, tuple[float | None, str]] = {
     "flush-activity": (0.2, "write this node's per-instance request counters (activity.py)"),
     "reaper": (0.25, "stop instances idle past their expiry, by the database's clock"),
@@ -43,6 +45,7 @@ LOOPS: dict[str, tuple[float | None, str]] = {
     "async-cleanup": (60.0, "delete async requests and uploads past their retention"),
     "catalog": (None, "rediscover models in MLCP_MODEL_DIRS, the HF cache and packages"),
     "grpc-services": (None, "re-read the services of handler projects with a .proto"),
+    "ray-nodes": (None, "read Ray's node table (MLCP_RUNTIME=ray); fail instances of lost nodes"),
 }
 # How long shutdown lets a pass under way finish (a flush writing counters) before cancelling it.
 STOP_GRACE_S = 5.0
@@ -138,7 +141,10 @@ def build_scheduler(state: AppState) -> Scheduler:
     }
     if state.grpc is not None:
         jobs["grpc-services"] = state.grpc.refresh
+    if ray_runtime(state) is not None:
+        jobs["ray-nodes"] = lambda: watch_nodes(state)
+    settings = {"ray-nodes": state.settings.ray_nodes_refresh_s}
     for name, job in jobs.items():
-        seconds = LOOPS[name][0] or state.settings.catalog_refresh_s
+        seconds = LOOPS[name][0] or settings.get(name) or state.settings.catalog_refresh_s
         scheduler.add(seconds, name, _guarded(name, job, state.outage))
     return scheduler

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from benchmarker.model_ids import model_id_problem
+from control_plane.device_names import node_of
 from control_plane.errors import (
     InvalidBody,
     InvalidField,
@@ -311,6 +312,8 @@ def render_status(
         "inFlight": in_flight,
         "runtime": row.runtime,
         "device": row.device,
+        # The cluster node it runs on (the ray runtime); null on one host.
+        "node": node_of(row.device),
         "reservedBytes": row.reserved_bytes,
         "observedBytes": row.observed_mem_bytes,
     }

@@ -28,7 +28,12 @@ class Settings(BenchmarkerSettings):
     # Signs dashboard session cookies; set it on every control plane of a deployment so they accept
     # each other's sessions. Unset: a random secret per process.
     session_secret: SecretStr | None = None
-    runtime: Literal["process", "docker"] = "process"
+    runtime: Literal["process", "docker", "ray"] = "process"
+    # The Ray cluster the `ray` runtime places instances on (its GCS, `host:port`, as `ray start
+    # --head` prints it); unset, the RAY_ADDRESS variable's, else 127.0.0.1:6379.
+    ray_address: str | None = None
+    # How often the control plane reads Ray's node table (devices, lost nodes).
+    ray_nodes_refresh_s: float = Field(default=2.0, gt=0)
     default_expiration_s: int = Field(default=1800, ge=1, le=2_592_000)
     # Expiry of instances the OpenAI-compatible routes, /chat and async requests load on demand.
     on_demand_expiration_s: int = Field(default=300, ge=1, le=2_592_000)

@@ -21,6 +21,8 @@ import aiohttp
 from benchmarker.model_store import ModelStoreError, prepare_model
 from control_plane import capacity
 from control_plane.activity import Activity
+from control_plane.device_kind import kind_of
+from control_plane.device_names import HOST_DEVICE, local_of, node_of
 from control_plane.errors import InstanceFailed, InstanceStopping, MlcpError
 from control_plane.lifecycle import State, allowed_from, health_timeout_s
 from control_plane.runtimes.base import InstanceSpec, Launched, Listed, Runtime
@@ -270,6 +272,12 @@ class Supervisor:
         self._starting.add(row.id)
         try:
             target = await prepare_model(model, self.model_store)
+            # The runtime's limit is on host memory: beside a GPU, that is the host part.
+            host_bytes = (
+                row.reserved_bytes
+                if local_of(row.device) == HOST_DEVICE
+                else row.host_reserved_bytes
+            )
             spec = InstanceSpec(
                 instance_id=row.id,
                 generation=row.generation,
@@ -279,10 +287,8 @@ class Supervisor:
                 concurrency=row.concurrency,
                 max_queue=self.max_queue,
                 device=row.device,
-                # The runtime's limit is on host memory: beside a GPU, that is the host part.
-                mem_limit_bytes=mem_limit(
-                    row.reserved_bytes if row.device == "cpu" else row.host_reserved_bytes
-                ),
+                mem_limit_bytes=mem_limit(host_bytes),
+                reserve_bytes=host_bytes,
                 python=target.python,
             )
             launch_started = time.monotonic()
@@ -369,7 +375,10 @@ class Supervisor:
         self._set_route(row)
         if drain and row.endpoint and row.handle:
             await self._drain(row.endpoint)
-        on_gpu = row.device.startswith("cuda") and row.reserved_bytes > 0
+        # NVML reads this host's GPUs only: a GPU of another node is released when it is gone.
+        on_gpu = (
+            row.device.startswith("cuda") and node_of(row.device) is None and row.reserved_bytes > 0
+        )
         free_before = await asyncio.to_thread(self.read_gpu_free, row.device) if on_gpu else None
         if row.handle:
             await self.runtime.stop(row.handle, STOP_GRACE_S)
@@ -505,7 +514,7 @@ class Supervisor:
             await queries.record_model_observation(
                 self.pool,
                 row.model,
-                row.device.split(":")[0],
+                kind_of(row.device),
                 row.concurrency,
                 peak,
                 gpu if isinstance(gpu, int) else None,

@@ -258,6 +258,8 @@ def main() -> int:
         else None
     )
     app = create_app(fake, args.model_name, exit_after)
+    # A line for /model/logs to show.
+    print(f"fake agent: serving {args.model_name} on {args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

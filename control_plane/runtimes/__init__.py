@@ -27,4 +27,14 @@ def build_runtime(settings: Settings, cluster: str) -> Runtime:
             network=settings.docker_network,
             command=settings.agent_command,
         )
+    if settings.runtime == "ray":
+        # Imported here: only deployments on a Ray cluster load Ray.
+        from control_plane.runtimes.ray import RayRuntime
+
+        return RayRuntime(
+            cluster=cluster,
+            address=settings.ray_address,
+            command=settings.agent_command,
+            lease_grace_s=settings.instance_lease_grace_s,
+        )
     raise ValueError(f"runtime {settings.runtime!r} is not available")

@@ -26,6 +26,8 @@ class InstanceSpec:
     # A deployed handler API's environment (control_plane/api_envs.py): the agent runs under
     # this interpreter, never forked from the zygote; None: the agent's own.
     python: str | None = None
+    # The memory admission reserved, for runtimes whose scheduler is told it (ray).
+    reserve_bytes: int = 0
 
     def agent_args(self, port: int) -> AgentArgs:
         """The agent's `serve` options for this instance, listening on loopback at `port`."""

@@ -21,6 +21,10 @@ from db.rows import InstanceRow
 logger = logging.getLogger(__name__)
 
 GONE_REASON = "the instance's process or container is gone (found by reconciliation)"
+# A STARTING row nobody runs yet is left alone this long after its launcher last renewed it
+# (every 2 s: scheduler.LOOPS "launch-heartbeat"), or after it was created: its
+# launcher may be preparing the model's files (a GGUF conversion takes minutes) or spawning it.
+LAUNCH_GRACE_S = 15.0
 
 
 @dataclass
@@ -59,17 +63,19 @@ def plan(
                 out.adopt.append((row, found))
         elif row.id in starting_here:
             continue
-        elif row.state == State.STARTING and now - row.created_at < timedelta(
-            seconds=starting_grace_s
-        ):
-            continue  # perhaps another control plane is launching it right now
+        elif row.state == State.STARTING and now - (
+            row.launch_seen_at or row.created_at
+        ) < timedelta(seconds=starting_grace_s):
+            continue  # its launcher renewed it lately: another control plane is at work
         else:
             out.fail.append((row, GONE_REASON))
     out.remove.extend(by_id.values())
     return out
 
 
-async def reconcile(supervisor: Supervisor, now: datetime, starting_grace_s: float = 60.0) -> Plan:
+async def reconcile(
+    supervisor: Supervisor, now: datetime, starting_grace_s: float = LAUNCH_GRACE_S
+) -> Plan:
     """One pass. The runtime is listed before the rows, so a launch in between is no orphan."""
     listed = await supervisor.runtime.list()
     rows = await queries.live_instances(supervisor.pool)

@@ -437,6 +437,11 @@ class Supervisor:
 
     # -- watch -----------------------------------------------------------------------------
 
+    async def renew_launches(self) -> None:
+        """Tell other control planes' reconcilers the launches under way here are alive."""
+        if self._starting:
+            await queries.renew_launches(self.pool, sorted(self._starting))
+
     async def check(self) -> None:
         """One pass over RUNNING instances: crashed → FAILED, hung → FAILED and killed."""
         rows = await queries.live_instances(self.pool)

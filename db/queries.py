@@ -187,6 +187,10 @@ async def latest_instance_for_model(db: Executor, model: str) -> InstanceRow | N
     return _instance(await db.fetchrow(sql("latest_instance_for_model"), model))
 
 
+async def renew_launches(db: Executor, instance_ids: list[int]) -> None:
+    await db.execute(sql("renew_launches"), instance_ids)
+
+
 async def live_instances(db: Executor) -> list[InstanceRow]:
     return [InstanceRow.of(r) for r in await db.fetch(sql("live_instances"))]
 

@@ -158,6 +158,12 @@ SELECT * FROM instances WHERE id = $1;
 -- $1 = model
 SELECT * FROM instances WHERE model = $1 ORDER BY id DESC LIMIT 1;
 
+-- name: renew_launches
+-- The launcher's heartbeat on the STARTING instances it is launching.
+-- $1 = instance_ids
+UPDATE instances SET launch_seen_at = now()
+WHERE id = ANY($1::bigint[]) AND state = 'STARTING';
+
 -- name: live_instances
 -- Every instance that is starting, running or stopping.
 SELECT * FROM instances WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') ORDER BY id;

@@ -97,6 +97,7 @@ class InstanceRow:
     reserved_bytes: int = 0
     rejected: int = 0
     host_reserved_bytes: int = 0
+    launch_seen_at: datetime | None = None
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> InstanceRow:

@@ -46,7 +46,9 @@ CREATE TABLE instances (
     reserved_bytes      bigint NOT NULL DEFAULT 0 CHECK (reserved_bytes >= 0),
     rejected            bigint NOT NULL DEFAULT 0,
     -- Host memory an instance on a GPU holds beside its VRAM (0 on the host).
-    host_reserved_bytes bigint NOT NULL DEFAULT 0 CHECK (host_reserved_bytes >= 0)
+    host_reserved_bytes bigint NOT NULL DEFAULT 0 CHECK (host_reserved_bytes >= 0),
+    -- Renewed by the control plane launching a STARTING instance (supervisor.check).
+    launch_seen_at      timestamptz
 );
 
 -- One live instance per model; stopped and failed rows stay as history.

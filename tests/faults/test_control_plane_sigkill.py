@@ -1,9 +1,11 @@
-"""A control plane SIGKILLed in the middle of a load (issue 17, fault suite): the next one
-adopts the instance, with no orphan and no duplicate; and its expiry is kept."""
+"""A control plane SIGKILLed in the middle of a load (issue 17, fault suite): at each step the
+next one adopts the instance or fails it with a reason, with no orphan and no duplicate; an
+adopted instance keeps its expiry."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +18,8 @@ import asyncpg
 import psutil
 import pytest
 
+from benchmarker.catalog import DEMO_MODEL
+from control_plane.reconciler import GONE_REASON
 from control_plane.runtimes.process import LABEL_ENV
 from tests.e2e.server import Server, http, start, stop
 from tests.fake_agent import write_fake_model
@@ -118,3 +122,78 @@ async def test_sigkill_during_a_load(
         assert status == 200, out
     finally:
         stop(second)
+
+
+def converters(data_dir: Path) -> list[psutil.Process]:
+    """`python -m instance_agent convert` children writing into this data folder's store."""
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "convert" in (p.info["cmdline"] or [])
+        and str(data_dir) in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+@pytest.mark.timeout(420)
+async def test_sigkill_before_spawn(db: asyncpg.Connection, db_dsn: str, tmp_path: Path) -> None:
+    # The demo model is a GGUF: before its instance is spawned, the launcher converts it into
+    # the model store (~20 s here), and renews the STARTING row meanwhile.
+    (tmp_path / "models").mkdir()
+    env = {"MLCP_INCLUDE_PACKAGED_MODELS": "true"}
+    first = start(
+        tmp_path / "first",
+        tmp_path,
+        "first",
+        MLCP_DATABASE_URL=db_dsn,
+        MLCP_ADMIN_KEY=ADMIN_KEY,
+        MLCP_MODEL_DIRS=str(tmp_path / "models"),
+        MLCP_AGENT_COMMAND=json.dumps(FAKE_AGENT),
+        **env,
+    )
+    converting: list[psutil.Process] = []
+    try:
+        await db.execute(
+            "UPDATE models SET required_ram_bytes = 600000000, benchmarked_at = now() "
+            "WHERE name = $1",
+            DEMO_MODEL,
+        )
+        body = {"model": DEMO_MODEL, "expirationPeriodSeconds": 600}
+        status, answer = await asyncio.to_thread(
+            http, "POST", first.base + "/model/load", ADMIN_KEY, body
+        )
+        assert status == 200, answer
+        deadline = time.monotonic() + 60
+        while not (converting := converters(tmp_path / "first")):
+            assert time.monotonic() < deadline, "the GGUF conversion never started"
+            await asyncio.sleep(0.05)
+        renewed = await wait_model_row(db, lambda r: r["launch_seen_at"] is not None)
+        assert renewed["state"] == "STARTING" and renewed["handle"] is None
+    finally:
+        first.proc.kill()
+        first.proc.wait(10)
+
+    second = serve_on(db_dsn, tmp_path, "second")
+    try:
+        failed = await wait_model_row(db, lambda r: r["state"] == "FAILED", timeout_s=60)
+        assert failed["reason"] == GONE_REASON
+        cluster = await db.fetchval("SELECT id FROM cluster")
+        assert labelled_agents(cluster) == []
+        assert await db.fetchval("SELECT count(*) FROM instances") == 1
+        # The half-done conversion is no orphan: it finishes (or fails) and exits by itself.
+        _, alive = await asyncio.to_thread(psutil.wait_procs, converting, 300)
+        assert alive == []
+    finally:
+        stop(second)
+        for proc in converting:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
+async def wait_model_row(db: asyncpg.Connection, check: Any, timeout_s: float = 20) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = await db.fetchrow("SELECT * FROM instances WHERE model = $1", DEMO_MODEL)
+        if row is not None and check(row):
+            return row
+        assert time.monotonic() < deadline, dict(row) if row else None
+        await asyncio.sleep(0.1)

@@ -13,8 +13,16 @@ from db.rows import InstanceRow
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def row(id_: int, state: str, *, generation: int = 1, age_s: float = 600) -> InstanceRow:
+def row(
+    id_: int,
+    state: str,
+    *,
+    generation: int = 1,
+    age_s: float = 600,
+    seen_s_ago: float | None = None,
+) -> InstanceRow:
     created = NOW - timedelta(seconds=age_s)
+    seen = None if seen_s_ago is None else NOW - timedelta(seconds=seen_s_ago)
     return InstanceRow(
         id=id_,
         model=f"org/m{id_}",
@@ -33,6 +41,7 @@ def row(id_: int, state: str, *, generation: int = 1, age_s: float = 600) -> Ins
         observed_mem_bytes=None,
         created_at=created,
         modified_at=created,
+        launch_seen_at=seen,
     )
 
 
@@ -49,6 +58,10 @@ def listed(id_: int, generation: int = 1) -> Listed:
         ([row(1, "RUNNING", generation=2)], [listed(1, 1)], set(), [], [1], [], ["h1"]),
         ([row(1, "STARTING", age_s=5)], [], set(), [], [], [], []),
         ([row(1, "STARTING", age_s=600)], [], set(), [], [1], [], []),
+        # A long launch (a GGUF conversion) whose launcher keeps renewing it is left alone;
+        # one whose launcher stopped renewing it is gone, however young the row.
+        ([row(1, "STARTING", age_s=600, seen_s_ago=1)], [], set(), [], [], [], []),
+        ([row(1, "STARTING", age_s=100, seen_s_ago=90)], [], set(), [], [1], [], []),
         ([row(1, "STARTING")], [], {1}, [], [], [], []),
         ([row(1, "STARTING")], [listed(1)], {1}, [], [], [], []),
         ([row(1, "STARTING")], [listed(1)], set(), [1], [], [], []),
@@ -66,7 +79,7 @@ def test_plan(
     finish: list[int],
     remove: list[str],
 ) -> None:
-    decided = plan(rows, found, starting_here=here, now=NOW, starting_grace_s=60)
+    decided = plan(rows, found, starting_here=here, now=NOW, starting_grace_s=15)
     assert [r.id for r, _ in decided.adopt] == adopt
     assert [r.id for r, _ in decided.fail] == fail
     assert all(reason == GONE_REASON for _, reason in decided.fail)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import sys
@@ -31,6 +32,7 @@ from control_plane.grpc_services import ServiceTable
 from control_plane.metrics import Metrics, RecordRequests
 from control_plane.outage import DatabaseOutage
 from control_plane.proxy import new_session
+from control_plane.quotas import Limiter
 from control_plane.reconciler import reconcile_by_database_clock
 from control_plane.routes import (
     api_calls,
@@ -45,6 +47,7 @@ from control_plane.routes import (
     logs,
     models,
     openai,
+    usage,
 )
 from control_plane.routes import health as health_routes
 from control_plane.routes import metrics as metrics_routes
@@ -133,6 +136,7 @@ def create_app(settings: Settings) -> Starlette:
                 activity,
                 supervisor,
                 event_hub,
+                Limiter(pool, settings),
                 outage,
                 Signer(
                     settings.session_secret.get_secret_value().encode()
@@ -160,8 +164,10 @@ def create_app(settings: Settings) -> Starlette:
             scheduler = build_scheduler(state)
             scheduler.start()
             stack.push_async_callback(scheduler.aclose)
-            # Counters not yet flushed are written before the pool closes.
+            # Counters not yet flushed are written before the pool closes, and reserved calls not
+            # served are given back for other control planes.
             stack.push_async_callback(activity.flush, pool)
+            stack.push_async_callback(functools.partial(state.limiter.flush, release_all=True))
             # Stops first on the way out: finishes or hands back its job while the pool is open.
             device = benchmark_device(settings.benchmark_device, settings.use_gpus)
             await stack.enter_async_context(background_worker(pool, settings, device=device))
@@ -178,6 +184,7 @@ def create_app(settings: Settings) -> Starlette:
             *health_routes.routes,
             *models.routes,
             *keys.routes,
+            *usage.routes,
             *jobs.routes,
             *logs.routes,
             *capacity.routes,

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 from starlette.datastructures import Headers
@@ -26,7 +26,7 @@ from control_plane.errors import (
 from control_plane.outage import OUTAGE_ERRORS, DatabaseOutage
 from db import queries
 from db.queries import Executor
-from db.rows import KeyRow
+from db.rows import KeyLimits, KeyRow
 
 KEY_PREFIX = "mlcp_"
 MAX_KEY_LEN = 256
@@ -38,6 +38,8 @@ class Principal:
     key_id: int
     name: str
     scope: str
+    # The key's own limits as stored (control_plane/limits.py resolves the defaults).
+    limits: KeyLimits = field(default_factory=KeyLimits)
 
     @property
     def is_admin(self) -> bool:
@@ -144,7 +146,7 @@ class Authenticator:
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             self._cache.pop(digest, None)
             raise Unauthorized()
-        principal = Principal(row.id, row.name, row.scope)
+        principal = Principal(row.id, row.name, row.scope, row.limits)
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (now, principal)

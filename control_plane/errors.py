@@ -59,6 +59,10 @@ Exception tree::
     │   ├── MissingBlob (422 missing_blob)
     │   └── BlobHashMismatch (422 blob_hash_mismatch)
     ├── TooManyRequests (429 too_many_requests, Retry-After)
+    │   ├── QuotaExceeded (429 quota_exceeded, Retry-After, RateLimit-*)
+    │   ├── RateLimited (429 rate_limited, Retry-After, RateLimit-*)
+    │   ├── TooManyStreams (429 too_many_streams, Retry-After, RateLimit-*)
+    │   └── InstanceLimit (429 instance_limit, Retry-After, RateLimit-*)
     ├── InstanceError (502)
     │   ├── InstanceFailed (502 instance_failed)
     │   ├── InvalidAnswer (502 instance_error)
@@ -405,6 +409,45 @@ class TooManyRequests(MlcpError):
     status_code = 429
     code = "too_many_requests"
     default_retry_after_s = 5
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after_s: int | None = None,
+        rate_limit: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        # The RateLimit-* headers of the limit that refused (control_plane/limits.py).
+        self.rate_limit = rate_limit or {}
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), **self.rate_limit}
+
+
+class QuotaExceeded(TooManyRequests):
+    """This key has used all of its calls for this month."""
+
+    code = "quota_exceeded"
+
+
+class RateLimited(TooManyRequests):
+    """This key has sent more requests in the last minute than it may."""
+
+    code = "rate_limited"
+
+
+class TooManyStreams(TooManyRequests):
+    """This key has as many streams open as it may; finish one first."""
+
+    code = "too_many_streams"
+    default_retry_after_s = 1
+
+
+class InstanceLimit(TooManyRequests):
+    """This key has as many instances loaded as it may; delete one first."""
+
+    code = "instance_limit"
 
 
 class InstanceTimeout(MlcpError):

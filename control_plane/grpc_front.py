@@ -57,6 +57,7 @@ from control_plane.errors import (
 )
 from control_plane.grpc_services import ProjectCompiler, ServedService, ServiceTable
 from control_plane.loading import OnDemand, cold_wait_s, route_to
+from control_plane.quotas import Ticket
 from control_plane.state import AppState
 from control_plane.supervisor import Route
 from db import queries
@@ -219,7 +220,12 @@ class GrpcFront:
         if route is not None:
             return route
         # The project's own spec says how busy and how long-lived its instance is.
-        on_demand = OnDemand(principal.key_id, entry.concurrency, entry.expiration_s)
+        on_demand = OnDemand(
+            principal.key_id,
+            entry.concurrency,
+            entry.expiration_s,
+            state.limiter.limits_of(principal).max_instances,
+        )
         return await route_to(state, entry.model, wait_s, on_demand)
 
     async def channel(self, route: Route) -> grpc.aio.Channel:
@@ -292,21 +298,27 @@ class _Call:
         self._entry = entry
         self._method = method
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Route:
+    async def _admit(
+        self, context: grpc.aio.ServicerContext[Any, Any], *, stream: bool
+    ) -> tuple[Route, Ticket]:
         headers = metadata_headers(context.invocation_metadata())
-        principal = await self._front.state.auth.authenticate(headers, "user")
+        state = self._front.state
+        principal = await state.auth.authenticate(headers, "user")
         if not grpc_services.may_call(self._entry, principal):
             raise NotFound(f"no API serves {self._method.split('/')[1]}")
-        route = self._front.state.supervisor.route(self._entry.model)
-        if route is not None:  # warm: the hot path stops here
-            return route
-        # `prefer: wait=N` metadata shortens the wait, as the header does over HTTP.
-        prefer = headers.get("prefer")
-        wait_s = cold_wait_s(prefer, COLD_WAIT_S) if prefer else COLD_WAIT_S
-        remaining = context.time_remaining()
-        if remaining is not None:
-            wait_s = max(0.0, min(remaining, wait_s))
-        return await self._front.route(self._entry, principal, wait_s)
+        # Over a limit: RESOURCE_EXHAUSTED with retry-after metadata (status_for).
+        ticket = await state.limiter.admit(principal, stream=stream)
+        with ticket:
+            route = state.supervisor.route(self._entry.model)
+            if route is not None:  # warm: the hot path stops here
+                return route, ticket
+            # `prefer: wait=N` metadata shortens the wait, as the header does over HTTP.
+            prefer = headers.get("prefer")
+            wait_s = cold_wait_s(prefer, COLD_WAIT_S) if prefer else COLD_WAIT_S
+            remaining = context.time_remaining()
+            if remaining is not None:
+                wait_s = max(0.0, min(remaining, wait_s))
+            return await self._front.route(self._entry, principal, wait_s), ticket
 
     async def _fail(
         self, context: grpc.aio.ServicerContext[Any, Any], route: Route | None, exc: Exception
@@ -329,8 +341,9 @@ class _Call:
     async def unary(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         route: Route | None = None
         try:
-            route = await self._admit(context)
-            channel = await self._front.channel(route)
+            route, ticket = await self._admit(context, stream=False)
+            with ticket:
+                channel = await self._front.channel(route)
         except MlcpError as exc:
             await self._fail(context, route, exc)
             raise
@@ -358,8 +371,9 @@ class _Call:
     ) -> AsyncIterator[bytes]:
         route: Route | None = None
         try:
-            route = await self._admit(context)
-            channel = await self._front.channel(route)
+            route, ticket = await self._admit(context, stream=True)
+            with ticket:
+                channel = await self._front.channel(route)
         except MlcpError as exc:
             await self._fail(context, route, exc)
             raise
@@ -381,3 +395,4 @@ class _Call:
             if not completed:
                 call.cancel()
             activity.end(route.instance_id, completed=completed)
+            ticket.end_stream()

@@ -19,6 +19,7 @@ from control_plane.cluster import admission_devices
 from control_plane.device_kind import CPU
 from control_plane.errors import (
     BenchmarkFailed,
+    InstanceLimit,
     InstanceStopping,
     Loading,
     ModelNotFound,
@@ -29,6 +30,7 @@ from control_plane.errors import (
 )
 from control_plane.jobs import request_model_job
 from control_plane.lifecycle import State
+from control_plane.limits import rate_headers
 from control_plane.placement import NotMeasured, Place, QueueBenchmark, Retune, Stopping
 from control_plane.schemas import LoadRequest
 from control_plane.state import AppState
@@ -43,6 +45,8 @@ RUNNABLE_TASKS = frozenset(
 # A request for a STARTING model waits this long by default for it to become RUNNING.
 DEFAULT_COLD_WAIT_S = 5.0
 MAX_COLD_WAIT_S = 120
+# An instance limit lasts until the key deletes an instance or one expires: a retry hint only.
+INSTANCE_LIMIT_RETRY_S = 30
 
 
 @dataclass(frozen=True)
@@ -73,15 +77,19 @@ async def load(
     now: datetime | None = None,
     *,
     may_retune_others: bool = True,
+    max_instances: int = 0,
 ) -> LoadOutcome:
     """Load `request.model`, or retune its live instance; see the module docstring.
 
     With `may_retune_others` False (a user key), a live instance another key loaded is shared:
     asking for its current settings answers it as it is, asking for others is 404 not_loaded
     (only its owner or an admin may retune it). Checked before admission, so a refused retune
-    never evicts anything.
+    never evicts anything. With `max_instances` (the key's limit, 0: none), a key that owns that
+    many live instances may not start another (429 instance_limit).
     """
     model = check_runnable(await queries.get_model(state.pool, request.model), request.model)
+    if max_instances and owner is not None and not request.dry_run:
+        await _check_instance_limit(state, request.model, owner, max_instances)
     if not may_retune_others and not request.dry_run:
         current = await queries.latest_instance_for_model(state.pool, request.model)
         if (
@@ -141,6 +149,21 @@ async def load(
     return LoadOutcome("started", admission.row)
 
 
+async def _check_instance_limit(state: AppState, model: str, owner: int, most: int) -> None:
+    # Loading a model that has a live instance starts none (a retune, or the shared instance).
+    # Two loads by one key at once on two control planes may both pass: a bound of one extra.
+    current = await queries.latest_instance_for_model(state.pool, model)
+    if current is not None and current.state in (State.STARTING, State.RUNNING):
+        return
+    if await queries.count_owned_instances(state.pool, owner, model) >= most:
+        raise InstanceLimit(
+            f"this key may have {most:,} instances loaded at once; delete one first "
+            "(POST /model/delete)",
+            retry_after_s=INSTANCE_LIMIT_RETRY_S,
+            rate_limit=rate_headers(most, 0, INSTANCE_LIMIT_RETRY_S),
+        )
+
+
 async def _retune(state: AppState, request: LoadRequest, admission: Admission) -> LoadOutcome:
     sup = state.supervisor
     # Memory taken from evicted instances is free only once they are gone; then the batch grows.
@@ -182,6 +205,8 @@ class OnDemand:
     owner: int | None
     concurrency: int
     expiration_s: int
+    # The owner's maxInstances (0: none).
+    max_instances: int = 0
 
 
 async def route_to(
@@ -212,6 +237,7 @@ async def route_to(
                 state,
                 LoadRequest(model, on_demand.concurrency, on_demand.expiration_s),
                 on_demand.owner,
+                max_instances=on_demand.max_instances,
             )
         except InstanceStopping:
             pass  # the previous instance is going; wait below like any other request

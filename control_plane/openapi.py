@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from control_plane.limits import LIMIT_FIELDS
+
 _ERROR = {
     "type": "object",
     "required": ["error", "code"],
@@ -50,7 +52,14 @@ _KEY = {
         "disabled": _TS,
         "expiresAt": _TS,
         "key": {"type": "string", "description": "only when created"},
+        "limits": {"type": "object", "description": "own limits; null: the default, 0: none"},
+        "effectiveLimits": {"type": "object", "description": "the limits that apply"},
     },
+}
+# Per-key limits: a whole number (0: unlimited) or null (the MLCP_DEFAULT_* setting).
+_LIMITS = {
+    name: {"type": ["integer", "null"], "minimum": 0, "maximum": most}
+    for name, (_, most) in LIMIT_FIELDS.items()
 }
 _STATUS = {
     "type": "object",
@@ -186,7 +195,7 @@ OPERATIONS: list[Operation] = [
     Operation(
         "patch",
         "/admin/keys/{key_id}",
-        "Disable or enable a key, or set or clear its expiry (the last usable admin key: 409)",
+        "Disable or enable a key, set or clear its expiry, set its limits (last admin key: 409)",
         "admin",
         body="KeyUpdate",
         response=_ref("Key"),
@@ -204,9 +213,28 @@ SCHEMAS["KeyUpdate"] = {
             "format": "date-time",
             "pattern": "^[2-8][0-9]{3}-",
         },
+        **_LIMITS,
     },
     "additionalProperties": False,
 }
+OPERATIONS.append(
+    Operation(
+        "get",
+        "/usage",
+        "Calls per key in a month (a user key: its own; an admin key: every key)",
+        "user",
+        response={"type": "object", "properties": {"month": {"type": "string"}}},
+        errors=(400, 401),
+        parameters=(
+            {
+                "name": "month",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "pattern": "^[2-9][0-9]{3}-(0[1-9]|1[0-2])$"},
+            },
+        ),
+    )
+)
 
 # Instances: /model/load, /model/status, /model/run, /model/instances, /model/delete.
 _INSTANCE_LIST = {"type": "array", "items": _ref("InstanceStatus")}
@@ -218,7 +246,7 @@ OPERATIONS += [
         "user",
         body="LoadBody",
         response=_ref("LoadAnswer"),
-        errors=(*_AUTH_ERRORS, 404, 409, 503),
+        errors=(*_AUTH_ERRORS, 404, 409, 429, 503),
     ),
     Operation(
         "post",
@@ -413,6 +441,7 @@ SCHEMAS["KeyCreate"] = {
         # Printable ASCII: stricter than the server (any printable text), never looser.
         "name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": "^[ -~]+$"},
         "scope": {"enum": ["admin", "user"]},
+        **_LIMITS,
     },
     "additionalProperties": False,
 }

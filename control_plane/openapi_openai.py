@@ -147,7 +147,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
 }
 
-_ERRORS = (400, 401, 403, 404, 409, 413, 415, 422, 502, 503, 504)
+_ERRORS = (400, 401, 403, 404, 409, 413, 415, 422, 429, 502, 503, 504)
 _COMPLETION = {"$ref": "#/components/schemas/OpenAICompletion"}
 
 OPERATIONS = [

@@ -126,10 +126,17 @@ class Upstream:
     step never runs its own `finally`, and the request would stay in flight (never reaped).
     """
 
-    def __init__(self, state: AppState, route: Route, resp: aiohttp.ClientResponse) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        route: Route,
+        resp: aiohttp.ClientResponse,
+        on_finish: Callable[[], None] | None = None,
+    ) -> None:
         self.state = state
         self.route = route
         self.resp = resp
+        self._on_finish = on_finish
         self._finished = False
         self.opened_at = time.perf_counter()
 
@@ -142,12 +149,21 @@ class Upstream:
         else:
             self.resp.close()
         self.state.activity.end(self.route.instance_id, completed=completed)
+        if self._on_finish is not None:
+            self._on_finish()
 
 
 async def open_stream(
-    state: AppState, route: Route, payload: dict[str, Any], path: str = "/stream"
+    state: AppState,
+    route: Route,
+    payload: dict[str, Any],
+    path: str = "/stream",
+    on_finish: Callable[[], None] | None = None,
 ) -> Upstream:
-    """Open the agent's stream once it accepted the request; errors before it are raised."""
+    """Open the agent's stream once it accepted the request; errors before it are raised.
+
+    `on_finish` runs once when the stream ends, however it ends (a key's open-stream count).
+    """
     state.activity.begin(route.instance_id)
     try:
         try:
@@ -159,7 +175,7 @@ async def open_stream(
         state.activity.end(route.instance_id, completed=False)
         _count_failure(state, route, exc)
         raise
-    return Upstream(state, route, resp)
+    return Upstream(state, route, resp, on_finish)
 
 
 async def pieces(upstream: Upstream) -> AsyncGenerator[Piece, None]:

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # ray-nodes, MLCP_CATALOG_REFRESH_S for the others).
 LOOPS: dict[str, tuple[float | None, str]] = {
     "flush-activity": (0.2, "write this node's per-instance request counters (activity.py)"),
+    "flush-usage": (1.0, "write calls served per key, give back idle reserved calls (quotas.py)"),
     "reaper": (0.25, "stop instances idle past their expiry, by the database's clock"),
     "routes": (1.0, "refresh the in-memory table of RUNNING instances the proxy routes to"),
     "pending-loads": (1.0, "load models whose benchmark finished for loads that waited on it"),
@@ -132,6 +133,7 @@ def build_scheduler(state: AppState) -> Scheduler:
 
     jobs: dict[str, Callable[[], Awaitable[object]]] = {
         "flush-activity": lambda: act.flush(pool),
+        "flush-usage": state.limiter.flush,
         "reaper": lambda: reap_by_database_clock(pool, sup, act),
         "routes": sup.refresh_routes,
         "pending-loads": lambda: load_pending(state),

@@ -7,7 +7,7 @@ renderers turn rows into the exact Bytez v1 shapes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ from control_plane.errors import (
     InvalidPrompt,
     UnknownField,
 )
+from control_plane.limits import LIMIT_FIELDS, parse_limit_fields, render_limits
 from db.rows import InstanceEventRow, InstanceRow, KeyRow, ModelRow
 from instance_agent.protocol import InvalidPrompt as InvalidPromptError
 from instance_agent.protocol import ProtocolError, validate_params, validate_prompt
@@ -134,22 +135,27 @@ KEY_SCOPE = "scope"
 SCOPES = ("admin", "user", "metrics")
 
 
+KEY_LIMIT_FIELDS = frozenset(LIMIT_FIELDS)
+
+
 @dataclass(frozen=True)
 class KeyCreateRequest:
     name: str
     scope: str
+    # Limits given, by column (control_plane/limits.py); absent ones take the default.
+    limits: dict[str, int | None] = field(default_factory=dict)
 
 
 def parse_key_create(body: object) -> KeyCreateRequest:
     obj = require_object(body)
-    reject_unknown(obj, frozenset({KEY_NAME, KEY_SCOPE}))
+    reject_unknown(obj, frozenset({KEY_NAME, KEY_SCOPE}) | KEY_LIMIT_FIELDS)
     name = obj.get(KEY_NAME, "unnamed")
     if not isinstance(name, str) or not 1 <= len(name) <= 100 or not name.isprintable():
         raise InvalidField("'name' must be 1-100 printable characters")
     scope = obj.get(KEY_SCOPE, "user")
     if scope not in SCOPES:
         raise InvalidField("'scope' must be 'admin', 'user' or 'metrics'")
-    return KeyCreateRequest(name, scope)
+    return KeyCreateRequest(name, scope, parse_limit_fields(obj))
 
 
 @dataclass(frozen=True)
@@ -157,14 +163,21 @@ class KeyUpdateRequest:
     disabled: bool | None
     change_expiry: bool
     expires_at: datetime | None
+    limits: dict[str, int | None] = field(default_factory=dict)
 
 
 def parse_key_update(body: object) -> KeyUpdateRequest:
-    """`{"disabled": bool, "expiresAt": ISO-8601 with a zone or null (never)}`, one or both."""
+    """`{"disabled": bool, "expiresAt": ISO-8601 with a zone or null (never), limits...}`.
+
+    Limits are `monthlyCalls`, `requestsPerMinute`, `concurrentStreams`, `maxApis`,
+    `maxInstances`: a whole number (0: unlimited) or null (the MLCP_DEFAULT_* setting).
+    """
     obj = require_object(body)
-    reject_unknown(obj, frozenset({"disabled", "expiresAt"}))
+    reject_unknown(obj, frozenset({"disabled", "expiresAt"}) | KEY_LIMIT_FIELDS)
     if not obj:
-        raise InvalidField("give 'disabled' (true or false) and/or 'expiresAt'")
+        raise InvalidField(
+            "give 'disabled' (true or false), 'expiresAt' and/or limits such as 'monthlyCalls'"
+        )
     disabled = obj.get("disabled")
     if disabled is not None and not isinstance(disabled, bool):
         raise InvalidField("'disabled' must be true or false")
@@ -183,7 +196,7 @@ def parse_key_update(body: object) -> KeyUpdateRequest:
             raise InvalidField("'expiresAt' needs a time zone (end it with Z)")
         if not 2000 <= expires_at.year <= 9000:
             raise InvalidField("'expiresAt' must be a year from 2000 to 9000")
-    return KeyUpdateRequest(disabled, "expiresAt" in obj, expires_at)
+    return KeyUpdateRequest(disabled, "expiresAt" in obj, expires_at, parse_limit_fields(obj))
 
 
 def render_key(row: KeyRow, secret: str | None = None) -> dict[str, Any]:
@@ -196,6 +209,8 @@ def render_key(row: KeyRow, secret: str | None = None) -> dict[str, Any]:
         "revoked": iso(row.revoked_at),
         "disabled": iso(row.disabled_at),
         "expiresAt": iso(row.expires_at),
+        # The key's own limits; null: the MLCP_DEFAULT_* setting, 0: unlimited.
+        "limits": render_limits(row.limits),
     }
     if secret is not None:
         out["key"] = secret

@@ -102,6 +102,18 @@ class Settings(BenchmarkerSettings):
             max_connections=self.max_connections,
         )
 
+    # Per-key limits of user keys that set none of their own (PATCH /admin/keys/{id}); 0 is
+    # unlimited. Admin and metrics keys are limited only by what is set on them.
+    default_monthly_calls: int = Field(default=0, ge=0, le=1_000_000_000)
+    default_rpm: int = Field(default=0, ge=0, le=100_000)
+    default_concurrent_streams: int = Field(default=0, ge=0, le=10_000)
+    default_max_apis: int = Field(default=0, ge=0, le=10_000)
+    default_max_instances: int = Field(default=0, ge=0, le=10_000)
+    # A control plane reserves a key's monthly calls from PostgreSQL in blocks of at most this
+    # many (and at most a quarter of what is left) and spends them in memory; it holds at most
+    # this many of a key's calls unserved, the accuracy bound of the monthly quota per node.
+    quota_block_calls: int = Field(default=50, ge=1, le=10_000)
+
     # Async requests: finished ones are kept this long; a holder that stops heartbeating for
     # `async_lease_s` loses its requests to another control plane; `async_workers` run at once
     # per control plane; a key may have `async_max_queued` unfinished (more get 429).

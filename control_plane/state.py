@@ -14,6 +14,7 @@ from control_plane.auth import Authenticator
 from control_plane.events import EventHub
 from control_plane.metrics import Metrics
 from control_plane.outage import DatabaseOutage
+from control_plane.quotas import Limiter
 from control_plane.sessions import Signer
 from control_plane.settings import Settings
 from control_plane.supervisor import Supervisor
@@ -35,6 +36,8 @@ class AppState:
     activity: Activity
     supervisor: Supervisor
     events: EventHub
+    # Per-key limits and calls per month (control_plane/quotas.py).
+    limiter: Limiter
     # Shared by the authenticator, the error handler and the scheduled loops.
     outage: DatabaseOutage = field(default_factory=DatabaseOutage)
     # Signs dashboard session cookies.

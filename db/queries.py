@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from functools import cache
 from importlib import resources
 from typing import Any, Protocol
@@ -14,6 +14,7 @@ from db.rows import (
     AuthKeyRow,
     InstanceEventRow,
     InstanceRow,
+    KeyLimits,
     KeyRow,
     LifecycleEventRow,
     ModelJobRow,
@@ -21,6 +22,7 @@ from db.rows import (
     ModelRow,
     PendingLoadRow,
     ReservationRow,
+    UsageRow,
 )
 
 _BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -105,6 +107,44 @@ async def get_active_key(db: Executor, key_id: int) -> KeyRow | None:
 async def restore_admin_key(db: Executor, key_hash: bytes) -> KeyRow | None:
     row = await db.fetchrow(sql("restore_admin_key"), key_hash)
     return KeyRow.of(row) if row else None
+
+
+# Limit fields of KeyLimits, as the columns of api_keys are named.
+LIMIT_COLUMNS = tuple(KeyLimits.__dataclass_fields__)
+
+
+async def set_key_limits(
+    db: Executor, key_id: int, changes: dict[str, int | None]
+) -> KeyRow | None:
+    """Set the limits in `changes` (column name: value, None for the default); others stay."""
+    assert set(changes) <= set(LIMIT_COLUMNS), changes
+    row = await db.fetchrow(sql("set_key_limits"), key_id, changes)
+    return KeyRow.of(row) if row else None
+
+
+# -- calls per key per month --------------------------------------------------------------------
+
+
+async def reserve_calls(
+    db: Executor, key_id: int, month: date, wanted: int, monthly_limit: int
+) -> tuple[int, int]:
+    """(granted, calls used or held now); granted 0 when the month's quota is all taken."""
+    row = await db.fetchrow(sql("reserve_calls"), key_id, month, wanted, monthly_limit)
+    if row is None:
+        return 0, monthly_limit
+    return int(row["last_grant"]), int(row["used"])
+
+
+async def record_calls(db: Executor, key_id: int, month: date, calls: int, released: int) -> None:
+    await db.execute(sql("record_calls"), key_id, month, calls, released)
+
+
+async def usage_for_month(db: Executor, month: date, key_id: int | None) -> list[UsageRow]:
+    return [UsageRow.of(r) for r in await db.fetch(sql("usage_for_month"), month, key_id)]
+
+
+async def count_owned_instances(db: Executor, owner_key_id: int, model: str) -> int:
+    return int(await db.fetchval(sql("count_owned_instances"), owner_key_id, model))
 
 
 # -- models -------------------------------------------------------------------------------------

@@ -9,16 +9,19 @@ VALUES ($1, $2, $3, $4)
 RETURNING id, name, prefix, scope, created_at, revoked_at;
 
 -- name: get_active_key_by_hash
--- The usable key (not revoked, disabled or expired) with this hash: authentication.
+-- The usable key with this hash, with its limits (null: the setting's default).
 -- $1 = key_hash
-SELECT id, name, prefix, key_hash, scope
+SELECT id, name, prefix, key_hash, scope, monthly_calls, requests_per_minute, concurrent_streams, max_apis,
+       max_instances
 FROM api_keys
 WHERE key_hash = $1 AND revoked_at IS NULL AND disabled_at IS NULL
   AND (expires_at IS NULL OR expires_at > now());
 
 -- name: list_keys
--- Every key, revoked ones included, for the admin listing.
-SELECT id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at
+-- Every key with its state and limits, oldest first (no $n).
+SELECT id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at,
+       monthly_calls, requests_per_minute, concurrent_streams, max_apis,
+       max_instances
 FROM api_keys
 ORDER BY id;
 
@@ -724,7 +727,9 @@ SET disabled_at = CASE WHEN $2::boolean IS NULL THEN disabled_at
                        WHEN $2::boolean THEN coalesce(disabled_at, now()) ELSE NULL END,
     expires_at = CASE WHEN $3::boolean THEN $4::timestamptz ELSE expires_at END
 WHERE id = $1 AND revoked_at IS NULL
-RETURNING id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at;
+RETURNING id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at,
+          monthly_calls, requests_per_minute, concurrent_streams, max_apis,
+          max_instances;
 
 -- name: other_usable_admin_keys
 -- How many admin keys other than $1 are usable now.
@@ -841,3 +846,62 @@ SELECT EXISTS (SELECT 1 FROM ins);
 -- One model job by id (a deploy follows the job of its version).
 -- $1 = job_id
 SELECT * FROM model_jobs WHERE id = $1;
+
+-- name: set_key_limits
+-- Set the limits named in $2 (a JSON object of column: integer or null) of a key not revoked.
+-- $1 = key_id, $2 = changes
+UPDATE api_keys
+SET monthly_calls = CASE WHEN $2::jsonb ? 'monthly_calls'
+                         THEN ($2::jsonb ->> 'monthly_calls')::integer ELSE monthly_calls END,
+    requests_per_minute = CASE WHEN $2::jsonb ? 'requests_per_minute'
+                               THEN ($2::jsonb ->> 'requests_per_minute')::integer
+                               ELSE requests_per_minute END,
+    concurrent_streams = CASE WHEN $2::jsonb ? 'concurrent_streams'
+                              THEN ($2::jsonb ->> 'concurrent_streams')::integer
+                              ELSE concurrent_streams END,
+    max_apis = CASE WHEN $2::jsonb ? 'max_apis'
+                    THEN ($2::jsonb ->> 'max_apis')::integer ELSE max_apis END,
+    max_instances = CASE WHEN $2::jsonb ? 'max_instances'
+                         THEN ($2::jsonb ->> 'max_instances')::integer ELSE max_instances END
+WHERE id = $1 AND revoked_at IS NULL
+RETURNING id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at,
+          monthly_calls, requests_per_minute, concurrent_streams, max_apis,
+          max_instances;
+
+-- name: reserve_calls
+-- Reserve up to $3 calls of key $1's quota of $4 calls for month $2, at most what is left; the
+-- answer is how many were granted (no row: none left). One conditional statement, so control
+-- planes racing for a key's last calls are granted exactly what is left between them.
+-- $1 = key_id, $2 = month, $3 = wanted, $4 = monthly_limit
+INSERT INTO key_usage AS u (key_id, month, held, last_grant)
+VALUES ($1, $2::date, least($3::bigint, $4::bigint), least($3::bigint, $4::bigint))
+ON CONFLICT (key_id, month) DO UPDATE
+SET held = u.held + least($3::bigint, $4::bigint - u.calls - u.held),
+    last_grant = least($3::bigint, $4::bigint - u.calls - u.held)
+WHERE u.calls + u.held < $4::bigint
+RETURNING last_grant, calls + held AS used;
+
+-- name: record_calls
+-- Add $3 served calls to key $1's month $2, and release $4 calls it held (served or given back).
+-- $1 = key_id, $2 = month, $3 = calls, $4 = released
+INSERT INTO key_usage AS u (key_id, month, calls)
+VALUES ($1, $2::date, $3::bigint)
+ON CONFLICT (key_id, month) DO UPDATE
+SET calls = u.calls + $3::bigint, held = greatest(0, u.held - $4::bigint);
+
+-- name: usage_for_month
+-- Calls per key in month $1, every key that is not revoked or has calls that month; $2 null:
+-- all keys, else that key only.
+-- $1 = month, $2 = key_id
+SELECT k.id, k.name, k.scope, k.revoked_at, k.monthly_calls, coalesce(u.calls, 0) AS calls
+FROM api_keys k
+LEFT JOIN key_usage u ON u.key_id = k.id AND u.month = $1
+WHERE ($2::bigint IS NULL OR k.id = $2)
+  AND (k.revoked_at IS NULL OR u.calls > 0)
+ORDER BY k.id;
+
+-- name: count_owned_instances
+-- How many live instances (STARTING, RUNNING, STOPPING) the key $1 loaded, other than of $2.
+-- $1 = owner_key_id, $2 = model
+SELECT count(*) FROM instances
+WHERE owner_key_id = $1 AND model <> $2 AND state IN ('STARTING', 'RUNNING', 'STOPPING');

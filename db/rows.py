@@ -10,6 +10,27 @@ from uuid import UUID
 
 
 @dataclass(frozen=True)
+class KeyLimits:
+    """A key's own limits as stored: None takes the MLCP_DEFAULT_* setting, 0 is unlimited."""
+
+    monthly_calls: int | None = None
+    requests_per_minute: int | None = None
+    concurrent_streams: int | None = None
+    max_apis: int | None = None
+    max_instances: int | None = None
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> KeyLimits:
+        return cls(
+            r.get("monthly_calls"),
+            r.get("requests_per_minute"),
+            r.get("concurrent_streams"),
+            r.get("max_apis"),
+            r.get("max_instances"),
+        )
+
+
+@dataclass(frozen=True)
 class KeyRow:
     id: int
     name: str
@@ -19,6 +40,7 @@ class KeyRow:
     revoked_at: datetime | None
     disabled_at: datetime | None = None
     expires_at: datetime | None = None
+    limits: KeyLimits = KeyLimits()
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> KeyRow:
@@ -31,6 +53,7 @@ class KeyRow:
             r["revoked_at"],
             r.get("disabled_at"),
             r.get("expires_at"),
+            KeyLimits.of(r),
         )
 
 
@@ -41,10 +64,36 @@ class AuthKeyRow:
     prefix: str
     key_hash: bytes
     scope: str
+    limits: KeyLimits = KeyLimits()
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> AuthKeyRow:
-        return cls(r["id"], r["name"], r["prefix"], bytes(r["key_hash"]), r["scope"])
+        return cls(
+            r["id"], r["name"], r["prefix"], bytes(r["key_hash"]), r["scope"], KeyLimits.of(r)
+        )
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Calls of one key in one month."""
+
+    key_id: int
+    name: str
+    scope: str
+    revoked: bool
+    monthly_calls: int | None
+    calls: int
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> UsageRow:
+        return cls(
+            r["id"],
+            r["name"],
+            r["scope"],
+            r["revoked_at"] is not None,
+            r["monthly_calls"],
+            int(r["calls"]),
+        )
 
 
 @dataclass(frozen=True)

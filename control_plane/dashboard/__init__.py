@@ -81,7 +81,7 @@ async def session_principal(request: Request, state: AppState) -> tuple[Principa
     row = await queries.get_active_key(state.pool, session.key_id)
     if row is None or row.scope != "admin":
         return None
-    return Principal(row.id, row.name, row.scope), session
+    return Principal(row.id, row.name, row.scope, row.limits), session
 
 
 async def _signed_in(request: Request) -> tuple[AppState, Session] | HTMLResponse:

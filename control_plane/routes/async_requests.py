@@ -27,10 +27,14 @@ async def submit(request: Request, state: AppState, principal: Principal) -> Res
     """Store an async request for the model in the path; 202 once it is committed."""
     allow = webhooks.parse_allow(state.settings.webhook_allow)
     sub = ar.parse_submission(request.path_params["model"], await json_body(request, state), allow)
-    row = await ar.submit(state, principal.key_id, sub)
+    # A submission is a call: counted (and limited) when it is accepted, not when it runs.
+    ticket = await state.limiter.admit(principal)
+    with ticket:
+        row = await ar.submit(state, principal.key_id, sub)
     return JSONResponse(
         {"response": {"id": str(row.id), "urls": ar.urls(_base(request), row.id)}},
         status_code=202,
+        headers=ticket.headers,
     )
 
 

@@ -48,7 +48,6 @@ async def chat(request: Request, state: AppState, principal: Principal) -> Respo
     except ProtocolError as exc:
         raise InvalidField(exc.message) from exc
     model = _pick_model(state, body.model)
-    route = await serving(request, state, principal, model, GENERATES)
     params = body.params()
     payload = {
         "prompt": body.prompt,
@@ -58,14 +57,19 @@ async def chat(request: Request, state: AppState, principal: Principal) -> Respo
             **({"do_sample": True, "temperature": body.temperature} if params.do_sample else {}),
         },
     }
-    answer = await relay.call(state, route, payload, request.receive)
+    ticket = await state.limiter.admit(principal)
+    with ticket:
+        route = await serving(request, state, principal, model, GENERATES)
+        answer = await relay.call(state, route, payload, request.receive)
     if answer is None:
         return Response(status_code=relay.CLIENT_CLOSED)
     if not isinstance(answer, dict) or not isinstance(answer.get("output"), str):
         raise InvalidAnswer("the model instance sent an invalid answer")
     tokens = int(answer.get("tokens_generated") or 0)
     seconds = float(answer.get("time_seconds") or 0.0)
-    return JSONResponse(render_chat(body.prompt, answer["output"], tokens, seconds))
+    return JSONResponse(
+        render_chat(body.prompt, answer["output"], tokens, seconds), headers=ticket.headers
+    )
 
 
 routes = [Route("/chat", chat, methods=["POST"])]

@@ -60,7 +60,13 @@ def _status(state: AppState, row: InstanceRow) -> dict[str, Any]:
 async def load_model(request: Request, state: AppState, principal: Principal) -> Response:
     """Start an instance (or update the live one's concurrency and expiration)."""
     body = parse_load_request(await json_body(request, state), state.settings.default_expiration_s)
-    outcome = await load(state, body, principal.key_id, may_retune_others=principal.is_admin)
+    outcome = await load(
+        state,
+        body,
+        principal.key_id,
+        may_retune_others=principal.is_admin,
+        max_instances=state.limiter.limits_of(principal).max_instances,
+    )
     if outcome.plan is not None:
         return JSONResponse(outcome.plan)
     if outcome.row is None:
@@ -146,15 +152,23 @@ async def run(request: Request, state: AppState, principal: Principal) -> Respon
     if isinstance(raw, dict) and INPUT in raw and PROMPT not in raw:
         return await _run_handler(request, state, principal, raw)
     body = parse_run_request(raw)
-    route = await route_to(state, body.model, cold_wait_s(request.headers.get("prefer")))
-    # Labelled only once routed: a label per made-up model name would grow forever.
-    request.scope[MODEL_SCOPE_KEY] = body.model
-    if body.stream:
-        upstream = await relay.open_stream(state, route, body.payload)
-        if "text/event-stream" in request.headers.get("accept", ""):
-            return relay.EventStream(upstream, _bytez_events)
-        return relay.TextStream(upstream)
-    answer = await relay.call(state, route, body.payload, request.receive)
+    ticket = await state.limiter.admit(principal, stream=body.stream)
+    with ticket:
+        route = await route_to(state, body.model, cold_wait_s(request.headers.get("prefer")))
+        # Labelled only once routed: a label per made-up model name would grow forever.
+        request.scope[MODEL_SCOPE_KEY] = body.model
+        if body.stream:
+            upstream = await relay.open_stream(
+                state, route, body.payload, on_finish=ticket.end_stream
+            )
+            stream: Response
+            if "text/event-stream" in request.headers.get("accept", ""):
+                stream = relay.EventStream(upstream, _bytez_events)
+            else:
+                stream = relay.TextStream(upstream)
+            stream.headers.update(ticket.headers)
+            return stream
+        answer = await relay.call(state, route, body.payload, request.receive)
     if answer is None:
         return Response(status_code=relay.CLIENT_CLOSED)
     if not isinstance(answer, dict) or not isinstance(answer.get("output"), str):
@@ -166,7 +180,8 @@ async def run(request: Request, state: AppState, principal: Principal) -> Respon
             "tokens_generated": answer.get("tokens_generated"),
             "time_seconds": answer.get("time_seconds"),
             "tokens_per_second": answer.get("tokens_per_second"),
-        }
+        },
+        headers=ticket.headers,
     )
 
 

@@ -1,6 +1,8 @@
-"""/admin/keys: create, list, disable/enable, expire and revoke API keys (admin only)."""
+"""/admin/keys: create, list, disable/enable, expire, limit and revoke API keys (admin only)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -10,24 +12,36 @@ from control_plane import auth
 from control_plane.auth import Principal
 from control_plane.errors import KeyNotFound, LastAdminKey
 from control_plane.handlers import authed, json_body
+from control_plane.limits import effective, render_limits
 from control_plane.schemas import parse_key_create, parse_key_update, render_key
 from control_plane.state import AppState
 from db import queries
+from db.rows import KeyRow
+
+
+def _render(state: AppState, row: KeyRow, secret: str | None = None) -> dict[str, Any]:
+    out = render_key(row, secret)
+    # What applies: the key's own limits, the MLCP_DEFAULT_* settings where it has none.
+    out["effectiveLimits"] = render_limits(effective(row.limits, row.scope, state.limiter.defaults))
+    return out
 
 
 @authed("admin")
 async def create_key(request: Request, state: AppState, principal: Principal) -> Response:
     """Create a key; its secret is in this answer only."""
     body = parse_key_create(await json_body(request, state, empty={}))
-    secret, key_id = await auth.create_key(state.pool, body.name, body.scope)
-    row = next(k for k in await queries.list_keys(state.pool) if k.id == key_id)
-    return JSONResponse(render_key(row, secret), status_code=201)
+    async with state.pool.acquire() as conn, conn.transaction():
+        secret, key_id = await auth.create_key(conn, body.name, body.scope)
+        if body.limits:
+            await queries.set_key_limits(conn, key_id, body.limits)
+        row = next(k for k in await queries.list_keys(conn) if k.id == key_id)
+    return JSONResponse(_render(state, row, secret), status_code=201)
 
 
 @authed("admin")
 async def list_keys(request: Request, state: AppState, principal: Principal) -> Response:
     """Every key, without secrets."""
-    return JSONResponse([render_key(k) for k in await queries.list_keys(state.pool)])
+    return JSONResponse([_render(state, k) for k in await queries.list_keys(state.pool)])
 
 
 def _key_id(request: Request) -> int:
@@ -40,7 +54,7 @@ def _key_id(request: Request) -> int:
 
 @authed("admin")
 async def update_key(request: Request, state: AppState, principal: Principal) -> Response:
-    """Disable or enable a key, or set or clear its expiry (`{"disabled", "expiresAt"}`)."""
+    """Disable or enable a key, set or clear its expiry, set its limits (parse_key_update)."""
     key_id = _key_id(request)
     change = parse_key_update(await json_body(request, state))
     locks_out = change.disabled is True or (change.change_expiry and change.expires_at is not None)
@@ -61,10 +75,13 @@ async def update_key(request: Request, state: AppState, principal: Principal) ->
         row = await queries.set_key_state(
             conn, key_id, change.disabled, change.change_expiry, change.expires_at
         )
+        if row is not None and change.limits:
+            row = await queries.set_key_limits(conn, key_id, change.limits)
     if row is None:
         raise KeyNotFound("no such key, or it is revoked")
+    # Other control planes see new limits when their cached verification ends (MLCP_AUTH_CACHE_S).
     state.auth.forget(row.id)
-    return JSONResponse(render_key(row))
+    return JSONResponse(_render(state, row))
 
 
 @authed("admin")
@@ -73,7 +90,7 @@ async def revoke_key(request: Request, state: AppState, principal: Principal) ->
     async with state.pool.acquire() as conn:
         row = await auth.revoke_key(conn, _key_id(request))
     state.auth.forget(row.id)
-    return JSONResponse(render_key(row))
+    return JSONResponse(_render(state, row))
 
 
 routes = [

@@ -88,7 +88,12 @@ async def serving(
         raise UnsupportedTask(f"model {model} is a {known} model; it does not serve {wanted}")
     if route is not None:
         return route
-    on_demand = OnDemand(principal.key_id, 1, state.settings.on_demand_expiration_s)
+    on_demand = OnDemand(
+        principal.key_id,
+        1,
+        state.settings.on_demand_expiration_s,
+        state.limiter.limits_of(principal).max_instances,
+    )
     wait_s = cold_wait_s(request.headers.get("prefer"), ON_DEMAND_WAIT_S)
     return await route_to(state, model, wait_s, on_demand)
 
@@ -116,17 +121,23 @@ async def list_models(request: Request, state: AppState, principal: Principal) -
 async def _generate(
     request: Request, state: AppState, principal: Principal, gen: Generation, kind: str
 ) -> Response:
-    route = await serving(request, state, principal, gen.model, GENERATES)
-    if gen.stream:
-        upstream = await relay.open_stream(state, route, gen.payload)
-        return relay.EventStream(upstream, _chunks(gen, kind))
-    answer = await relay.call(state, route, gen.payload, request.receive)
+    ticket = await state.limiter.admit(principal, stream=gen.stream)
+    with ticket:
+        route = await serving(request, state, principal, gen.model, GENERATES)
+        if gen.stream:
+            upstream = await relay.open_stream(
+                state, route, gen.payload, on_finish=ticket.end_stream
+            )
+            stream = relay.EventStream(upstream, _chunks(gen, kind))
+            stream.headers.update(ticket.headers)
+            return stream
+        answer = await relay.call(state, route, gen.payload, request.receive)
     if answer is None:
         return Response(status_code=relay.CLIENT_CLOSED)
     if not isinstance(answer, dict) or not isinstance(answer.get("output"), str):
         raise InvalidAnswer("the model instance sent an invalid answer")
     render = render_chat if kind == "chat" else render_completion
-    return JSONResponse(render(gen.model, answer))
+    return JSONResponse(render(gen.model, answer), headers=ticket.headers)
 
 
 @openai_endpoint
@@ -147,13 +158,15 @@ async def completions(request: Request, state: AppState, principal: Principal) -
 async def embeddings(request: Request, state: AppState, principal: Principal) -> Response:
     """`POST /v1/embeddings`: normalised sentence embeddings."""
     body = parse_embeddings(await json_body(request, state))
-    route = await serving(request, state, principal, body.model, EMBEDS)
-    answer = await relay.call(state, route, body.payload, request.receive, path="/embed")
+    ticket = await state.limiter.admit(principal)
+    with ticket:
+        route = await serving(request, state, principal, body.model, EMBEDS)
+        answer = await relay.call(state, route, body.payload, request.receive, path="/embed")
     if answer is None:
         return Response(status_code=relay.CLIENT_CLOSED)
     if not isinstance(answer, dict) or not isinstance(answer.get("embeddings"), list):
         raise InvalidAnswer("the model instance sent an invalid answer")
-    return JSONResponse(render_embeddings(body, answer))
+    return JSONResponse(render_embeddings(body, answer), headers=ticket.headers)
 
 
 def _chunks(gen: Generation, kind: str) -> relay.EventRenderer:

@@ -280,3 +280,47 @@ async def test_keys_disable_enable_expire(cli: Cli) -> None:
     assert expired.code == 0 and expired.json()["expiresAt"].startswith("2030-01-31")
     assert (await cli("keys", "expire", key_id, "never", "--json")).json()["expiresAt"] is None
     assert_clean_error(await cli("keys", "expire", key_id, "soon"), "expiresAt")
+
+
+async def test_keys_with_limits_and_usage(cli: Cli, capi: Api) -> None:
+    created = await cli(
+        "keys", "create", "dave", "--scope", "user", "--monthly-calls", "2", "--rpm", "60", "--json"
+    )
+    assert created.code == 0, created
+    dave = created.json()
+    assert dave["limits"]["monthlyCalls"] == 2 and dave["limits"]["requestsPerMinute"] == 60
+    key_id = str(dave["id"])
+    limited = await cli("keys", "limit", key_id, "--streams", "1", "--reset", "rpm", "--json")
+    assert limited.code == 0, limited
+    assert limited.json()["limits"]["concurrentStreams"] == 1
+    assert limited.json()["limits"]["requestsPerMinute"] is None
+    table = await cli("keys", "list")
+    header = table.out.splitlines()[0].split()
+    assert header[-2:] == ["CALLS/MONTH", "RPM"]
+    dave_line = next(line for line in table.out.splitlines() if " dave " in line)
+    assert dave_line.split()[-2:] == ["2", "-"]
+
+    await capi.call("POST", "/model/load", {"model": "fake/ok"})
+    await wait_status(capi, "fake/ok", "RUNNING")
+    for _ in range(2):
+        assert (await cli("run", "fake/ok", "hi", key=dave["key"])).code == 0
+    assert_clean_error(await cli("run", "fake/ok", "hi", key=dave["key"]), "quota_exceeded")
+    mine = await cli("usage", "--json", key=dave["key"])
+    assert mine.code == 0, mine
+    assert [(k["name"], k["calls"], k["remaining"]) for k in mine.json()["keys"]] == [
+        ("dave", 2, 0)
+    ]
+    every = await cli("usage")
+    assert every.code == 0 and every.out.startswith("month ")
+    assert any(line.split()[:2] == [key_id, "dave"] for line in every.out.splitlines())
+
+    # Bad input: a clear line, exit 1 (the server refuses) or 2 (the CLI does).
+    assert_clean_error(await cli("usage", "--month", "2026-13"), "month")
+    assert_clean_error(await cli("keys", "limit", "999999", "--rpm", "5"), "no such key")
+    assert_clean_error(
+        await cli("keys", "limit", key_id, "--monthly-calls", "99999999999"), "monthlyCalls"
+    )
+    assert (await cli("keys", "limit", key_id)).code == 2
+    assert (await cli("keys", "limit", key_id, "--rpm", "-1")).code == 2
+    assert (await cli("keys", "limit", key_id, "--reset", "everything")).code == 2
+    assert_clean_error(await cli("keys", "limit", key_id, "--rpm", "5", key=dave["key"]), "admin")

@@ -62,7 +62,8 @@ Exception tree::
     │   ├── QuotaExceeded (429 quota_exceeded, Retry-After, RateLimit-*)
     │   ├── RateLimited (429 rate_limited, Retry-After, RateLimit-*)
     │   ├── TooManyStreams (429 too_many_streams, Retry-After, RateLimit-*)
-    │   └── InstanceLimit (429 instance_limit, Retry-After, RateLimit-*)
+    │   ├── InstanceLimit (429 instance_limit, Retry-After, RateLimit-*)
+    │   └── ApiLimit (429 api_limit, Retry-After, RateLimit-*)
     ├── InstanceError (502)
     │   ├── InstanceFailed (502 instance_failed)
     │   ├── InvalidAnswer (502 instance_error)
@@ -448,6 +449,12 @@ class InstanceLimit(TooManyRequests):
     """This key has as many instances loaded as it may; delete one first."""
 
     code = "instance_limit"
+
+
+class ApiLimit(TooManyRequests):
+    """This key owns as many APIs as it may; delete one first."""
+
+    code = "api_limit"
 
 
 class InstanceTimeout(MlcpError):

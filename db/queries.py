@@ -147,6 +147,10 @@ async def count_owned_instances(db: Executor, owner_key_id: int, model: str) -> 
     return int(await db.fetchval(sql("count_owned_instances"), owner_key_id, model))
 
 
+async def count_owned_apis(db: Executor, owner: str, name: str) -> int:
+    return int(await db.fetchval(sql("count_owned_apis"), owner, name))
+
+
 # -- models -------------------------------------------------------------------------------------
 
 

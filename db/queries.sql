@@ -905,3 +905,8 @@ ORDER BY k.id;
 -- $1 = owner_key_id, $2 = model
 SELECT count(*) FROM instances
 WHERE owner_key_id = $1 AND model <> $2 AND state IN ('STARTING', 'RUNNING', 'STOPPING');
+
+-- name: count_owned_apis
+-- How many APIs (not deleted) the owner $1 has, other than $2 (a new version is not a new API).
+-- $1 = owner, $2 = name
+SELECT count(*) FROM apis WHERE owner = $1 AND name <> $2 AND status <> 'deleted';

@@ -105,25 +105,33 @@ async def route_api(
         spec = _spec(version.storage_path)
     except AgentLoadFailed as exc:
         raise ApiNotReady(f"API {row.name}'s spec cannot be read: {exc.message}") from exc
-    on_demand = OnDemand(principal.key_id, spec.concurrency, spec.expiration_s)
+    on_demand = OnDemand(
+        principal.key_id,
+        spec.concurrency,
+        spec.expiration_s,
+        state.limiter.limits_of(principal).max_instances,
+    )
     return await route_to(state, row.model, wait_s, on_demand)
 
 
 async def call_api(
     state: AppState, request: Request, principal: Principal, row: ApiRow, payload: Any
-) -> Any | None:
-    """Relay one payload to the API's handler; its output, or None when the client left."""
-    route = await route_api(
-        state, principal, row, cold_wait_s(request.headers.get("prefer"), MAX_COLD_WAIT_S)
-    )
-    request.scope[MODEL_SCOPE_KEY] = row.model
-    raw = proxy.RawJson(json.dumps(payload, ensure_ascii=False).encode())
-    answer = await relay.call(state, route, raw, request.receive, "/handle")
+) -> tuple[Any | None, dict[str, str]]:
+    """Relay one payload to the API's handler: its output (None when the client left), and the
+    caller's RateLimit-* headers (a call counts against the caller's limits, not the owner's)."""
+    ticket = await state.limiter.admit(principal)
+    with ticket:
+        route = await route_api(
+            state, principal, row, cold_wait_s(request.headers.get("prefer"), MAX_COLD_WAIT_S)
+        )
+        request.scope[MODEL_SCOPE_KEY] = row.model
+        raw = proxy.RawJson(json.dumps(payload, ensure_ascii=False).encode())
+        answer = await relay.call(state, route, raw, request.receive, "/handle")
     if answer is None:
-        return None
+        return None, ticket.headers
     if not isinstance(answer, dict) or "output" not in answer:
         raise InvalidAnswer("the API's instance sent an invalid answer")
-    return answer
+    return answer, ticket.headers
 
 
 async def one_segment(request: Request) -> Response:
@@ -151,10 +159,10 @@ async def cortex(request: Request) -> Response:
     principal = await state.auth.authenticate(request.headers, "user")
     row = await find_api(state, principal, principal.name, name)
     payload = await json_body(request, state)
-    answer = await call_api(state, request, principal, row, payload)
+    answer, headers = await call_api(state, request, principal, row, payload)
     if answer is None:
         return Response(status_code=relay.CLIENT_CLOSED)
-    return JSONResponse(answer["output"])
+    return JSONResponse(answer["output"], headers=headers)
 
 
 async def cellstrat_status(request: Request) -> Response:
@@ -175,10 +183,10 @@ async def cellstrat_call(request: Request) -> Response:
     state, principal = await _principal(request, owner, name)
     row = await find_api(state, principal, owner, name)
     payload = await json_body(request, state)
-    answer = await call_api(state, request, principal, row, payload)
+    answer, headers = await call_api(state, request, principal, row, payload)
     if answer is None:
         return Response(status_code=relay.CLIENT_CLOSED)
-    return JSONResponse({"statusCode": 200, "body": {"output": answer["output"]}})
+    return JSONResponse({"statusCode": 200, "body": {"output": answer["output"]}}, headers=headers)
 
 
 # Every method, so that a path these match only by its shape is answered by the router's own

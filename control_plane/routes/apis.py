@@ -18,8 +18,9 @@ from starlette.routing import Route
 from control_plane import api_bundle as bundle
 from control_plane import deploys
 from control_plane.auth import Principal
-from control_plane.errors import ApiNotFound, InvalidField
+from control_plane.errors import ApiLimit, ApiNotFound, InvalidField
 from control_plane.handlers import authed
+from control_plane.limits import rate_headers
 from control_plane.schemas import iso, render_status
 from control_plane.state import AppState
 from db import api_queries as aq
@@ -87,12 +88,29 @@ async def render_api(state: AppState, row: ApiRow) -> dict[str, Any]:
     }
 
 
+# An API limit lasts until the owner deletes one: a retry hint only.
+API_LIMIT_RETRY_S = 60
+
+
+async def _check_api_limit(state: AppState, principal: Principal, name: str) -> None:
+    """Refuse a key's new API beyond its maxApis, before the upload is read (a redeploy of one of
+    its APIs is a new version, not a new API). Two first deploys at one moment may both pass."""
+    most = state.limiter.limits_of(principal).max_apis
+    if most and await queries.count_owned_apis(state.pool, principal.name, name) >= most:
+        raise ApiLimit(
+            f"this key may own {most:,} APIs; delete one first (DELETE /apis/{{name}})",
+            retry_after_s=API_LIMIT_RETRY_S,
+            rate_limit=rate_headers(most, 0, API_LIMIT_RETRY_S),
+        )
+
+
 @authed("user")
 async def deploy(request: Request, state: AppState, principal: Principal) -> Response:
     """`PUT /apis/{name}` with the project's tar.gz: stored, then built and benchmarked."""
     name = deploys.check_api_name(str(request.path_params["name"]))
     owner = principal.name
     deploys.model_of(owner, name)  # refuse a key name that cannot own an API before the upload
+    await _check_api_limit(state, principal, name)
     spec_name = request.query_params.get("spec")
     staged = await deploys.stage(state, request, name, spec_name)
     row = await deploys.store(state, owner, staged)

@@ -193,23 +193,27 @@ async def _run_handler(
     model = parse_model_field(raw)
     api = await aq.get_api_by_model(state.pool, model)
     if api is not None and api_calls.may_call(principal, api):
-        answer = await api_calls.call_api(state, request, principal, api, raw[INPUT])
+        answer, headers = await api_calls.call_api(state, request, principal, api, raw[INPUT])
     else:
         row = await queries.get_model(state.pool, model)
         if api is not None or row is None or not row.present:
             raise ModelNotFound(f"model {model} is not in the catalog")
         if row.task != "handler":
             raise InvalidPrompt("'prompt' is required ('input' is for handler models)")
-        route = await route_to(state, model, cold_wait_s(request.headers.get("prefer")))
-        request.scope[MODEL_SCOPE_KEY] = model
-        payload = proxy.RawJson(json.dumps(raw[INPUT], ensure_ascii=False).encode())
-        answer = await relay.call(state, route, payload, request.receive, "/handle")
+        ticket = await state.limiter.admit(principal)
+        with ticket:
+            route = await route_to(state, model, cold_wait_s(request.headers.get("prefer")))
+            request.scope[MODEL_SCOPE_KEY] = model
+            payload = proxy.RawJson(json.dumps(raw[INPUT], ensure_ascii=False).encode())
+            answer = await relay.call(state, route, payload, request.receive, "/handle")
+        headers = ticket.headers
         if answer is not None and not (isinstance(answer, dict) and "output" in answer):
             raise InvalidAnswer("the model instance sent an invalid answer")
     if answer is None:
         return Response(status_code=relay.CLIENT_CLOSED)
     return JSONResponse(
-        {"output": answer["output"], "error": None, "time_seconds": answer.get("time_seconds")}
+        {"output": answer["output"], "error": None, "time_seconds": answer.get("time_seconds")},
+        headers=headers,
     )
 
 

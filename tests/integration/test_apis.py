@@ -265,3 +265,33 @@ async def test_environments_and_failures_are_told(served: Api, tmp_path: Path) -
     assert status == 200 and not Path(out["python"]).is_relative_to(envs), out
     status, listed = await api.call("GET", "/apis", key=key)
     assert sorted(a["name"] for a in listed) == ["bad-reqs", "import-fails", "no-env", "with-env"]
+
+
+@pytest.mark.slow
+async def test_api_limit_and_calls_counted_for_the_caller(served: Api, tmp_path: Path) -> None:
+    api = served
+    carol_name = owner()
+    status, created = await api.call(
+        "POST", "/admin/keys", {"name": carol_name, "maxApis": 1, "monthlyCalls": 2}
+    )
+    assert status == 201, created
+    carol = created["key"]
+    assert (await deploy(api, project(tmp_path, "one"), carol, name="one"))[0] == 202
+    # A second API is refused before its upload is read; a new version of the first is not.
+    status, body = await deploy(api, project(tmp_path, "two"), carol, name="two")
+    assert status == 429 and body["code"] == "api_limit", body
+    status, body = await deploy(api, project(tmp_path, "one", version=2), carol, name="one")
+    assert status == 202 and body["version"] == 2, body
+    await wait_api(api, "one", carol, "available")
+    for left in ("1", "0"):
+        async with api.session.post(
+            api.base + "/one", data='"x"', headers=api.headers(carol)
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["RateLimit-Remaining"] == left
+    status, body = await api.call(
+        "POST", "/model/run", {"model": f"{carol_name}/one", "input": 1}, key=carol
+    )
+    assert status == 429 and body["code"] == "quota_exceeded", body
+    status, body = await api.call("POST", "/one", key=carol, data='"x"')
+    assert status == 429 and body["code"] == "quota_exceeded", body

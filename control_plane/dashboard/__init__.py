@@ -9,6 +9,7 @@ script and styles. The page's script counts expiries down and refreshes the inst
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from starlette.routing import Route
 from control_plane.auth import Principal
 from control_plane.errors import Forbidden, MlcpError, Unauthorized
 from control_plane.lifecycle import State
+from control_plane.limits import effective, month_of, render_month
 from control_plane.routes.capacity import device_report
 from control_plane.schemas import render_status
 from control_plane.sessions import COOKIE, SESSION_S, Session, csrf_ok
@@ -300,7 +302,22 @@ async def keys_page(request: Request) -> Response:
         return got
     state, session = got
     keys = await queries.list_keys(state.pool)
-    return _page("keys.html", session=session, keys=keys, title="Keys")
+    wall = time.time()
+    month = month_of(wall)
+    # This node's served calls are written first; the others' within a second.
+    await state.limiter.flush()
+    calls = {u.key_id: u.calls for u in await queries.usage_for_month(state.pool, month, None)}
+    rows = [
+        {
+            "key": k,
+            "calls": calls.get(k.id, 0),
+            "limits": effective(k.limits, k.scope, state.limiter.defaults),
+        }
+        for k in keys
+    ]
+    return _page(
+        "keys.html", session=session, rows=rows, month=render_month(month), title="Keys"
+    )
 
 
 async def static(request: Request) -> Response:

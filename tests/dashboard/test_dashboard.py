@@ -196,8 +196,42 @@ async def test_dashboard_in_chromium(dapi: Api, tmp_path: Path) -> None:
             await page.wait_for_selector("text=No live instances", timeout=20_000)
             assert await row.count() == 0
             assert (tmp_path / "dashboard.png").stat().st_size > 1000
+            # The keys page: this month's calls per key (one run through the API here).
+            run = {"model": "fake/two", "prompt": "x"}
+            assert (await dapi.call("POST", "/model/load", {"model": "fake/two"}))[0] == 200
+            await wait_for_status(dapi, "fake/two", "RUNNING")
+            assert (await dapi.call("POST", "/model/run", run))[0] == 200
+            await page.goto(dapi.base + "/dashboard/keys")
+            admin_row = page.locator("tr", has_text="bootstrap admin")
+            assert (await admin_row.locator("td.calls").inner_text()).strip() == "1"
+            await page.screenshot(path=str(tmp_path / "keys.png"), full_page=True)
             assert errors == []
         finally:
             await browser.close()
     status, body = await dapi.call("POST", "/model/status", {"model": "fake/ok"})
     assert body["status"] == "STOPPED"
+
+
+async def test_keys_page_shows_this_months_usage(dapi: Api) -> None:
+    status, body = await dapi.call("POST", "/model/load", {"model": "fake/two"})
+    assert status == 200, body
+    await wait_for_status(dapi, "fake/two", "RUNNING")
+    status, erin = await dapi.call(
+        "POST", "/admin/keys", {"name": "erin", "monthlyCalls": 5, "requestsPerMinute": 30}
+    )
+    assert status == 201
+    for _ in range(2):
+        run = {"model": "fake/two", "prompt": "x"}
+        assert (await dapi.call("POST", "/model/run", run, key=erin["key"]))[0] == 200
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as jar:
+        await sign_in(dapi, jar)
+        async with jar.get(dapi.base + "/dashboard/keys") as resp:
+            assert resp.status == 200
+            page = await resp.text()
+    row = re.search(rf'<tr data-key="{erin["id"]}">(.*?)</tr>', page, re.S)
+    assert row, page
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row[1], re.S)
+    assert re.sub(r"<meter[^>]*></meter>", "", cells[6]).split() == ["2", "/", "5"], cells
+    assert 'max="5" value="2"' in cells[6]
+    assert [c.strip() for c in cells[7:]] == ["5", "30", "-", "-"], cells
+    assert erin["key"] not in page

@@ -315,9 +315,7 @@ async def keys_page(request: Request) -> Response:
         }
         for k in keys
     ]
-    return _page(
-        "keys.html", session=session, rows=rows, month=render_month(month), title="Keys"
-    )
+    return _page("keys.html", session=session, rows=rows, month=render_month(month), title="Keys")
 
 
 async def static(request: Request) -> Response:

@@ -18,6 +18,7 @@ BENCHMARKS = (
     "benchmarks.bench_openai",
     "benchmarks.bench_grpc",
     "benchmarks.bench_deploy",
+    "benchmarks.bench_async",
 )
 
 

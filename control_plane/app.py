@@ -17,7 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
 from benchmarker.worker import background_worker
-from control_plane import handlers, uploads
+from control_plane import deploys, handlers, uploads
 from control_plane.activity import Activity
 from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
@@ -149,6 +149,7 @@ def create_app(settings: Settings) -> Starlette:
             supervisor.on_loaded = metrics.loaded
             # Deploys under way are cancelled before the supervisor and the pool close.
             stack.push_async_callback(state.deploys.close)
+            await deploys.resume(state)
             # Also on app.state, for tests and tooling that hold the app, not a request.
             app.state.mlcp = state
             await reconcile_by_database_clock(supervisor)

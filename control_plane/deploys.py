@@ -39,7 +39,7 @@ from control_plane.schemas import LoadRequest
 from control_plane.state import AppState
 from db import api_queries as aq
 from db import queries
-from db.rows import ApiRow
+from db.rows import ApiRow, ModelJobRow
 from instance_agent.environment import Requirements, RequirementsRefused, read_requirements
 from instance_agent.project import (
     RESERVED_NAMES,
@@ -245,9 +245,28 @@ async def advance(state: AppState, row: ApiRow) -> None:
             await _set(state, row, "failed", "deploy failed unexpectedly (see the server log)")
 
 
+async def resume(state: AppState) -> int:
+    """Take up the deploys a stopped control plane left under way; how many."""
+    rows = [
+        r for r in await aq.list_apis(state.pool, None) if r.status in ("building", "benchmarking")
+    ]
+    for row in rows:
+        state.deploys.start(state, row)
+    return len(rows)
+
+
 async def _advance(state: AppState, row: ApiRow) -> None:
     root = bundle.apis_root(state.settings.data_dir)
     folder = bundle.version_dir(root, row.owner, row.name, row.version)
+    if row.status == "benchmarking":
+        # Resumed after a restart: the catalog row is this version's; follow or queue its job.
+        live = await queries.latest_model_job(state.pool, row.model, ["queued", "benchmarking"])
+        model = await queries.get_model(state.pool, row.model)
+        if live is None and model is not None and model.required_ram_bytes is not None:
+            await _set(state, row, "available", None)
+            return
+        await _benchmark(state, row, live)
+        return
     try:
         requirements = await anyio.to_thread.run_sync(read_requirements, folder)
         await ensure_env(root, requirements, folder)
@@ -260,7 +279,11 @@ async def _advance(state: AppState, row: ApiRow) -> None:
     async with state.pool.acquire() as conn, conn.transaction():
         await queries.lock_model_requests(conn, row.model)
         await aq.upsert_api_model(conn, row.model, str(folder), weights)
-    job = None
+    await _benchmark(state, row, None)
+
+
+async def _benchmark(state: AppState, row: ApiRow, job: ModelJobRow | None) -> None:
+    """Queue (unless `job` is this version's) and follow the job, then available or failed."""
     while job is None:  # a job of an earlier version may still be live: queue after it
         job = await queries.enqueue_model_job(state.pool, row.model)
         if job is None:

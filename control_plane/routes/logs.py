@@ -1,4 +1,5 @@
-"""/model/logs: an instance's last log lines, for admins and the key that loaded it."""
+"""/model/logs: an instance's last log lines, for admins, the key that loaded it, and the owner
+of the deployed API it serves."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from control_plane.handlers import authed
 from control_plane.loading import not_loaded
 from control_plane.routes.instances import may_manage, not_yours
 from control_plane.state import AppState
+from db import api_queries as aq
 from db import queries
 
 DEFAULT_TAIL = 200
@@ -36,11 +38,17 @@ async def logs(request: Request, state: AppState, principal: Principal) -> Respo
         raise await not_loaded(state, model)
     if not row.handle:
         raise NotLoaded(f"model {model} has no instance with logs")
-    if not may_manage(principal, row):
+    if not may_manage(principal, row) and not await _owns_api(state, principal, model):
         # Another key's instance answers as if it were not there (tenancy: 404, not 403).
         raise not_yours(model)
     text = await state.supervisor.runtime.logs(row.handle, int(raw_tail))
     return PlainTextResponse(text + ("\n" if text else ""))
+
+
+async def _owns_api(state: AppState, principal: Principal, model: str) -> bool:
+    """A deployed API's log is its owner's, whichever key's call loaded its instance."""
+    api = await aq.get_api_by_model(state.pool, model)
+    return api is not None and api.owner == principal.name
 
 
 routes = [Route("/model/logs", logs, methods=["GET"])]

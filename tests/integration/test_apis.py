@@ -17,6 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from control_plane.settings import Settings
 from tests.api_deploy import deploy, wait_api
 from tests.handler_projects import write_spec
 from tests.harness import Api, create_database, make_settings, pid_alive, serve
@@ -213,6 +214,14 @@ async def test_deploy_call_redeploy_and_delete(served: Api, tmp_path: Path) -> N
     # public: true lets bob call it by its owner's path (POST /{name} is only ever the caller's).
     status, got = await api.call("POST", f"/{alice_name}/echo-api", key=bob, data="2")
     assert status == 200 and got["body"]["output"]["version"] == 2, got
+    # Stopped, then loaded cold by bob's call: its log is still alice's to read (not bob's).
+    model = f"{alice_name}/echo-api"
+    assert (await api.call("POST", "/model/delete", {"model": model}, key=alice))[0] == 200
+    status, got = await api.call("POST", f"/{alice_name}/echo-api", key=bob, data="3")
+    assert status == 200, got
+    out = got["body"]["output"]
+    status, text = await api.call("GET", f"/model/logs?model={model}&tail=20", key=alice)
+    assert status == 200 and isinstance(text, str), text
 
     status, got = await api.call("DELETE", "/apis/echo-api", key=alice)
     assert (status, got) == (200, {"name": "echo-api", "status": "deleted"})
@@ -295,3 +304,28 @@ async def test_api_limit_and_calls_counted_for_the_caller(served: Api, tmp_path:
     assert status == 429 and body["code"] == "quota_exceeded", body
     status, body = await api.call("POST", "/one", key=carol, data='"x"')
     assert status == 429 and body["code"] == "quota_exceeded", body
+
+
+@pytest.mark.slow
+async def test_a_deploy_under_way_is_resumed_after_a_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with serve(settings) as base, aiohttp.ClientSession() as session:
+        api = Api(base, session, settings)
+        name = owner()
+        key = await user_key(api, name)
+        # Its handler takes 4 s to import: the benchmark is still measuring it at the stop.
+        slow = "import time\ntime.sleep(4)\n" + HANDLER.format(version=1)
+        folder = project(tmp_path, "resumed", main=slow)
+        status, body = await deploy(api, folder, key, name="resumed")
+        assert (status, body["status"]) == (202, "building"), body
+        await wait_api(api, "resumed", key, "benchmarking")
+    # The control plane stopped with the deploy under way (its task cancelled): the next one
+    # takes it up from the database.
+    async with serve(settings) as base, aiohttp.ClientSession() as session:
+        api = Api(base, session, settings)
+        status, got = await api.call("GET", "/apis/resumed", key=key)
+        assert status == 200 and got["status"] in ("building", "benchmarking"), got
+        await wait_api(api, "resumed", key, "available")
+        status, out = await api.call("POST", "/resumed", key=key, data='"back"')
+        assert status == 200 and out["echo"] == "back", out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,11 @@ class BenchmarkerSettings(BaseSettings):
 
     database_url: SecretStr | None = None
     data_dir: Path = Path(".mlcp")
+    # Where converted and fetched models are kept (MLCP_MODEL_STORE); unset, MLCP_DATA_DIR/models.
+    # With the ray runtime every node reads it at the same path: put it on shared storage.
+    model_store_dir: Path | None = Field(
+        default=None, validation_alias=AliasChoices("MLCP_MODEL_STORE", "model_store_dir")
+    )
     # Colon- or comma-separated folders (a plain string so a shell user can write it naturally).
     model_dirs: str = ""
     hf_cache_dir: Path | None = None
@@ -46,4 +51,4 @@ class BenchmarkerSettings(BaseSettings):
 
     @property
     def model_store(self) -> Path:
-        return self.data_dir / "models"
+        return self.model_store_dir or self.data_dir / "models"

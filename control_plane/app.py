@@ -98,6 +98,7 @@ def create_app(settings: Settings) -> Starlette:
             activity = Activity(node_id=uuid.uuid4().hex)
             runtime = build_runtime(settings, await queries.cluster_id(pool))
             if (ray := ray_runtime_of(runtime)) is not None:
+                stack.push_async_callback(ray.close)
                 try:
                     await asyncio.to_thread(ray.connect)
                     await ray.refresh_nodes()

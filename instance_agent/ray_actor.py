@@ -25,7 +25,11 @@ import threading
 import time
 from collections import deque
 
+from instance_agent.launch import LOAD_FAILED_MARK
+
 PR_SET_PDEATHSIG = 1
+# The agent's own exit status for a model it cannot load (instance_agent/__main__.py).
+MISSING_EXIT = 3
 TAIL_LINES = 2000
 
 
@@ -60,6 +64,19 @@ def bind(argv: list[str], host: str, port: int) -> list[str]:
     return out
 
 
+def missing_model_dir(args: list[str], host: str) -> str | None:
+    """Why the agent cannot start here when its model folder is not on this node, else None."""
+    if "--model-dir" not in args or args.index("--model-dir") + 1 >= len(args):
+        return None
+    folder = args[args.index("--model-dir") + 1]
+    if os.path.isdir(folder):
+        return None
+    return (
+        f"the model folder {folder} is not on node {host}: every node must see the model "
+        "store at the same path (MLCP_MODEL_STORE on shared storage)"
+    )
+
+
 class InstanceActor:
     """One instance agent as a child of this actor's process."""
 
@@ -72,6 +89,11 @@ class InstanceActor:
         self.label = label
         self.url = f"http://{host}:{port}"
         self.lines: deque[str] = deque(maxlen=TAIL_LINES)
+        self.proc: subprocess.Popen[bytes] | None = None
+        missing = missing_model_dir(args, host)
+        if missing:
+            self.lines.append(f"{LOAD_FAILED_MARK} {missing}")
+            return
         self.proc = subprocess.Popen(
             bind(command, host, port),
             stdin=subprocess.DEVNULL,
@@ -85,7 +107,7 @@ class InstanceActor:
         self.pump.start()
 
     def _pump(self) -> None:
-        assert self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
@@ -101,20 +123,24 @@ class InstanceActor:
             "label": self.label,
             "endpoint": self.url,
             "node": ray.get_runtime_context().get_node_id(),
-            "pid": self.proc.pid,
+            "pid": None if self.proc is None else self.proc.pid,
         }
 
     def poll(self) -> int | None:
         """None while the agent runs; its exit status otherwise (negative: a signal)."""
+        if self.proc is None:
+            return MISSING_EXIT
         return self.proc.poll()
 
     def tail(self, lines: int) -> list[str]:
-        if self.proc.poll() is not None:
+        if self.proc is not None and self.proc.poll() is not None:
             self.pump.join(timeout=1)  # the last lines of an agent that ended
         return list(self.lines)[-lines:] if lines > 0 else []
 
     def terminate(self, grace_s: float) -> int | None:
         """SIGTERM the agent's process group, SIGKILL it after `grace_s`; its exit status."""
+        if self.proc is None:
+            return MISSING_EXIT
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGTERM)

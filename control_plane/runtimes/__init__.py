@@ -36,5 +36,6 @@ def build_runtime(settings: Settings, cluster: str) -> Runtime:
             address=settings.ray_address,
             command=settings.agent_command,
             lease_grace_s=settings.instance_lease_grace_s,
+            stale_after_s=max(10.0, 5 * settings.ray_nodes_refresh_s),
         )
     raise ValueError(f"runtime {settings.runtime!r} is not available")

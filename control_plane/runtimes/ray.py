@@ -21,6 +21,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -48,6 +49,12 @@ KILLED = "the instance's Ray actor was killed (ray.kill)"
 GONE = "the instance's Ray actor is gone"
 CONNECT_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
+NODES_TIMEOUT_S = 5.0
+# A node table older than this is not placed on (the scheduled read runs every 2 s).
+STALE_NODES_S = 10.0
+RAY_THREADS = 8
+RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+RECONNECT_S = 7 * 86_400
 # Creating the actor on its node (a worker process started there) and the agent spawned.
 PLACE_TIMEOUT_S = 60.0
 REMOVE_WAIT_S = 10.0
@@ -137,8 +144,14 @@ class RayRuntime:
         address: str | None,
         command: list[str] | None = None,
         lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
+        stale_after_s: float = STALE_NODES_S,
     ) -> None:
         self.cluster = cluster
+        self.stale_after_s = stale_after_s
+        self._nodes_read_at: float | None = None  # monotonic
+        # Ray's calls block, some until their deadline while the cluster is away: their own
+        # threads, so they never take the default executor's few (6 on 2 cores) from the rest.
+        self._threads = ThreadPoolExecutor(RAY_THREADS, thread_name_prefix="mlcp-ray")
         self.address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
         self.command = command
         self.lease_grace_s = lease_grace_s
@@ -158,6 +171,9 @@ class RayRuntime:
         """
         if ray.is_initialized():
             return
+        # Ray ends a driver whose GCS stays away for 60 s: the control plane must outlive an
+        # outage of the cluster (running instances keep serving; loads answer 503).
+        os.environ.setdefault(RECONNECT_ENV, str(RECONNECT_S))
         try:
             host, port = split_address(self.address)
         except ValueError as exc:
@@ -181,10 +197,15 @@ class RayRuntime:
                 **kwargs,
             )
 
+    async def close(self) -> None:
+        """Let go of the threads; the driver stays connected (actors are detached anyway)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
     async def _call(self, what: str, fn: Callable[[], T], timeout_s: float = CALL_TIMEOUT_S) -> T:
         """Run a blocking Ray call in a thread under a deadline; Ray's errors translated."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn), timeout_s)
+            loop = asyncio.get_running_loop()
+            return await asyncio.wait_for(loop.run_in_executor(self._threads, fn), timeout_s)
         except RuntimeFailed:
             raise
         except TimeoutError as exc:
@@ -197,11 +218,12 @@ class RayRuntime:
 
     async def refresh_nodes(self) -> list[Node]:
         """Read Ray's node table (and each GPU node's GPU memory once); keep it as `nodes`."""
-        table = parse_node_table(await self._call("list its nodes", ray.nodes))
+        table = parse_node_table(await self._call("list its nodes", ray.nodes, NODES_TIMEOUT_S))
         for node in table:
             if node.alive and node.gpus and node.node_id not in self._gpu_bytes:
                 self._gpu_bytes[node.node_id] = await self._probe_gpus(node.node_id)
         self.nodes = [replace(n, gpu_bytes=self._gpu_bytes.get(n.node_id, {})) for n in table]
+        self._nodes_read_at = time.monotonic()
         return self.nodes
 
     async def _probe_gpus(self, node_id: str) -> dict[int, int]:
@@ -217,8 +239,13 @@ class RayRuntime:
         return found
 
     async def devices(self) -> list[Device]:
-        """Every live node's devices, reading the node table if it was never read."""
-        if not self.nodes:
+        """Every live node's devices, reading the node table again if it was not read lately.
+
+        A table older than `stale_after_s` (the cluster stopped answering the scheduled reads)
+        is not placed on: ClusterUnavailable, a 503 with Retry-After, until Ray answers again.
+        """
+        read_at = self._nodes_read_at
+        if read_at is None or time.monotonic() - read_at > self.stale_after_s:
             await self.refresh_nodes()
         return cluster_devices(self.nodes)
 

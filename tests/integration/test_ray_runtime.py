@@ -369,3 +369,26 @@ def test_a_bad_ray_address_stops_the_start_with_its_reason(
     )
     assert done.returncode != 0
     assert said in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+async def test_a_node_without_the_model_folder_fails_the_load_with_the_reason(
+    rapi: Api, ray_nodes: RayCluster, tmp_path: Path
+) -> None:
+    runtime = app_state(rapi).supervisor.runtime
+    assert isinstance(runtime, RayRuntime)
+    spec = InstanceSpec(
+        instance_id=9998,
+        generation=1,
+        model="fake/ok",
+        model_dir=tmp_path / "not-shared" / "fake" / "ok",
+        gguf_file=None,
+        concurrency=1,
+        max_queue=1,
+        device=f"cpu@{ray_nodes.head_id}",
+    )
+    launched = await runtime.start(spec)
+    exited = await runtime.exited(launched.handle)
+    assert exited is not None and exited.reason.startswith("load failed: the model folder")
+    assert "MLCP_MODEL_STORE on shared storage" in exited.reason
+    await runtime.stop(launched.handle, 1.0)
+    assert not actor_alive(launched.handle)

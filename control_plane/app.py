@@ -9,7 +9,8 @@ import logging
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,7 +31,7 @@ from control_plane.events import EventHub
 from control_plane.grpc_front import GrpcFront
 from control_plane.grpc_services import ServiceTable
 from control_plane.metrics import Metrics, RecordRequests
-from control_plane.outage import DatabaseOutage
+from control_plane.outage import DatabaseOutage, is_outage
 from control_plane.proxy import new_session
 from control_plane.quotas import Limiter
 from control_plane.reconciler import reconcile_by_database_clock
@@ -76,6 +77,16 @@ def announce_admin_key(secret: str) -> None:
         file=sys.stdout,
         flush=True,
     )
+
+
+async def unless_outage(what: str, write: Callable[..., Awaitable[object]], *args: Any) -> None:
+    """A write on the way out that the database may be down for: logged, never a failed exit."""
+    try:
+        await write(*args)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        logger.warning("not written at shutdown (the database is unavailable): %s", what)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -168,8 +179,13 @@ def create_app(settings: Settings) -> Starlette:
             stack.push_async_callback(scheduler.aclose)
             # Counters not yet flushed are written before the pool closes, and reserved calls not
             # served are given back for other control planes.
-            stack.push_async_callback(activity.flush, pool)
-            stack.push_async_callback(functools.partial(state.limiter.flush, release_all=True))
+            # During an outage they cannot be: said once each, and the exit goes on.
+            stack.push_async_callback(unless_outage, "request counters", activity.flush, pool)
+            stack.push_async_callback(
+                unless_outage,
+                "reserved calls",
+                functools.partial(state.limiter.flush, release_all=True),
+            )
             # Stops first on the way out: finishes or hands back its job while the pool is open.
             device = benchmark_device(settings.benchmark_device, settings.use_gpus)
             await stack.enter_async_context(background_worker(pool, settings, device=device))

@@ -9,17 +9,22 @@ the same control plane serves again without a restart.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
+from tests.e2e.server import http, start, stop
+from tests.fake_agent import write_fake_model
 from tests.faults.postgres import OwnPostgres
-from tests.faults.scenario import control_plane, migrated
+from tests.faults.scenario import FAKE_AGENT, control_plane, migrated
 from tests.harness import ADMIN_KEY, Api, load, wait_status
 
 pytestmark = pytest.mark.faults
@@ -112,3 +117,80 @@ async def test_outage_under_traffic(
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the end of the outage was not logged")
+
+
+async def test_sigterm_during_an_outage_exits_and_loses_nothing(
+    own_pg: OwnPostgres, tmp_path: Path
+) -> None:
+    """A control plane told to stop while its database is down exits within the stop deadline
+    (no flush or hand-back waits forever on a dead connection); its instance keeps running and
+    the next control plane, once the database is back, adopts it with its counters."""
+    await migrated(own_pg.dsn)
+    write_fake_model(tmp_path / "models", MODEL, mode="ok")
+    env = {
+        "MLCP_DATABASE_URL": own_pg.dsn,
+        "MLCP_ADMIN_KEY": ADMIN_KEY,
+        "MLCP_INCLUDE_PACKAGED_MODELS": "false",
+        "MLCP_MODEL_DIRS": str(tmp_path / "models"),
+        "MLCP_AGENT_COMMAND": json.dumps(FAKE_AGENT),
+    }
+    first = start(tmp_path / "first", tmp_path, "first", **env)
+    try:
+        conn = await asyncpg.connect(own_pg.dsn)
+        try:
+            await conn.execute(
+                "UPDATE models SET required_ram_bytes = 50000000, benchmarked_at = now()"
+            )
+        finally:
+            await conn.close()
+        body = {"model": MODEL, "expirationPeriodSeconds": 600}
+        assert (await asyncio.to_thread(http, "POST", first.base + "/model/load", ADMIN_KEY, body))[
+            0
+        ] == 200
+        for _ in range(200):
+            _, status = await asyncio.to_thread(
+                http, "POST", first.base + "/model/status", ADMIN_KEY, {"model": MODEL}
+            )
+            if status["status"] == "RUNNING":
+                break
+            await asyncio.sleep(0.1)
+        assert status["status"] == "RUNNING", status
+        run = {"model": MODEL, "prompt": "x"}
+        for _ in range(3):
+            code, out = await asyncio.to_thread(
+                http, "POST", first.base + "/model/run", ADMIN_KEY, run
+            )
+            assert code == 200, out
+        await asyncio.sleep(0.5)  # the activity flush writes the three inferences
+        own_pg.stop()
+        started = time.monotonic()
+        first.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(first.proc.wait, 40)
+        # uvicorn ends by re-raising the SIGTERM it handled: -15 is its clean exit.
+        assert time.monotonic() - started < 40 and code in (0, -signal.SIGTERM), code
+        log = first.err()
+        assert "Application shutdown complete" in log and "Traceback" not in log, log[-3000:]
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+    own_pg.start()
+    second = start(tmp_path / "second", tmp_path, "second", **env)
+    try:
+        _, after = await asyncio.to_thread(
+            http, "POST", second.base + "/model/status", ADMIN_KEY, {"model": MODEL}
+        )
+        assert after["status"] == "RUNNING", after
+        code, out = await asyncio.to_thread(
+            http, "POST", second.base + "/model/run", ADMIN_KEY, run
+        )
+        assert code == 200, out
+        _, listed = await asyncio.to_thread(
+            http, "GET", second.base + "/model/instances", ADMIN_KEY
+        )
+        assert listed[0]["inferences"] >= 4, listed
+        code, _ = await asyncio.to_thread(
+            http, "POST", second.base + "/model/delete", ADMIN_KEY, {"model": MODEL}
+        )
+        assert code == 200
+    finally:
+        stop(second)

@@ -26,6 +26,7 @@ def build_runtime(settings: Settings, cluster: str) -> Runtime:
             image=settings.docker_image,
             network=settings.docker_network,
             command=settings.agent_command,
+            lease_grace_s=settings.instance_lease_grace_s,
         )
     if settings.runtime == "ray":
         # Imported here: only deployments on a Ray cluster load Ray.

@@ -104,6 +104,7 @@ def container_config(
     host_port: int,
     command: tuple[str, ...] = DEFAULT_COMMAND,
     free_gpu_bytes: dict[int, int] | None = None,
+    lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
 ) -> dict[str, Any]:
     """Keyword arguments for `containers.create` that start `spec`'s agent."""
     device_requests, agent_device = gpu_request(spec.device, free_gpu_bytes)
@@ -129,7 +130,8 @@ def container_config(
         "environment": {
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            LEASE_ENV: f"{DEFAULT_LEASE_GRACE_S:g}",
+            # The agent exits once no control plane renews it (MLCP_INSTANCE_LEASE_GRACE_S).
+            LEASE_ENV: f"{lease_grace_s:g}",
         },
         "user": "0:0",
         # An init process forwards SIGTERM to the agent: as PID 1 it would ignore it until
@@ -198,8 +200,10 @@ class DockerRuntime:
         network: Network = "bridge",
         command: list[str] | None = None,
         timeout_s: int = CLIENT_TIMEOUT_S,
+        lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
     ) -> None:
         self.cluster = cluster
+        self.lease_grace_s = lease_grace_s
         self.image = image
         self.network: Network = network
         self.command = tuple(command or DEFAULT_COMMAND)
@@ -243,6 +247,7 @@ class DockerRuntime:
                 host_port=host_port,
                 command=self.command,
                 free_gpu_bytes=gpus,
+                lease_grace_s=self.lease_grace_s,
             )
             container = self._create(client, config)
             try:

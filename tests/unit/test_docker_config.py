@@ -78,6 +78,7 @@ def test_bridge_config_publishes_on_loopback_only() -> None:
     assert config["name"] == "mlcp-c1-7-3"
     assert config["init"] is True and config["user"] == "0:0"
     assert "mem_limit" not in config and "device_requests" not in config
+    assert config["environment"]["MLCP_INSTANCE_LEASE_S"] == "300"
 
 
 def test_host_config_limits_memory_and_requests_gpus() -> None:
@@ -89,7 +90,9 @@ def test_host_config_limits_memory_and_requests_gpus() -> None:
         host_port=41000,
         command=("python", "/model/fake_agent.py"),
         free_gpu_bytes={0: 1, 1: 2},
+        lease_grace_s=42.5,
     )
+    assert config["environment"]["MLCP_INSTANCE_LEASE_S"] == "42.5"
     assert config["network_mode"] == "host" and "ports" not in config
     argv = config["command"]
     assert argv[argv.index("--host") + 1] == "127.0.0.1"

@@ -17,6 +17,7 @@ BENCHMARKS = (
     "benchmarks.bench_events",
     "benchmarks.bench_openai",
     "benchmarks.bench_grpc",
+    "benchmarks.bench_limits",
     "benchmarks.bench_deploy",
     "benchmarks.bench_async",
 )

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from types import TracebackType
 
 from control_plane.auth import Principal
@@ -40,6 +40,7 @@ from control_plane.limits import (
 from control_plane.settings import Settings
 from db import queries
 from db.queries import Executor
+from db.rows import KeyLimits
 
 # A key found without calls left is asked about again after this long (calls another control
 # plane gives back become usable here within it).
@@ -222,9 +223,28 @@ class Limiter:
         self._wall = wall
         self._windows: dict[int, deque[float]] = {}
         self._streams: dict[int, int] = {}
+        # Resolved limits by (own limits, scope): resolving is a dozen attribute reads per request.
+        self._resolved: dict[tuple[KeyLimits, str], Limits] = {}
+        # The current UTC month and the Unix times it starts and ends, recomputed outside them.
+        self._month = month_of(0.0)
+        self._month_start = self._month_end = 0.0
 
     def limits_of(self, principal: Principal) -> Limits:
-        return effective(principal.limits, principal.scope, self.defaults)
+        known = self._resolved.get((principal.limits, principal.scope))
+        if known is None:
+            if len(self._resolved) > 10_000:
+                self._resolved.clear()
+            known = effective(principal.limits, principal.scope, self.defaults)
+            self._resolved[(principal.limits, principal.scope)] = known
+        return known
+
+    def _month_at(self, wall: float) -> tuple[date, float]:
+        """The UTC month of `wall`, and the seconds left in it."""
+        if not self._month_start <= wall < self._month_end:
+            self._month = month_of(wall)
+            self._month_start = datetime(*self._month.timetuple()[:3], tzinfo=UTC).timestamp()
+            self._month_end = wall + seconds_to_next_month(wall)
+        return self._month, self._month_end - wall
 
     def open_streams(self, key_id: int) -> int:
         return self._streams.get(key_id, 0)
@@ -241,11 +261,9 @@ class Limiter:
         limits = self.limits_of(principal)
         key_id = principal.key_id
         self._check(key_id, limits, stream, self._clock())
-        wall = self._wall()
-        month = month_of(wall)
+        month, reset_s = self._month_at(self._wall())
         left = await self.book.take(key_id, month, limits.monthly_calls)
         if left is None:
-            reset_s = seconds_to_next_month(wall)
             raise QuotaExceeded(
                 f"this key has used its {limits.monthly_calls:,} calls for "
                 f"{render_month(month)}; they renew at the start of next month (UTC)",
@@ -269,7 +287,7 @@ class Limiter:
             rpm = limits.requests_per_minute
             tightest = (rpm, rpm - len(window), window_reset_s(window, now))
         if limits.monthly_calls and (tightest is None or left < tightest[1]):
-            tightest = (limits.monthly_calls, left, seconds_to_next_month(wall))
+            tightest = (limits.monthly_calls, left, reset_s)
         if stream:
             self._streams[key_id] = self._streams.get(key_id, 0) + 1
         headers = rate_headers(*tightest) if tightest else {}

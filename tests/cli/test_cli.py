@@ -224,7 +224,8 @@ def test_help_needs_no_server(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0
-    for command in ("list", "pull", "load", "ps", "run", "stop", "status", "logs", "events"):
+    commands = ("list", "pull", "load", "ps", "run", "stop", "status", "logs", "events")
+    for command in (*commands, "init", "deploy", "get", "delete"):
         assert command in done.stdout.decode()
 
 

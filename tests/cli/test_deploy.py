@@ -198,9 +198,11 @@ async def test_get_watch_follows_the_stages(alice: Cli, tmp_path: Path) -> None:
     )
     os.close(follower)
     try:
-        await asyncio.sleep(3)
+        # Drawn, then redrawn a second later; then Ctrl-C.
+        drawn = await asyncio.to_thread(read_pty, live_table, leader, 60, b"VERSION", 2)
         live_table.send_signal(signal.SIGINT)
-        text = (await asyncio.to_thread(read_pty, live_table, leader, 10)).decode(errors="replace")
+        drawn += await asyncio.to_thread(read_pty, live_table, leader, 10)
+        text = drawn.decode(errors="replace")
         code = await asyncio.to_thread(live_table.wait, 10)
     finally:
         if live_table.poll() is None:
@@ -209,14 +211,23 @@ async def test_get_watch_follows_the_stages(alice: Cli, tmp_path: Path) -> None:
         os.close(leader)
     assert code == 130, text
     assert "Traceback" not in text
-    assert text.count("VERSION") >= 2, text  # drawn, then redrawn
+    assert text.count("VERSION") >= 2, text
     assert NAME in text and "available" in text
 
 
-def read_pty(proc: subprocess.Popen[bytes], leader: int, deadline_s: float) -> bytes:
+def read_pty(
+    proc: subprocess.Popen[bytes],
+    leader: int,
+    deadline_s: float,
+    until: bytes | None = None,
+    times: int = 1,
+) -> bytes:
+    """What the process writes to its terminal until it ends (or `until` came `times` times)."""
     seen = b""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
+        if until is not None and seen.count(until) >= times:
+            break
         ready = select.select([leader], [], [], 0.2)[0]
         if ready:
             try:

@@ -20,6 +20,7 @@ BENCHMARKS = (
     "benchmarks.bench_limits",
     "benchmarks.bench_deploy",
     "benchmarks.bench_async",
+    "benchmarks.bench_apis",
 )
 
 

@@ -198,6 +198,7 @@ async def store(state: AppState, owner: str, staged: Staged) -> ApiRow:
             await anyio.to_thread.run_sync(bundle.remove, folder)
             folder.parent.mkdir(parents=True, exist_ok=True)
             await anyio.to_thread.run_sync(os.replace, staged.folder, folder)
+        state.api_cache.pop((owner, row.name), None)
     except BaseException:
         await anyio.to_thread.run_sync(bundle.remove, staged.folder)
         raise
@@ -227,7 +228,9 @@ class Deploys:
 
 
 async def _set(state: AppState, row: ApiRow, status: str, reason: str | None) -> ApiRow | None:
-    return await aq.set_api_status(state.pool, row.owner, row.name, row.version, status, reason)
+    moved = await aq.set_api_status(state.pool, row.owner, row.name, row.version, status, reason)
+    state.api_cache.pop((row.owner, row.name), None)
+    return moved
 
 
 async def advance(state: AppState, row: ApiRow) -> None:

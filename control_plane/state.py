@@ -19,6 +19,7 @@ from control_plane.sessions import Signer
 from control_plane.settings import Settings
 from control_plane.supervisor import Supervisor
 from db.pool import Pool
+from db.rows import ApiRow
 
 if TYPE_CHECKING:
     from control_plane.deploys import Deploys
@@ -52,6 +53,8 @@ class AppState:
     upload_secret: bytes = b""
     # The gRPC port's server (MLCP_GRPC_PORT), once the lifespan started it.
     grpc: GrpcFront | None = None
+    # Handler API rows by (owner, name), with when each stops being trusted (monotonic s).
+    api_cache: dict[tuple[str, str], tuple[ApiRow | None, float]] = field(default_factory=dict)
     # Deploys of handler APIs under way on this control plane (set by the lifespan).
     deploys: Deploys = field(default_factory=lambda: _deploys())
 

@@ -168,6 +168,7 @@ async def delete_api(request: Request, state: AppState, principal: Principal) ->
     if live is not None:
         await state.supervisor.delete(live)
     await aq.delete_api(state.pool, row.owner, row.name)
+    state.api_cache.pop((row.owner, row.name), None)
     root = bundle.apis_root(state.settings.data_dir)
     await anyio.to_thread.run_sync(bundle.remove, root / "versions" / row.owner / row.name)
     return JSONResponse({"name": row.name, "status": "deleted"})

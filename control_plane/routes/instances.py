@@ -33,7 +33,6 @@ from control_plane.schemas import (
     render_status,
 )
 from control_plane.state import AppState
-from db import api_queries as aq
 from db import queries
 from db.rows import InstanceRow
 
@@ -191,7 +190,10 @@ async def _run_handler(
     """`{"model", "input"}` for a handler model: the handler's output as `output`."""
     reject_unknown(raw, frozenset({MODEL, INPUT}))
     model = parse_model_field(raw)
-    api = await aq.get_api_by_model(state.pool, model)
+    owner, _, name = model.partition("/")
+    api = await api_calls.cached_api(state, owner, name)
+    if api is not None and api.status == "deleted":
+        api = None
     if api is not None and api_calls.may_call(principal, api):
         answer, headers = await api_calls.call_api(state, request, principal, api, raw[INPUT])
     else:

@@ -109,8 +109,9 @@ and your code finds them at the path in the MODEL_DIR environment variable.
 """
 
 _DOCKERFILE = f"""\
-# The image this API's instances run in with the docker runtime: mlcp's agent image (built
-# offline by `make image`, no registry), which serves the project mounted into the container.
+# This API's container image: mlcp's agent image (built offline by `make image`, no registry),
+# which serves the project mounted into the container. The docker runtime runs instances in that
+# image as it is; layers your code needs would go below.
 FROM {AGENT_IMAGE}
 """
 

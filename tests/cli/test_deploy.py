@@ -109,6 +109,12 @@ async def test_init_deploy_call_get_logs_delete(alice: Cli, live: Api, tmp_path:
     one = await alice("get", NAME, "--json")
     assert one.code == 0 and one.json()["instance"]["status"] == "RUNNING"
 
+    # An admin names it by its owner.
+    admin = Cli(live.base, ADMIN_KEY, alice.home)
+    theirs = await admin("get", f"alice/{NAME}", "--json")
+    assert theirs.code == 0 and theirs.json()["owner"] == "alice", theirs
+    assert_clean_error(await admin("get", NAME), "api_not_found")  # not the admin's own
+
     logs = await alice("logs", NAME, "--json")
     assert logs.code == 0, logs
     assert logs.json()["model"] == f"alice/{NAME}" and isinstance(logs.json()["lines"], list)

@@ -433,3 +433,26 @@ async def test_a_second_control_plane_cannot_take_a_grpc_port_in_use(
                 stubs[ECHO].Text(text=f"still-{i}"), metadata=AUTH, timeout=60
             )
             assert reply.text == f"p:still-{i}"
+
+
+async def test_a_key_over_its_monthly_calls_is_resource_exhausted(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    status, key = await front.call(
+        "POST", "/admin/keys", {"name": f"grpc-{uuid.uuid4().hex[:6]}", "monthlyCalls": 1}
+    )
+    assert status == 201, key
+    auth = (("authorization", f"Key {key['key']}"),)
+    stub = echo_stub(stubs, ECHO, channel)
+    assert (await stub.Predict(stubs[ECHO].Text(text="a"), metadata=auth, timeout=60)).text == (
+        "p:a"
+    )
+    error = await rpc_error(stub.Predict(stubs[ECHO].Text(text="b"), metadata=auth, timeout=10))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "calls" in (error.details() or "")
+    retry = dict(error.trailing_metadata() or ()).get("retry-after")
+    assert retry is not None and int(retry) >= 1
+    # The admin key (no limits) is not affected.
+    assert (await stub.Predict(stubs[ECHO].Text(text="c"), metadata=AUTH, timeout=10)).text == (
+        "p:c"
+    )

@@ -284,7 +284,22 @@ async def test_defaults_apply_to_user_keys_and_zero_is_unlimited(dapi: Api) -> N
 
 async def test_other_inference_routes_share_the_quota(lapi: Api) -> None:
     await running(lapi, "fake/a")
-    alice = await new_key(lapi, "alice", monthlyCalls=3)
+    alice = await new_key(lapi, "alice", monthlyCalls=5)
+    # Streams carry the headers too: server-sent events of /model/run and of /v1.
+    async with lapi.session.post(
+        lapi.base + "/model/run",
+        json=run_body(stream=True),
+        headers={**lapi.headers(alice["key"]), "Accept": "text/event-stream"},
+    ) as resp:
+        assert resp.status == 200 and "text/event-stream" in resp.headers["Content-Type"]
+        assert resp.headers["RateLimit-Remaining"] == "4" and "done" in await resp.text()
+    async with lapi.session.post(
+        lapi.base + "/v1/completions",
+        json={"model": "fake/a", "prompt": "x", "max_tokens": 2, "stream": True},
+        headers=lapi.headers(alice["key"]),
+    ) as resp:
+        assert resp.status == 200 and resp.headers["RateLimit-Remaining"] == "3"
+        assert "[DONE]" in await resp.text()
     status, body, headers = await send(
         lapi, "/v1/completions", {"model": "fake/a", "prompt": "x", "max_tokens": 2}, alice["key"]
     )

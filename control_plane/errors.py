@@ -37,6 +37,7 @@ Exception tree::
     │   ├── UploadInProgress (409 upload_in_progress)
     │   ├── UploadIncomplete (409 upload_incomplete)
     │   ├── ApiNotReady (409 api_not_ready)
+    │   ├── GrpcServiceTaken (409 grpc_service_taken)
     │   └── ApiNameTaken (409 api_name_taken)
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
@@ -539,6 +540,12 @@ class ApiNotReady(Conflict):
     """The API's current version is not available yet (building or benchmarking) or failed."""
 
     code = "api_not_ready"
+
+
+class GrpcServiceTaken(Conflict):
+    """The project's .proto defines a gRPC service another API already serves."""
+
+    code = "grpc_service_taken"
 
 
 class ApiNameTaken(Conflict):

@@ -156,7 +156,7 @@ class GrpcFront:
     def __init__(self, state: AppState, table: ServiceTable) -> None:
         self._state = state
         self.table = table
-        self._compiler = ProjectCompiler()
+        self.compiler = ProjectCompiler()
         self._channels: dict[int, tuple[str, grpc.aio.Channel]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         limit = state.settings.grpc_max_message_bytes
@@ -198,13 +198,17 @@ class GrpcFront:
         """Rebuild the service table from the catalog's handler projects."""
         rows = await queries.list_models(self._state.pool)
         projects = [
-            (row.name, Path(row.source_path))
+            # A deployed API (source "apis", `owner/name`) is its owner's; a project of
+            # MLCP_MODEL_DIRS is everyone's.
+            (
+                row.name,
+                Path(row.source_path),
+                row.name.split("/", 1)[0] if row.source_kind == "apis" else None,
+            )
             for row in rows
-            # Deployed APIs (owned by a key's name) are not served over gRPC yet: their
-            # ownership is not the table's (per key id), and it must not leak.
-            if row.task == "handler" and row.source_path is not None and row.source_kind != "apis"
+            if row.task == "handler" and row.source_path is not None
         ]
-        table, refused = await grpc_services.build_table(self._compiler, projects)
+        table, refused = await grpc_services.build_table(self.compiler, projects)
         self.table.replace(table, refused)
         if self.table.version != self._served_version:
             self._served_version = self.table.version

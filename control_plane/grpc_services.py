@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from control_plane.auth import Principal
+from control_plane.errors import GrpcServiceTaken, InvalidProjectSpec
 from instance_agent.proto import ProtoInvalid, compile_proto
 from instance_agent.protocol import LoadFailed
 from instance_agent.user_code import read_project_spec
@@ -39,19 +40,16 @@ class ServedService:
     concurrency: int = 1
     # The spec's expirationPeriodSeconds: idle time before a cold-loaded instance stops.
     expiration_s: int = 600
-    # None: a catalog project, every key may call it; else its owner's key (and admins) only,
-    # unless public.
-    owner_key_id: int | None = None
+    # None: a project of MLCP_MODEL_DIRS, every key may call it; else the deployed API's owner
+    # (a key's name) and admins only, unless its spec says public.
+    owner: str | None = None
     public: bool = False
 
 
 def may_call(entry: ServedService, principal: Principal) -> bool:
     """Whether `principal` may call the API: another owner's private API does not exist to it."""
     return (
-        entry.owner_key_id is None
-        or entry.public
-        or principal.is_admin
-        or entry.owner_key_id == principal.key_id
+        entry.owner is None or entry.public or principal.is_admin or entry.owner == principal.name
     )
 
 
@@ -112,9 +110,11 @@ class ProjectCompiler:
     """Compiles catalog projects' protos, caching each result by the proto's bytes."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str, bytes], list[ServedService] | str] = {}
+        self._cache: dict[tuple[str, str, bytes, str | None], list[ServedService] | str] = {}
 
-    def project_services(self, model: str, project_dir: Path) -> list[ServedService]:
+    def project_services(
+        self, model: str, project_dir: Path, owner: str | None = None
+    ) -> list[ServedService]:
         """The services a project's proto defines; raises `ProtoInvalid` or `LoadFailed`."""
         spec = read_project_spec(project_dir)
         if spec.protobuf_path is None:
@@ -124,7 +124,7 @@ class ProjectCompiler:
             digest = hashlib.sha256(proto.read_bytes()).digest()
         except OSError as exc:
             raise ProtoInvalid(f"{spec.protobuf_path} cannot be read") from exc
-        key = (model, str(project_dir), digest)
+        key = (model, str(project_dir), digest, owner)
         cached = self._cache.get(key)
         if isinstance(cached, str):
             raise ProtoInvalid(cached)
@@ -144,6 +144,7 @@ class ProjectCompiler:
                 descriptor_set=compiled.descriptor_set,
                 concurrency=spec.concurrency,
                 expiration_s=spec.expiration_s,
+                owner=owner,
                 public=spec.public,
             )
             for service in compiled.services
@@ -153,17 +154,40 @@ class ProjectCompiler:
 
 
 async def build_table(
-    compiler: ProjectCompiler, projects: Iterable[tuple[str, Path]]
+    compiler: ProjectCompiler, projects: Iterable[tuple[str, Path, str | None]]
 ) -> tuple[dict[str, ServedService], list[str]]:
-    """Compile every project (on a thread: protoc is a child process) and assign services."""
+    """Compile every project (on a thread: protoc is a child process) and assign services.
+
+    `projects` are (model, folder, owner): owner None for MLCP_MODEL_DIRS projects.
+    """
     candidates: list[ServedService] = []
     refused: list[str] = []
-    for model, folder in projects:
+    for model, folder, owner in projects:
         try:
-            candidates.extend(await asyncio.to_thread(compiler.project_services, model, folder))
+            candidates.extend(
+                await asyncio.to_thread(compiler.project_services, model, folder, owner)
+            )
         except LoadFailed as exc:  # ProtoInvalid is one
             refused.append(f"{model}: {exc.message}")
     table, duplicates = assign(candidates)
     for reason in (*refused, *duplicates):
         logger.warning("gRPC not served for %s", reason)
     return table, [*refused, *duplicates]
+
+
+async def check_deploy(
+    compiler: ProjectCompiler, table: ServiceTable, model: str, folder: Path, owner: str
+) -> None:
+    """Refuse a deploy whose .proto does not compile (protoc's message) or defines a service
+    another API serves; a redeploy of the API serving it keeps it."""
+    try:
+        services = await asyncio.to_thread(compiler.project_services, model, folder, owner)
+    except LoadFailed as exc:
+        raise InvalidProjectSpec(exc.message) from exc
+    for entry in services:
+        holder = table.services.get(entry.service)
+        if holder is not None and holder.model != model:
+            raise GrpcServiceTaken(
+                f"the gRPC service {entry.service} is already served by another API; "
+                "rename its package or service"
+            )

@@ -16,9 +16,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from control_plane import api_bundle as bundle
-from control_plane import deploys
+from control_plane import deploys, grpc_services
 from control_plane.auth import Principal
 from control_plane.errors import ApiLimit, ApiNotFound, InvalidField
+from control_plane.grpc_services import ProjectCompiler, ServiceTable
 from control_plane.handlers import authed
 from control_plane.limits import rate_headers
 from control_plane.schemas import iso, render_status
@@ -113,6 +114,18 @@ async def deploy(request: Request, state: AppState, principal: Principal) -> Res
     await _check_api_limit(state, principal, name)
     spec_name = request.query_params.get("spec")
     staged = await deploys.stage(state, request, name, spec_name)
+    if staged.spec.protobuf_path is not None:
+        try:
+            await grpc_services.check_deploy(
+                state.grpc.compiler if state.grpc is not None else ProjectCompiler(),
+                state.grpc.table if state.grpc is not None else ServiceTable(),
+                deploys.model_of(owner, name),
+                staged.folder,
+                owner,
+            )
+        except BaseException:
+            await anyio.to_thread.run_sync(bundle.remove, staged.folder)
+            raise
     row = await deploys.store(state, owner, staged)
     state.deploys.start(state, row)
     return JSONResponse(

@@ -45,10 +45,10 @@ def test_the_table_version_moves_only_when_services_change() -> None:
 
 
 def test_another_owners_private_api_is_not_callable() -> None:
-    private = entry("a.Svc", "alice/a", owner_key_id=1)
+    private = entry("a.Svc", "alice/a", owner="alice")
     assert may_call(private, ALICE) and may_call(private, ADMIN)
     assert not may_call(private, BOB)
-    assert may_call(entry("a.Svc", "alice/a", owner_key_id=1, public=True), BOB)
+    assert may_call(entry("a.Svc", "alice/a", owner="alice", public=True), BOB)
     assert may_call(entry("a.Svc", "catalog/a"), BOB)
 
 

@@ -45,8 +45,9 @@ def _root(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (never a traceback for an expected failure)."""
-    command = typer.main.get_command(app)
     try:
+        # Inside the try: a Ctrl-C while typer builds the command exits 130 too.
+        command = typer.main.get_command(app)
         result = command.main(args=argv, prog_name="mlcp", standalone_mode=False)
     except typer.Abort:
         return 130

@@ -185,17 +185,19 @@ class RayRuntime:
                 f"the Ray cluster at {self.address} is unreachable ({exc.strerror or exc}); "
                 "start it with `ray start --head` or set MLCP_RAY_ADDRESS"
             ) from exc
-        kwargs: dict[str, Any] = {}
-        if is_loopback(host):
-            kwargs["_node_ip_address"] = "127.0.0.1"
-        with _loopback_as_is(is_loopback(host)):
-            ray.init(
-                address=f"{host}:{port}",
-                namespace=NAMESPACE,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                **kwargs,
-            )
+        try:
+            with _loopback_as_is(is_loopback(host)):
+                ray.init(
+                    address=f"{host}:{port}",
+                    namespace=NAMESPACE,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+        except Exception as exc:  # Ray raises bare RuntimeErrors and ConnectionErrors here
+            raise ClusterUnavailable(
+                f"could not join the Ray cluster at {self.address} ({str(exc)[:300]}); the "
+                "control plane must run on a node of the cluster (`ray start` there first)"
+            ) from exc
 
     async def close(self) -> None:
         """Let go of the threads; the driver stays connected (actors are detached anyway)."""

@@ -24,6 +24,7 @@ import pytest
 
 from tests.cli.conftest import Cli
 from tests.cli.test_cli import assert_clean_error
+from tests.handler_projects import cortex_text_generator
 from tests.harness import ADMIN_KEY, Api, free_port, make_settings, serve
 
 NAME = "sentiment-analyser"
@@ -365,3 +366,19 @@ async def test_the_servers_own_cap_is_a_clear_error(
         refused = await small("deploy", cwd=project)
         assert refused.code == 1 and "Traceback" not in refused.err, refused
         assert "413" in refused.err or "closed the connection" in refused.err, refused
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+async def test_the_cortex_walkthrough_with_mlcp(alice: Cli, live: Api, tmp_path: Path) -> None:
+    """The seed's commands with `mlcp` for `cortex`: deploy, get, request, logs, delete."""
+    project = cortex_text_generator(tmp_path / "text-generator")
+    deployed = await asyncio.wait_for(alice("deploy", "text_generator.yaml", cwd=project), 300)
+    assert deployed.code == 0, deployed
+    got = await alice("get", "text-generator", "--json")
+    assert got.code == 0 and got.json()["status"] == "available", got
+    status, body = await call(live, "POST", "/text-generator", alice.key, {"text": "hello world"})
+    assert status == 200 and body["generated_text"].startswith("hello world"), body
+    logs = await alice("logs", "text-generator")
+    assert logs.code == 0, logs
+    assert (await alice("delete", "text-generator")).code == 0

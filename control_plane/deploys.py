@@ -301,6 +301,8 @@ async def _benchmark(state: AppState, row: ApiRow, job: ModelJobRow | None) -> N
         await _set(state, row, "failed", f"benchmark failed: {job.reason or 'no reason given'}")
         return
     reason = await _roll_over(state, row)
+    if state.grpc is not None:
+        await state.grpc.refresh()  # a project with a .proto is served over gRPC at once
     await _set(state, row, "available", reason)
 
 

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import grpc
+import grpc.aio
 import pytest
 
 from control_plane.settings import Settings
 from tests.api_deploy import deploy, wait_api
-from tests.handler_projects import write_spec
-from tests.harness import Api, create_database, make_settings, pid_alive, serve
+from tests.grpc_stubs import generate
+from tests.handler_projects import grpc_echo_renamed, write_spec
+from tests.harness import Api, app_state, create_database, make_settings, pid_alive, serve
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -329,3 +332,29 @@ async def test_a_deploy_under_way_is_resumed_after_a_restart(
         await wait_api(api, "resumed", key, "available")
         status, out = await api.call("POST", "/resumed", key=key, data='"back"')
         assert status == 200 and out["echo"] == "back", out
+
+
+@pytest.mark.slow
+async def test_a_deployed_grpc_project_is_served_to_its_owner(served: Api, tmp_path: Path) -> None:
+    api = served
+    alice_name = owner()
+    alice, bob = await user_key(api, alice_name), await user_key(api, owner())
+    project_dir = grpc_echo_renamed(
+        tmp_path / "grpc-echo", "mlcp_deployed", "deployed.proto", prefix="d:"
+    )
+    assert (await deploy(api, project_dir, alice, name="grpc-echo"))[0] == 202
+    await wait_api(api, "grpc-echo", alice, "available")
+    pb2, pb2_grpc = generate(project_dir, "deployed.proto", tmp_path / "stubs")
+    front = app_state(api).grpc
+    assert front is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        reply = await stub.Predict(
+            pb2.Text(text="hi"), metadata=(("authorization", f"Key {alice}"),), timeout=120
+        )
+        assert reply.text == "d:hi"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Predict(
+                pb2.Text(text="hi"), metadata=(("authorization", f"Key {bob}"),), timeout=30
+            )
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND

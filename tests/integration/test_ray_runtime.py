@@ -5,6 +5,7 @@ killed with ray.kill, a node lost, adoption after a restart and orphaned actors.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from control_plane.runtimes.ray import KILLED, NAMESPACE, RayRuntime, actor_name
 from control_plane.settings import Settings
 from tests.fake_agent import write_fake_model
 from tests.harness import (
+    ADMIN_KEY,
     Api,
     app_state,
     free_port,
@@ -392,3 +394,65 @@ async def test_a_node_without_the_model_folder_fails_the_load_with_the_reason(
     assert "MLCP_MODEL_STORE on shared storage" in exited.reason
     await runtime.stop(launched.handle, 1.0)
     assert not actor_alive(launched.handle)
+
+
+async def test_a_sigkilled_control_plane_s_actor_is_adopted_by_the_next(
+    db_dsn: str, tmp_path: Path, ray_nodes: RayCluster
+) -> None:
+    import asyncpg
+
+    from tests.e2e.server import http, start, stop
+
+    write_fake_model(tmp_path / "models", "fake/ok", mode="ok")
+    env = {
+        "MLCP_RUNTIME": "ray",
+        "MLCP_RAY_ADDRESS": ray_nodes.address,
+        "MLCP_DATABASE_URL": db_dsn,
+        "MLCP_ADMIN_KEY": ADMIN_KEY,
+        "MLCP_GRPC_PORT": "0",
+        "MLCP_INCLUDE_PACKAGED_MODELS": "false",
+        "MLCP_USE_GPUS": "false",
+        "MLCP_MODEL_DIRS": str(tmp_path / "models"),
+        "MLCP_AGENT_COMMAND": json.dumps(FAKE_AGENT),
+        "MLCP_START_TIMEOUT_S": "30",
+    }
+    first = start(tmp_path / "first", tmp_path, "first", **env)
+    db = await asyncpg.connect(db_dsn)
+    try:
+        await db.execute(
+            "UPDATE models SET required_ram_bytes = 50000000, benchmarked_at = now() "
+            "WHERE name = 'fake/ok'"
+        )
+        body = {"model": "fake/ok", "expirationPeriodSeconds": 600}
+        status, answer = await asyncio.to_thread(
+            http, "POST", first.base + "/model/load", ADMIN_KEY, body
+        )
+        assert status == 200, answer
+        for _ in range(600):
+            before = await db.fetchrow("SELECT * FROM instances WHERE model = 'fake/ok'")
+            if before["state"] == "RUNNING":
+                break
+            await asyncio.sleep(0.1)
+        assert before["state"] == "RUNNING", dict(before)
+        first.proc.kill()  # SIGKILL: its Ray driver dies with it
+        first.proc.wait(10)
+        assert actor_alive(before["handle"]), "the actor died with its control plane"
+
+        second = start(tmp_path / "second", tmp_path, "second", **env)
+        try:
+            status, out = await asyncio.to_thread(
+                http,
+                "POST",
+                second.base + "/model/run",
+                ADMIN_KEY,
+                {"model": "fake/ok", "prompt": "x"},
+            )
+            assert status == 200 and out["output"] == "echo: x", out
+            after = await db.fetchrow("SELECT * FROM instances WHERE model = 'fake/ok'")
+            assert after["state"] == "RUNNING" and after["handle"] == before["handle"]
+            assert after["expires_at"] == before["expires_at"], "adoption moved the expiry"
+            assert await db.fetchval("SELECT count(*) FROM instances") == 1
+        finally:
+            stop(second)
+    finally:
+        await db.close()

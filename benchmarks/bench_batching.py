@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from instance_agent.client import AgentClient, AgentNotReady
+from instance_agent.protocol import BatchStats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT / ".mlcp" / "bench-cache" / "SmolLM2-135M-Instruct"
@@ -66,19 +66,21 @@ def _free_port() -> int:
         return port
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the agent exited with code {proc.returncode}")
+async def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float = 180) -> None:
+    async def exited() -> str | None:
+        code = proc.poll()
+        return None if code is None else f"the agent exited with code {code}"
+
+    async with aiohttp.ClientSession() as session:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    sys.exit(f"the agent was not ready after {timeout_s} s")
+            await AgentClient(session).wait_ready(url, timeout_s, exited, poll_s=0.2)
+        except AgentNotReady as exc:
+            sys.exit(str(exc))
+
+
+async def _batch_stats(url: str) -> BatchStats:
+    async with aiohttp.ClientSession() as session:
+        return (await AgentClient(session, 5.0).health(url))["stats"]
 
 
 async def _one(session: aiohttp.ClientSession, url: str, prompt: str) -> int:
@@ -117,11 +119,10 @@ def main() -> None:
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=log, stderr=log)
         try:
-            _wait_ready(proc, url)
+            asyncio.run(_wait_ready(proc, url))
             single = asyncio.run(_tokens_per_second(url, PROMPTS[:1]))
             batched = asyncio.run(_tokens_per_second(url, PROMPTS[:CONCURRENCY]))
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
-                stats = json.loads(reply.read())["stats"]
+            stats = asyncio.run(_batch_stats(url))
         finally:
             proc.terminate()
             try:

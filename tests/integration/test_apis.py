@@ -7,7 +7,10 @@ each test deploys its own APIs under its own keys.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import subprocess
 import textwrap
 import uuid
 from collections.abc import AsyncIterator
@@ -358,3 +361,68 @@ async def test_a_deployed_grpc_project_is_served_to_its_owner(served: Api, tmp_p
                 pb2.Text(text="hi"), metadata=(("authorization", f"Key {bob}"),), timeout=30
             )
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.slow
+async def test_the_readme_curl_walkthrough(served: Api, tmp_path: Path) -> None:
+    """README "With curl": the project packed with `tar czf - .`, weights and all, and curl."""
+    api = served
+    name = owner()
+    key = await user_key(api, name)
+    folder = project(tmp_path, "sentiment-analyser")
+    tar = await asyncio.to_thread(
+        subprocess.run, ["tar", "czf", "-", "."], cwd=folder, check=True, capture_output=True
+    )
+    archive = tar.stdout
+
+    def curl(*args: str) -> str:
+        out = subprocess.run(
+            ["curl", "-sS", "-H", f"x-api-key: {key}", *args], check=True, capture_output=True
+        )
+        return out.stdout.decode()
+
+    put = await asyncio.to_thread(
+        subprocess.run,
+        [
+            "curl", "-sS", "-X", "PUT", f"{api.base}/apis/sentiment-analyser",
+            "-H", f"x-api-key: {key}", "-H", "Content-Type: application/gzip",
+            "--data-binary", "@-",
+        ],
+        input=archive,
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    assert json.loads(put.stdout)["status"] == "building", put.stdout
+    await wait_api(api, "sentiment-analyser", key, "available")
+    got = json.loads(await asyncio.to_thread(curl, f"{api.base}/{name}/sentiment-analyser"))
+    assert got["instance"]["status"] == "RUNNING", got
+    got = json.loads(
+        await asyncio.to_thread(
+            curl, "-X", "POST", f"{api.base}/{name}/sentiment-analyser", "-d", '"so simple!"'
+        )
+    )
+    assert got["statusCode"] == 200 and got["body"]["output"]["echo"] == "so simple!", got
+    out = json.loads(
+        await asyncio.to_thread(
+            curl, "-X", "POST", f"{api.base}/sentiment-analyser", "-d", '"so simple!"'
+        )
+    )
+    assert out["echo"] == "so simple!" and out["version"] == 1, out
+    run = json.loads(
+        await asyncio.to_thread(
+            curl,
+            "-X",
+            "POST",
+            f"{api.base}/model/run",
+            "-d",
+            f'{{"model":"{name}/sentiment-analyser","input":"so simple!"}}',
+        )
+    )
+    assert run["output"]["echo"] == "so simple!", run
+    # The weights travelled in the archive: the handler's MODEL_DIR holds them.
+    versions = api.settings.data_dir / "apis" / "versions" / name / "sentiment-analyser" / "1"
+    assert (versions / "model" / "weights.txt").read_text() == "weights of sentiment-analyser\n"
+    gone = json.loads(
+        await asyncio.to_thread(curl, "-X", "DELETE", f"{api.base}/apis/sentiment-analyser")
+    )
+    assert gone == {"name": "sentiment-analyser", "status": "deleted"}

@@ -303,7 +303,18 @@ async def _benchmark(state: AppState, row: ApiRow, job: ModelJobRow | None) -> N
     reason = await _roll_over(state, row)
     if state.grpc is not None:
         await state.grpc.refresh()  # a project with a .proto is served over gRPC at once
-    await _set(state, row, "available", reason)
+    if await _set(state, row, "available", reason) is not None:
+        root = bundle.apis_root(state.settings.data_dir)
+        await anyio.to_thread.run_sync(prune_versions, root, row.owner, row.name, row.version)
+
+
+def prune_versions(root: Path, owner: str, name: str, current: int) -> None:
+    """Remove the files of versions before the previous one (no instance runs them any more;
+    the previous one is kept while instances elsewhere may still be rolling over)."""
+    folder = bundle.version_dir(root, owner, name, current).parent
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        if entry.name.isdigit() and int(entry.name) < current - 1:
+            bundle.remove(entry)
 
 
 async def _roll_over(state: AppState, row: ApiRow) -> str | None:

@@ -25,6 +25,8 @@ REQUIREMENTS_MAX_BYTES = 65_536
 _VERSION_DEPTH = 4
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
 _INDEX_OPTIONS = ("--index-url", "--extra-index-url", "-i", "--trusted-host")
+# Another requirements or constraints file would escape these checks (it may pin torch).
+_NESTED_OPTIONS = ("-r", "--requirement", "-c", "--constraint")
 # Packages whose builds are the agent's own: replacing them would break it or pull CUDA.
 _PINNED_TO_AGENT = ("torch",)
 
@@ -104,6 +106,11 @@ def parse_requirements(text: str, pinned: dict[str, str | None] | None = None) -
             raise RequirementsRefused(
                 f"requirements.txt: {line!r}: other package indexes are not allowed (they are "
                 "how a CUDA torch gets pulled); use the default index"
+            )
+        if option in _NESTED_OPTIONS:
+            raise RequirementsRefused(
+                f"requirements.txt: {line!r}: list the requirements in requirements.txt itself "
+                "(nested requirement or constraint files are not read)"
             )
         match = _NAME.match(line)
         if match and not line.startswith("-"):

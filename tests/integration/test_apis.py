@@ -229,6 +229,15 @@ async def test_deploy_call_redeploy_and_delete(served: Api, tmp_path: Path) -> N
     status, text = await api.call("GET", f"/model/logs?model={model}&tail=20", key=alice)
     assert status == 200 and isinstance(text, str), text
 
+    # A third version: the first one's files go, the previous one's stay.
+    v3 = project(tmp_path, "echo-api", version=3, public=True)
+    assert (await deploy(api, v3, alice, name="echo-api"))[0] == 202
+    await wait_api(api, "echo-api", alice, "available", version=3)
+    status, out = await api.call("POST", "/echo-api", key=alice, data="1")
+    assert status == 200 and out["version"] == 3, out
+    versions = api.settings.data_dir / "apis" / "versions" / alice_name / "echo-api"
+    assert sorted(p.name for p in versions.iterdir()) == ["2", "3"]
+
     status, got = await api.call("DELETE", "/apis/echo-api", key=alice)
     assert (status, got) == (200, {"name": "echo-api", "status": "deleted"})
     assert not pid_alive(out["pid"])
@@ -236,7 +245,6 @@ async def test_deploy_call_redeploy_and_delete(served: Api, tmp_path: Path) -> N
     assert (status, got["code"]) == (404, "api_not_found"), got
     status, got = await api.call("POST", "/echo-api", key=alice, data="1")
     assert (status, got["code"]) == (404, "not_found"), got
-    versions = api.settings.data_dir / "apis" / "versions" / alice_name / "echo-api"
     assert not versions.exists()
 
 

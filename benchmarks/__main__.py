@@ -21,6 +21,7 @@ BENCHMARKS = (
     "benchmarks.bench_deploy",
     "benchmarks.bench_async",
     "benchmarks.bench_apis",
+    "benchmarks.bench_ray",
 )
 
 

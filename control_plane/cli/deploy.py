@@ -98,15 +98,19 @@ def upload_code(
     return answer
 
 
-def wait_until_done(client: Client, name: str, deadline_s: float) -> dict[str, Any]:
-    """Poll the API's state, showing it, until it is available or failed."""
+def wait_until_done(
+    client: Client, name: str, version: object, deadline_s: float
+) -> dict[str, Any]:
+    """Poll the API's state, showing it, until `version` is available or failed."""
     started = time.monotonic()
     last = ""
     with output.err.status(f"{name}: building", spinner="dots") as spinner:
         while True:
             api = apis.fetch_api(client, name)
             status = str(api.get("status"))
-            if status in DONE:
+            current = api.get("version")
+            behind = isinstance(version, int) and isinstance(current, int) and current < version
+            if status in DONE and not behind:
                 return api
             elapsed = time.monotonic() - started
             if elapsed > deadline_s:
@@ -158,7 +162,7 @@ def deploy(
         if as_json:
             output.print_json(answer)
         return
-    api = wait_until_done(client, name, DEPLOY_DEADLINE_S)
+    api = wait_until_done(client, name, version, DEPLOY_DEADLINE_S)
     if as_json:
         output.print_json(api)
     if api.get("status") == "failed":

@@ -124,6 +124,7 @@ async def test_init_deploy_call_get_logs_delete(alice: Cli, live: Api, tmp_path:
     again = await asyncio.wait_for(alice("deploy", cwd=project), DEPLOY_TIMEOUT_S)
     assert again.code == 0, again
     assert "0 sent, 1 already stored" in again.err
+    assert f"{NAME}: available (version 2)" in again.out
 
     deleted = await alice("delete", NAME, "--json")
     assert deleted.code == 0 and deleted.json() == {"name": NAME, "status": "deleted"}

@@ -162,6 +162,9 @@ async def test_a_failing_handler_shows_its_reason(alice: Cli, tmp_path: Path) ->
     listed = await alice("get", NAME, "--json")
     assert listed.json()["status"] == "failed"
     assert "no weights here" in listed.json()["reason"]
+    table = await alice("get", NAME)
+    assert table.out.splitlines()[1].split()[:4] == [NAME, "failed", "1", "-"], table
+    assert f"{NAME}: " in table.out and "RuntimeError: no weights here" in table.out
 
 
 async def test_get_watch_follows_the_stages(alice: Cli, tmp_path: Path) -> None:

@@ -326,9 +326,16 @@ async def _roll_over(state: AppState, row: ApiRow) -> str | None:
     await sup.stop(live, f"replaced by version {row.version}", drain=True)
     from control_plane.loading import load  # loading imports the supervisor's world
 
-    await load(
-        state, LoadRequest(row.model, live.concurrency, live.expiration_s), live.owner_key_id
-    )
+    try:
+        await load(
+            state, LoadRequest(row.model, live.concurrency, live.expiration_s), live.owner_key_id
+        )
+    except MlcpError as exc:
+        # The version itself is fine (it was just measured): it loads on its next call.
+        return (
+            f"version {row.version} is available; the previous instance was stopped, but "
+            f"starting this version's failed: {exc.message}"
+        )
     return (
         f"rolled over to version {row.version}: the previous instance was stopped, then this "
         "version's started (one instance per API at a time)"

@@ -25,6 +25,7 @@ import anyio.to_thread
 from control_plane import relay, uploads
 from control_plane.errors import InstanceBusy, InstanceStopping, MlcpError, Unavailable
 from control_plane.lifecycle import State
+from control_plane.limits import effective
 from control_plane.loading import OnDemand, route_to
 from control_plane.outage import is_outage
 from control_plane.state import AppState
@@ -130,7 +131,9 @@ class AsyncWorker:
         if failure is not None:
             await aq.finish_async_request(pool, row.id, token, "failed", None, failure)
             return
-        on_demand = OnDemand(row.key_id, 1, state.settings.on_demand_expiration_s)
+        on_demand = OnDemand(
+            row.key_id, 1, state.settings.on_demand_expiration_s, await _max_instances(state, row)
+        )
         try:
             route = await route_to(state, row.model, 0, on_demand)
         except (Unavailable, InstanceStopping) as exc:
@@ -263,3 +266,13 @@ async def async_worker(state: AppState, worker_id: str) -> AsyncIterator[AsyncWo
             await asyncio.wait_for(task, STOP_DEADLINE_S * 2)
         except TimeoutError:
             logger.warning("async worker did not stop in time")
+
+
+async def _max_instances(state: AppState, row: AsyncRequestRow) -> int:
+    """The submitting key's maxInstances, looked up only when the model would be loaded."""
+    if state.supervisor.route(row.model) is not None:
+        return 0
+    key = await queries.get_active_key(state.pool, row.key_id)
+    if key is None:
+        return 0
+    return effective(key.limits, key.scope, state.limiter.defaults).max_instances

@@ -43,9 +43,10 @@ WHERE id = $1 AND revoked_at IS NULL
 RETURNING id, name, prefix, scope, created_at, revoked_at;
 
 -- name: get_active_key
--- One key that is usable now (not revoked, disabled or expired), by id.
+-- One key that is usable now (not revoked, disabled or expired), by id, with its limits.
 -- $1 = key_id
-SELECT id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at
+SELECT id, name, prefix, scope, created_at, revoked_at, disabled_at, expires_at,
+       monthly_calls, requests_per_minute, concurrent_streams, max_apis, max_instances
 FROM api_keys
 WHERE id = $1 AND revoked_at IS NULL AND disabled_at IS NULL
   AND (expires_at IS NULL OR expires_at > now());

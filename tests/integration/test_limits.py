@@ -400,3 +400,23 @@ async def test_usage_needs_a_key_and_shows_users_only_their_own(lapi: Api) -> No
     assert status == 200 and [k["name"] for k in body["keys"]] == ["alice"]
     status, body = await lapi.call("GET", "/usage")
     assert {"bootstrap admin", "alice", "bob"} <= {k["name"] for k in body["keys"]}
+
+
+async def test_an_async_request_loading_beyond_the_instance_limit_fails_saying_why(
+    lapi: Api,
+) -> None:
+    alice = await new_key(lapi, "alice", maxInstances=1)
+    assert (await lapi.call("POST", "/model/load", {"model": "fake/a"}, key=alice["key"]))[0] == 200
+    await wait_status(lapi, "fake/a", "RUNNING")
+    status, body, _ = await send(lapi, "/v1/async/fake/b", {"input": {"prompt": "x"}}, alice["key"])
+    assert status == 202, body
+    rid = body["response"]["id"]
+    for _ in range(100):
+        _, got = await lapi.call("GET", f"/v1/async/requests/{rid}", key=alice["key"])
+        if got["status"] in ("success", "failed"):
+            break
+        await asyncio.sleep(0.1)
+    assert got["status"] == "failed" and "instances" in got["error"], got
+    # Its running model is served as before.
+    status, body, _ = await send(lapi, "/v1/async/fake/a", {"input": {"prompt": "x"}}, alice["key"])
+    assert status == 202, body

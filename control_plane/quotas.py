@@ -246,9 +246,6 @@ class Limiter:
             self._month_end = wall + seconds_to_next_month(wall)
         return self._month, self._month_end - wall
 
-    def open_streams(self, key_id: int) -> int:
-        return self._streams.get(key_id, 0)
-
     def stream_ended(self, key_id: int) -> None:
         left = self._streams.get(key_id, 0) - 1
         if left > 0:

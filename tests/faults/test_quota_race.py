@@ -4,13 +4,16 @@ the limit between them (control_plane/quotas.py: blocks reserved by one conditio
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
-from tests.faults.scenario import control_plane
-from tests.harness import Api, wait_status
+from tests.e2e.server import http, start
+from tests.faults.scenario import FAKE_AGENT, control_plane
+from tests.harness import ADMIN_KEY, Api, wait_status
 
 pytestmark = pytest.mark.faults
 
@@ -89,3 +92,67 @@ async def test_calls_held_by_an_idle_control_plane_go_back(db_dsn: str, tmp_path
             if status == 200:
                 break
         assert status == 200
+
+
+async def test_a_killed_control_plane_leaves_at_most_its_block_unserved(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """The bound stated in the README: a control plane SIGKILLed while it holds a key's calls
+    takes at most MLCP_QUOTA_BLOCK_CALLS of them with it; never is more than the limit served."""
+    block, limit = 10, 100
+    try:
+        await _serve_until_spent(db_dsn, tmp_path, block, limit)
+    finally:
+        # The killed control plane's agent outlives it (by design); not the test.
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
+
+
+async def _serve_until_spent(db_dsn: str, tmp_path: Path, block: int, limit: int) -> None:
+    async with control_plane(db_dsn, tmp_path / "b", MODELS, quota_block_calls=block) as b:
+        status, key = await b.call("POST", "/admin/keys", {"name": "held", "monthlyCalls": limit})
+        assert status == 201, key
+        first = start(
+            tmp_path / "a-data",
+            tmp_path,
+            "a",
+            MLCP_DATABASE_URL=db_dsn,
+            MLCP_ADMIN_KEY=ADMIN_KEY,
+            MLCP_INCLUDE_PACKAGED_MODELS="false",
+            MLCP_MODEL_DIRS=str(tmp_path / "b" / "models"),
+            MLCP_AGENT_COMMAND=json.dumps(FAKE_AGENT),
+            MLCP_QUOTA_BLOCK_CALLS=str(block),
+            MLCP_GRPC_PORT="0",
+        )
+        try:
+            status, body = await asyncio.to_thread(
+                http, "POST", first.base + "/model/load", ADMIN_KEY, {"model": MODEL}
+            )
+            assert status == 200, body
+            await wait_status(b, MODEL, "RUNNING")
+            run = {"model": MODEL, "prompt": "x"}
+            for _ in range(3):
+                status, body = await asyncio.to_thread(
+                    http, "POST", first.base + "/model/run", key["key"], run
+                )
+                assert status == 200, body
+        finally:
+            first.proc.kill()
+            first.proc.wait(10)
+        served = 0
+        while True:
+            status, body = await b.call("POST", "/model/run", run, key=key["key"])
+            if status != 200:
+                break
+            served += 1
+        assert status == 429 and body["code"] == "quota_exceeded", body
+        # The killed one held a block: 3 of it served, 7 never will be this month.
+        assert served == limit - block
+        assert 3 + served >= limit - block
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        row = await conn.fetchrow("SELECT calls, held FROM key_usage WHERE key_id = $1", key["id"])
+    finally:
+        await conn.close()
+    assert row["calls"] + row["held"] == limit and row["held"] <= block

@@ -493,10 +493,16 @@ def _operation(op: Operation) -> dict[str, Any]:
 @cache
 def openapi_document() -> dict[str, Any]:
     # Their tables build on this module's.
-    from control_plane import openapi_async, openapi_openai
+    from control_plane import openapi_apis, openapi_async, openapi_openai
 
     paths: dict[str, dict[str, Any]] = {}
-    for op in [*OPERATIONS, *openapi_async.OPERATIONS, *openapi_openai.OPERATIONS]:
+    tables = (
+        OPERATIONS,
+        openapi_async.OPERATIONS,
+        openapi_openai.OPERATIONS,
+        openapi_apis.OPERATIONS,
+    )
+    for op in [op for table in tables for op in table]:
         paths.setdefault(op.path, {})[op.method] = _operation(op)
     return {
         "openapi": "3.1.0",
@@ -507,7 +513,12 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": {**SCHEMAS, **openapi_async.SCHEMAS, **openapi_openai.SCHEMAS},
+            "schemas": {
+                **SCHEMAS,
+                **openapi_async.SCHEMAS,
+                **openapi_openai.SCHEMAS,
+                **openapi_apis.SCHEMAS,
+            },
             "securitySchemes": {
                 "ApiKey": {
                     "type": "apiKey",

@@ -209,10 +209,18 @@ async def cellstrat_call(request: Request) -> Response:
     return JSONResponse({"statusCode": 200, "body": {"output": answer["output"]}}, headers=headers)
 
 
-# Every method, so that a path these match only by its shape is answered by the router's own
-# rules (not_an_api) instead of a 405 for a method the API routes do not take.
-_EVERY_METHOD = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# The documented shapes first (docs/api.md, /openapi.json); then every other method, so that a
+# path these match only by its shape is answered by the router's own rules (not_an_api) instead
+# of a 405 for a method the API routes do not take.
+_OTHER_METHODS = ("GET", "PUT", "PATCH", "DELETE", "OPTIONS")
 routes: list[BaseRoute] = [
-    Route("/{api}", one_segment, methods=_EVERY_METHOD),
-    Route("/{owner}/{api}", two_segments, methods=_EVERY_METHOD),
+    Route("/{api}", one_segment, methods=["POST"]),
+    Route("/{owner}/{api}", two_segments, methods=["GET", "POST"]),
+    Route("/{api}", one_segment, methods=_OTHER_METHODS, include_in_schema=False),
+    Route(
+        "/{owner}/{api}",
+        two_segments,
+        methods=[m for m in _OTHER_METHODS if m != "GET"],
+        include_in_schema=False,
+    ),
 ]

@@ -95,8 +95,10 @@ def served_operations(routes: list[BaseRoute], prefix: str = "") -> set[tuple[st
         if isinstance(route, Route):
             if not route.include_in_schema:  # HTML pages (the dashboard), not the API
                 continue
-            for method in route.methods or {"GET"}:
-                if method != "HEAD":  # Starlette adds HEAD to every GET route
+            methods = route.methods or {"GET"}
+            for method in methods:
+                # Starlette adds HEAD to every GET route; a HEAD-only route is its own.
+                if method != "HEAD" or "GET" not in methods:
                     found.add((method.lower(), _openapi_path(prefix + route.path)))
         elif isinstance(route, Mount):
             found |= served_operations(list(route.routes), prefix + route.path)

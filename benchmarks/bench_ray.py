@@ -141,7 +141,7 @@ def main() -> None:
                 usable = sum(d["usableBytes"] for d in devices)
                 print(
                     f"placement: {len(placed)} of {LOADS} loads placed "
-                    f"({sum(sizes) :.1f} GB asked of {usable / GB:.2f} GB usable), "
+                    f"({sum(sizes):.1f} GB asked of {usable / GB:.2f} GB usable), "
                     f"overbooked nodes: {len(over)}; packing efficiency "
                     f"{reserved / GB:.2f} GB reserved ÷ {usable / GB:.2f} GB usable "
                     f"= {reserved / usable:.2f}"

@@ -23,7 +23,14 @@ COPY control_plane control_plane
 COPY instance_agent instance_agent
 COPY benchmarker benchmarker
 COPY db db
-RUN pip install ".[agent]" && rm -rf /opt/mlcp/build
+# llama-cpp-python (the llama.cpp engine) compiles from source: a compiler and cmake for that
+# step only, with the Makefile's flags (the library alone, portable AVX2 code).
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF" \
+       pip install ".[agent]" && rm -rf /opt/mlcp/build \
+    && apt-get purge -y build-essential cmake && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/*
 
 # Root inside the container: converted model files are written 0600 on the host and the model
 # folder is mounted read-only, so the agent must be able to read whatever it finds there.

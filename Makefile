@@ -14,6 +14,12 @@ MLCP_TORCH ?= auto
 export MLCP_TORCH
 VENV_FLAGS := $(if $(filter system,$(MLCP_TORCH)),--system-site-packages,)
 AGENT_EXTRA := $(if $(filter system,$(MLCP_TORCH)),agent-system,agent)
+# llama-cpp-python compiles from source: the library only (no tools, examples, tests, server,
+# multimodal), portable AVX2 code rather than -march=native, so a built wheel suits any x86-64
+# host with AVX2 and pip's cache can reuse it.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 $(STAMP): pyproject.toml scripts/torch_choice.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)

@@ -42,6 +42,7 @@ from benchmarker import (
 )
 from benchmarker.estimate import Phase, Profile, cumulative
 from instance_agent.client import AgentClient, AgentNotReady, AgentUnreachable
+from instance_agent.engines import EngineName
 from instance_agent.launch import AgentArgs, free_loopback_port, load_failure, serve_command
 from instance_agent.nvml import Nvml
 from instance_agent.protocol import HealthReady
@@ -82,6 +83,8 @@ class Target:
     device: str = "cpu"
     # The interpreter of a handler project's own environment; None: this one.
     python: str | None = None
+    # The engine the model's instances generate with (None: the agent picks, as they do).
+    engine: EngineName | None = None
 
 
 def device_kind(device: str) -> str:
@@ -250,6 +253,7 @@ class Child:
             max_queue=concurrency,
             device=target.device,
             gguf_file=target.gguf_file,
+            engine=target.engine,
         )
         log = tempfile.TemporaryFile()
         try:

@@ -1,8 +1,10 @@
-"""Where an instance loads a catalogued model from, converting GGUF once into the model store.
+"""Where an instance loads a catalogued model from, and with which engine.
 
-Dequantizing SmolLM2's GGUF takes ~20 s on this box; loading the converted safetensors ~3 s, so
-every GGUF is converted once (by the instance agent's `convert` command, in a child process) and
-later loads use the store. Paths come only from catalog rows, never from request strings.
+A GGUF file is served as is by the llama.cpp engine where llama-cpp-python is installed
+(`instance_agent.engines`). For the transformers engine it is converted once into the model
+store: dequantizing SmolLM2's GGUF takes ~20 s on this box, loading the converted safetensors
+~3 s, so the conversion (the instance agent's `convert` command, in a child process) happens once
+and later loads use the store. Paths come only from catalog rows, never from request strings.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from pathlib import Path
 
 from benchmarker.model_ids import is_valid_model_id
 from db.rows import ModelRow
+from instance_agent.engines import (
+    LLAMA_CPP,
+    TRANSFORMERS,
+    EngineName,
+    EngineUnavailable,
+    choose_engine,
+    llama_cpp_installed,
+)
 from instance_agent.environment import python_for_version
 
 logger = logging.getLogger(__name__)
@@ -38,6 +48,24 @@ class LoadTarget:
     gguf_file: str | None
     # A deployed handler API's own environment's interpreter; None: the agent's.
     python: str | None = None
+    # What generates text; None for models that generate none.
+    engine: EngineName | None = None
+
+
+def engine_for(row: ModelRow, requested: EngineName | None = None) -> EngineName | None:
+    """The engine an instance of `row` generates with; None for a model that generates no text.
+
+    Raises `EngineUnavailable` for an engine that cannot serve it here.
+    """
+    if row.task != "text-generation" or row.source_kind == "apis":
+        if requested is not None:
+            raise EngineUnavailable(
+                f"model {row.name} does not generate text; 'engine' applies to text generation"
+            )
+        return None
+    return choose_engine(
+        requested, gguf=row.gguf_file is not None, llama_available=llama_cpp_installed()
+    )
 
 
 def converted_dir(store: Path, model: str) -> Path:
@@ -82,21 +110,27 @@ async def convert_gguf(gguf_path: Path, out: Path) -> None:
         raise ModelStoreError("could not convert the model's GGUF file")
 
 
-async def prepare_model(row: ModelRow, store: Path) -> LoadTarget:
-    """What the instance agent should load for a catalog row."""
+async def prepare_model(row: ModelRow, store: Path, engine: EngineName | None = None) -> LoadTarget:
+    """What the instance agent should load for a catalog row, with `engine` or the default."""
     if row.source_path is None:
         raise ModelStoreError(f"model {row.name} has no local files")
     source = Path(row.source_path)
     if row.source_kind == "apis":
         return LoadTarget(source, None, python_for_version(source))
+    try:
+        chosen = engine_for(row, engine)
+    except EngineUnavailable as exc:
+        raise ModelStoreError(str(exc)) from exc
     if row.gguf_file is None:
-        return LoadTarget(source, None)
+        return LoadTarget(source, None, engine=chosen)
+    if chosen == LLAMA_CPP:
+        return LoadTarget(source, row.gguf_file, engine=LLAMA_CPP)
     out = converted_dir(store, row.name)
     if is_converted(out):
-        return LoadTarget(out, None)
+        return LoadTarget(out, None, engine=TRANSFORMERS)
     lock = _locks.setdefault(row.name, asyncio.Lock())
     async with lock:
         if not is_converted(out):
             logger.info("converting %s from GGUF into the model store (once)", row.name)
             await convert_gguf(source / row.gguf_file, out)
-    return LoadTarget(out, None)
+    return LoadTarget(out, None, engine=TRANSFORMERS)

@@ -73,4 +73,6 @@ async def resolve(db: Executor, settings: BenchmarkerSettings, model: str, devic
         target = await prepare_model(row, settings.model_store)
     except ModelStoreError as exc:
         raise LoadFailed(f"Load error: {exc.message}") from exc
-    return Target(model, target.model_dir, target.gguf_file, device, target.python)
+    return Target(
+        model, target.model_dir, target.gguf_file, device, target.python, engine=target.engine
+    )

@@ -22,6 +22,7 @@ BENCHMARKS = (
     "benchmarks.bench_async",
     "benchmarks.bench_apis",
     "benchmarks.bench_ray",
+    "benchmarks.bench_peers",
 )
 
 

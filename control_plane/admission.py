@@ -169,6 +169,7 @@ async def admit(
     benchmark: bool = False,
     device: str = AUTO,
     devices: list[Device] | None = None,
+    engine: str | None = None,
 ) -> Admission:
     """Plan a load of `model` and, unless `dry_run`, carry out its memory side atomically.
 
@@ -229,6 +230,7 @@ async def admit(
             need_bytes,
             "load requested",
             need.host_bytes,
+            engine,
         )
         if row is None:
             # Only a live row written without the admission lock could be in the way.

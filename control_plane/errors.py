@@ -38,7 +38,8 @@ Exception tree::
     │   ├── UploadIncomplete (409 upload_incomplete)
     │   ├── ApiNotReady (409 api_not_ready)
     │   ├── GrpcServiceTaken (409 grpc_service_taken)
-    │   └── ApiNameTaken (409 api_name_taken)
+    │   ├── ApiNameTaken (409 api_name_taken)
+    │   └── EngineInUse (409 engine_in_use)
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
     ├── Invalid (422 invalid_request)
@@ -53,6 +54,7 @@ Exception tree::
     │   ├── UnsupportedTask (422 unsupported_task)
     │   ├── InsufficientMemory (422 insufficient_memory)
     │   ├── NoGpu (422 no_gpu)
+    │   ├── EngineUnavailable (422 engine_unavailable)
     │   ├── InvalidApiName (422 invalid_api_name)
     │   ├── InvalidProject (422 invalid_project)
     │   ├── InvalidProjectSpec (422 invalid_spec)
@@ -381,6 +383,18 @@ class NoGpu(Invalid):
     """This host has no GPU to place on: load with "device": "cpu" or "auto"."""
 
     code = "no_gpu"
+
+
+class EngineUnavailable(Invalid):
+    """The engine asked for cannot serve this model here (llama.cpp serves GGUF files only)."""
+
+    code = "engine_unavailable"
+
+
+class EngineInUse(Conflict):
+    """The model's live instance runs another engine: unload it before loading with this one."""
+
+    code = "engine_in_use"
 
 
 # -- 502, 504 --------------------------------------------------------------------------------

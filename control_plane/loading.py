@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from benchmarker.model_store import engine_for
 from control_plane.admission import Admission, admit, plan_body
 from control_plane.cluster import admission_devices
 from control_plane.device_kind import CPU
 from control_plane.errors import (
     BenchmarkFailed,
+    EngineInUse,
+    EngineUnavailable,
     InstanceLimit,
     InstanceStopping,
     Loading,
@@ -37,6 +40,7 @@ from control_plane.state import AppState
 from control_plane.supervisor import Route
 from db import queries
 from db.rows import InstanceRow, ModelRow
+from instance_agent.engines import EngineUnavailable as EngineNotInstalled
 
 # Tasks an instance agent can serve.
 RUNNABLE_TASKS = frozenset(
@@ -90,6 +94,7 @@ async def load(
     model = check_runnable(await queries.get_model(state.pool, request.model), request.model)
     if max_instances and owner is not None and not request.dry_run:
         await _check_instance_limit(state, request.model, owner, max_instances)
+    engine = await _engine(state, model, request)
     if not may_retune_others and not request.dry_run:
         current = await queries.latest_instance_for_model(state.pool, request.model)
         if (
@@ -123,6 +128,7 @@ async def load(
         benchmark=request.benchmark,
         device=request.device,
         devices=await admission_devices(state),
+        engine=engine,
     )
     plan = admission.plan
     if isinstance(plan, NotMeasured | QueueBenchmark) and admission.kind != CPU:
@@ -164,6 +170,27 @@ async def _check_instance_limit(state: AppState, model: str, owner: int, most: i
         )
 
 
+async def _engine(state: AppState, model: ModelRow, request: LoadRequest) -> str | None:
+    """The engine a new instance would run; a live one running another refuses the request."""
+    try:
+        engine = engine_for(model, request.engine)
+    except EngineNotInstalled as exc:
+        raise EngineUnavailable(str(exc)) from exc
+    if request.engine is not None:
+        live = await queries.latest_instance_for_model(state.pool, model.name)
+        if (
+            live is not None
+            and live.state in (State.STARTING, State.RUNNING)
+            and live.engine is not None
+            and live.engine != engine
+        ):
+            raise EngineInUse(
+                f"model {model.name} is served by {live.engine}; unload it (POST /model/delete) "
+                f"before loading it with {engine}"
+            )
+    return engine
+
+
 async def _retune(state: AppState, request: LoadRequest, admission: Admission) -> LoadOutcome:
     sup = state.supervisor
     # Memory taken from evicted instances is free only once they are gone; then the batch grows.
@@ -182,7 +209,7 @@ async def _queue(
     if not job["success"]:
         raise BenchmarkFailed(f"model {model.name} cannot be benchmarked: {job['message']}")
     await queries.upsert_pending_load(
-        state.pool, model.name, request.concurrency, request.expiration_s, owner
+        state.pool, model.name, request.concurrency, request.expiration_s, owner, request.engine
     )
     return LoadOutcome("queued")
 

@@ -78,6 +78,11 @@ _STATUS = {
         "runtime": {"type": "string"},
         "device": {"type": "string"},
         "node": {"type": ["string", "null"], "description": "the Ray node (MLCP_RUNTIME=ray)"},
+        "engine": {
+            "type": ["string", "null"],
+            "enum": ["transformers", "llama.cpp", None],
+            "description": "what generates text; null for models that generate none",
+        },
         "reservedBytes": {"type": "integer"},
         "observedBytes": {"type": ["integer", "null"]},
         "endpoint": {"type": ["string", "null"], "description": "admin keys only"},
@@ -330,6 +335,12 @@ SCHEMAS["LoadBody"] = {
             "enum": ["auto", "cpu", "cuda"],
             "default": "auto",
             "description": "auto: a GPU where the host has one, else the host",
+        },
+        "engine": {
+            "type": "string",
+            "enum": ["transformers", "llama.cpp"],
+            "description": "what generates text; default: llama.cpp for a GGUF file where "
+            "installed, else transformers",
         },
     },
     "additionalProperties": False,

@@ -9,6 +9,7 @@ from control_plane.loading import load
 from control_plane.schemas import LoadRequest
 from control_plane.state import AppState
 from db import queries
+from instance_agent.engines import parse_engine
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,12 @@ async def load_pending(state: AppState) -> None:
                 )
                 await queries.delete_pending_load(state.pool, pending.model)
             continue
-        request = LoadRequest(pending.model, pending.concurrency, pending.expiration_s)
+        request = LoadRequest(
+            pending.model,
+            pending.concurrency,
+            pending.expiration_s,
+            engine=parse_engine(pending.engine),
+        )
         try:
             await load(state, request, pending.owner_key_id)
         except MlcpError as exc:

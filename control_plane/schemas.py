@@ -23,6 +23,7 @@ from control_plane.errors import (
 )
 from control_plane.limits import LIMIT_FIELDS, parse_limit_fields, render_limits
 from db.rows import InstanceEventRow, InstanceRow, KeyRow, ModelRow
+from instance_agent.engines import ENGINES, EngineName, parse_engine
 from instance_agent.protocol import InvalidPrompt as InvalidPromptError
 from instance_agent.protocol import ProtocolError, validate_params, validate_prompt
 
@@ -231,6 +232,7 @@ MAX_EXPIRATION_S = 2_592_000  # 30 days
 DRY_RUN = "dryRun"
 BENCHMARK = "benchmark"
 DEVICE = "device"
+ENGINE = "engine"
 # "auto": a GPU where the host has one, else the host; "cpu" or "cuda": that kind only.
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -243,6 +245,15 @@ class LoadRequest:
     dry_run: bool = False
     benchmark: bool = False
     device: str = "auto"
+    # None: the model's files choose (instance_agent/engines.py).
+    engine: EngineName | None = None
+
+
+def parse_engine_field(body: dict[str, Any]) -> EngineName | None:
+    try:
+        return parse_engine(body.get(ENGINE))
+    except ValueError as exc:
+        raise InvalidField(f"'{ENGINE}' must be one of {', '.join(ENGINES)}") from exc
 
 
 def parse_device_field(body: dict[str, Any]) -> str:
@@ -261,7 +272,9 @@ def parse_bool_field(body: dict[str, Any], field: str) -> bool:
 
 def parse_load_request(body: object, default_expiration_s: int) -> LoadRequest:
     obj = require_object(body)
-    reject_unknown(obj, frozenset({MODEL, CONCURRENCY, EXPIRATION_S, DRY_RUN, BENCHMARK, DEVICE}))
+    reject_unknown(
+        obj, frozenset({MODEL, CONCURRENCY, EXPIRATION_S, DRY_RUN, BENCHMARK, DEVICE, ENGINE})
+    )
     return LoadRequest(
         parse_model_field(obj),
         parse_int_field(obj, CONCURRENCY, default=1, lo=1, hi=MAX_CONCURRENCY),
@@ -269,6 +282,7 @@ def parse_load_request(body: object, default_expiration_s: int) -> LoadRequest:
         parse_bool_field(obj, DRY_RUN),
         parse_bool_field(obj, BENCHMARK),
         parse_device_field(obj),
+        parse_engine_field(obj),
     )
 
 
@@ -329,6 +343,7 @@ def render_status(
         "device": row.device,
         # The cluster node it runs on (the ray runtime); null on one host.
         "node": node_of(row.device),
+        ENGINE: row.engine,
         "reservedBytes": row.reserved_bytes,
         "observedBytes": row.observed_mem_bytes,
     }

@@ -31,6 +31,7 @@ from db import queries
 from db.pool import Pool
 from db.rows import InstanceRow, ModelRow
 from instance_agent.client import AgentClient, AgentNotReady, AgentUnreachable
+from instance_agent.engines import parse_engine
 from instance_agent.lease import DEFAULT_LEASE_GRACE_S
 from instance_agent.protocol import HealthReady
 
@@ -271,7 +272,7 @@ class Supervisor:
         launched: Launched | None = None
         self._starting.add(row.id)
         try:
-            target = await prepare_model(model, self.model_store)
+            target = await prepare_model(model, self.model_store, parse_engine(row.engine))
             # The runtime's limit is on host memory: beside a GPU, that is the host part.
             host_bytes = (
                 row.reserved_bytes
@@ -290,6 +291,7 @@ class Supervisor:
                 mem_limit_bytes=mem_limit(host_bytes),
                 reserve_bytes=host_bytes,
                 python=target.python,
+                engine=target.engine,
             )
             launch_started = time.monotonic()
             launched = await self.runtime.start(spec)

@@ -427,6 +427,7 @@ async def insert_admitted_instance(
     reserved_bytes: int,
     reason: str,
     host_reserved_bytes: int = 0,
+    engine: str | None = None,
 ) -> InstanceRow | None:
     row = await db.fetchrow(
         sql("insert_admitted_instance"),
@@ -439,6 +440,7 @@ async def insert_admitted_instance(
         reserved_bytes,
         reason,
         host_reserved_bytes,
+        engine,
     )
     return _instance(row)
 
@@ -450,9 +452,14 @@ async def evict_instance(
 
 
 async def upsert_pending_load(
-    db: Executor, model: str, concurrency: int, expiration_s: int, owner: int | None
+    db: Executor,
+    model: str,
+    concurrency: int,
+    expiration_s: int,
+    owner: int | None,
+    engine: str | None = None,
 ) -> None:
-    await db.execute(sql("upsert_pending_load"), model, concurrency, expiration_s, owner)
+    await db.execute(sql("upsert_pending_load"), model, concurrency, expiration_s, owner, engine)
 
 
 async def pending_loads(db: Executor) -> list[PendingLoadRow]:

@@ -405,11 +405,11 @@ ORDER BY i.id;
 -- name: insert_admitted_instance
 -- A new STARTING instance with what admission reserved for it (on its device, and on the host).
 -- $1 = model, $2 = concurrency, $3 = expiration_s, $4 = runtime, $5 = owner, $6 = device,
--- $7 = reserved_bytes, $8 = reason, $9 = host_reserved_bytes
+-- $7 = reserved_bytes, $8 = reason, $9 = host_reserved_bytes, $10 = engine
 INSERT INTO instances (model, state, reason, concurrency, expiration_s, runtime, owner_key_id,
-                       expires_at, device, reserved_bytes, host_reserved_bytes)
+                       expires_at, device, reserved_bytes, host_reserved_bytes, engine)
 VALUES ($1, 'STARTING', $8, $2, $3, $4, $5, now() + make_interval(secs => $3::integer), $6, $7,
-        $9)
+        $9, $10)
 ON CONFLICT (model) WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') DO NOTHING
 RETURNING *;
 
@@ -434,16 +434,16 @@ SELECT * FROM moved;
 
 -- name: upsert_pending_load
 -- Remember a load that waits for its model's benchmark (the latest request wins).
--- $1 = model, $2 = concurrency, $3 = expiration_s, $4 = owner
-INSERT INTO pending_loads (model, concurrency, expiration_s, owner_key_id)
-VALUES ($1, $2, $3, $4)
+-- $1 = model, $2 = concurrency, $3 = expiration_s, $4 = owner, $5 = engine
+INSERT INTO pending_loads (model, concurrency, expiration_s, owner_key_id, engine)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (model) DO UPDATE
 SET concurrency = EXCLUDED.concurrency, expiration_s = EXCLUDED.expiration_s,
-    owner_key_id = EXCLUDED.owner_key_id, requested_at = now();
+    owner_key_id = EXCLUDED.owner_key_id, engine = EXCLUDED.engine, requested_at = now();
 
 -- name: pending_loads
 -- Loads waiting on a benchmark, with whether the model is measured or its job failed.
-SELECT p.model, p.concurrency, p.expiration_s, p.owner_key_id,
+SELECT p.model, p.concurrency, p.expiration_s, p.owner_key_id, p.engine,
        m.required_ram_bytes IS NOT NULL AS measured,
        (SELECT j.state FROM model_jobs j WHERE j.model = p.model ORDER BY j.id DESC LIMIT 1)
            AS job_state

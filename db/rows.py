@@ -147,6 +147,7 @@ class InstanceRow:
     rejected: int = 0
     host_reserved_bytes: int = 0
     launch_seen_at: datetime | None = None
+    engine: str | None = None
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> InstanceRow:
@@ -229,6 +230,7 @@ class PendingLoadRow:
     owner_key_id: int | None
     measured: bool
     job_state: str | None
+    engine: str | None = None
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> PendingLoadRow:

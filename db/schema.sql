@@ -48,7 +48,9 @@ CREATE TABLE instances (
     -- Host memory an instance on a GPU holds beside its VRAM (0 on the host).
     host_reserved_bytes bigint NOT NULL DEFAULT 0 CHECK (host_reserved_bytes >= 0),
     -- Renewed by the control plane launching a STARTING instance (supervisor.check).
-    launch_seen_at      timestamptz
+    launch_seen_at      timestamptz,
+    -- What generates text (instance_agent/engines.py); NULL for models that generate none.
+    engine              text CHECK (engine IN ('transformers', 'llama.cpp'))
 );
 
 -- One live instance per model; stopped and failed rows stay as history.
@@ -154,7 +156,9 @@ CREATE TABLE pending_loads (
     concurrency    integer NOT NULL CHECK (concurrency BETWEEN 1 AND 64),
     expiration_s   integer NOT NULL CHECK (expiration_s BETWEEN 1 AND 2592000),
     owner_key_id   bigint REFERENCES api_keys (id),
-    requested_at   timestamptz NOT NULL DEFAULT now()
+    requested_at   timestamptz NOT NULL DEFAULT now(),
+    -- The engine the load asked for; NULL: the model's default (instance_agent/engines.py).
+    engine         text CHECK (engine IN ('transformers', 'llama.cpp'))
 );
 
 

@@ -18,6 +18,7 @@ from types import FrameType
 import uvicorn
 
 from instance_agent.app import AgentConfig, agent_state, create_app
+from instance_agent.engines import ENGINES
 from instance_agent.protocol import DEFAULT_MAX_NEW_TOKENS_CAP, TASKS
 
 EXIT_LOAD_FAILED = 3
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         "--task",
         choices=TASKS,
         help="what to serve (default: read from the model's config.json)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="what generates text (default: llama.cpp for --gguf-file where installed, "
+        "else transformers)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
@@ -137,6 +144,7 @@ def serve(args: argparse.Namespace) -> int:
         handler_timeout_s=args.handler_timeout_s,
         grpc_port=args.grpc_port,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
+        engine=args.engine,
     )
     load_failed = threading.Event()
     exit_signal = threading.Event()

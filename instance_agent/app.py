@@ -395,6 +395,8 @@ async def health(request: Request) -> Response:
     }
     if state.grpc_port is not None:
         body["grpcPort"] = state.grpc_port
+    if state.engine_name is not None:
+        body["engine"] = state.engine_name
     return JSONResponse(body)
 
 

@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from instance_agent.engines import EngineName
+
 # The agent's last stderr line when it cannot load its model (instance_agent/__main__.py).
 LOAD_FAILED_MARK = "mlcp-agent: load failed:"
 
@@ -27,6 +29,8 @@ class AgentArgs:
     device: str = "cpu"
     gguf_file: str | None = None
     host: str = "127.0.0.1"
+    # None: the agent picks (`instance_agent.engines.choose_engine`).
+    engine: EngineName | None = None
 
 
 def serve_command(args: AgentArgs, base: list[str] | None = None) -> list[str]:
@@ -51,6 +55,8 @@ def serve_command(args: AgentArgs, base: list[str] | None = None) -> list[str]:
     ]
     if args.gguf_file:
         cmd += ["--gguf-file", args.gguf_file]
+    if args.engine:
+        cmd += ["--engine", args.engine]
     return cmd
 
 

@@ -29,6 +29,8 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from instance_agent.engines import TRANSFORMERS, EngineName
+from instance_agent.engines import cpu_threads as _cpu_threads
 from instance_agent.protocol import GenerationParams, InvalidPrompt, LoadFailed, Prompt
 from instance_agent.streaming import Row
 from instance_agent.weights import check_model_dir
@@ -38,19 +40,6 @@ logger = logging.getLogger(__name__)
 # A model's own config may claim an effectively unbounded context (tokenizers default to 1e30).
 _FALLBACK_CONTEXT_TOKENS = 2048
 _MEMORY_SAMPLE_EVERY_STEPS = 16
-
-
-def _cpu_threads() -> int:
-    """Torch's intra-op threads: OMP_NUM_THREADS when set, else the CPUs this process may use.
-
-    Read at every call, not at import, so a child forked from the zygote (which imported torch
-    under another environment) gets its own figure, as a fresh process would.
-    """
-    requested = os.environ.get("OMP_NUM_THREADS", "")
-    if requested.isdigit() and int(requested) > 0:
-        return int(requested)
-    # Respects CPU affinity and cgroup-pinned sets, unlike os.cpu_count().
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def apply_thread_settings() -> int:
@@ -162,6 +151,8 @@ class _MinNewTokens(LogitsProcessor):
 
 class TransformersEngine:
     """A loaded model and tokenizer that tokenize prompts and run batches of rows."""
+
+    engine: EngineName = TRANSFORMERS
 
     def __init__(
         self,

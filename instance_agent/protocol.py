@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NotRequired, TypedDict
 
+from instance_agent.engines import EngineName
+
 # Request body fields.
 FIELD_PROMPT = "prompt"
 FIELD_PARAMS = "params"
@@ -247,6 +249,8 @@ class HealthReady(TypedDict):
     stats: BatchStats
     # A handler project with a .proto: the port its gRPC server listens on.
     grpcPort: NotRequired[int]
+    # A text-generation model: the engine generating for it (`instance_agent.engines`).
+    engine: NotRequired[EngineName]
 
 
 ChatMessage = dict[str, str]

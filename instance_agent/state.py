@@ -19,6 +19,13 @@ from starlette.requests import Request
 
 from instance_agent.batcher import Batcher
 from instance_agent.embeddings import EmbeddingBatcher
+from instance_agent.engines import (
+    LLAMA_CPP,
+    EngineName,
+    EngineUnavailable,
+    choose_engine,
+    llama_cpp_installed,
+)
 from instance_agent.lease import Lease
 from instance_agent.memory import MemoryMonitor
 from instance_agent.protocol import (
@@ -32,6 +39,7 @@ from instance_agent.weights import check_model_dir, detect_task
 
 if TYPE_CHECKING:
     from instance_agent.encoder import EncoderEngine
+    from instance_agent.llama_engine import LlamaEngine
     from instance_agent.model import TransformersEngine
     from instance_agent.speech import SpeechEngine
     from instance_agent.user_code import GrpcHandler, HandlerPool
@@ -64,6 +72,8 @@ class AgentConfig:
     proto_out: Path | None = None
     grpc_port: int = 0
     grpc_max_message_bytes: int = 16 * 1024 * 1024
+    # The engine asked for; None: llama.cpp for a GGUF file where installed, else transformers.
+    engine: EngineName | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,11 @@ class AgentState:
         self.config = config
         self.status: Literal["loading", "ready", "failed"] = "loading"
         self.task: Task = config.task or "text-generation"
-        self.engine: TransformersEngine | EncoderEngine | HandlerEngine | SpeechEngine | None = None
+        self.engine: (
+            TransformersEngine | LlamaEngine | EncoderEngine | HandlerEngine | SpeechEngine | None
+        ) = None
+        # The generating engine's name once a text-generation model is loaded.
+        self.engine_name: EngineName | None = None
         self.speech: SpeechEngine | None = None
         self.batcher: Batcher | EmbeddingBatcher | HandlerPool | None = None
         self.load_seconds = 0.0
@@ -105,7 +119,7 @@ class AgentState:
                 # Refuse a bad directory before spending seconds importing torch.
                 check_model_dir(config.model_dir, config.gguf_file)
             batcher: Batcher | EmbeddingBatcher | HandlerPool
-            engine: TransformersEngine | EncoderEngine | HandlerEngine | SpeechEngine
+            engine: TransformersEngine | LlamaEngine | EncoderEngine | HandlerEngine | SpeechEngine
             if self.task == "handler":
                 from instance_agent import user_code
 
@@ -140,15 +154,7 @@ class AgentState:
                     encoder_engine, concurrency=config.concurrency, max_queue=config.max_queue
                 )
             else:
-                from instance_agent import model
-
-                generator = model.load_engine(
-                    config.model_dir,
-                    gguf_file=config.gguf_file,
-                    device=config.device,
-                    step_delay_s=config.step_delay_s,
-                    on_step=self.memory.sample,
-                )
+                generator = self._load_generator()
                 engine = generator
                 batcher = Batcher(
                     generator, concurrency=config.concurrency, max_queue=config.max_queue
@@ -169,6 +175,41 @@ class AgentState:
             batcher.stop(timeout_s=0)
         logger.info("model %s ready in %.1f s", config.model_name, self.load_seconds)
 
+    def _load_generator(self) -> TransformersEngine | LlamaEngine:
+        config = self.config
+        try:
+            name = choose_engine(
+                config.engine,
+                gguf=config.gguf_file is not None,
+                llama_available=llama_cpp_installed(),
+            )
+        except EngineUnavailable as exc:
+            raise LoadFailed(str(exc)) from exc
+        generator: TransformersEngine | LlamaEngine
+        if name == LLAMA_CPP:
+            from instance_agent import llama_engine
+
+            assert config.gguf_file is not None
+            generator = llama_engine.load_llama_engine(
+                config.model_dir,
+                config.gguf_file,
+                device=config.device,
+                step_delay_s=config.step_delay_s,
+                on_step=self.memory.sample,
+            )
+        else:
+            from instance_agent import model
+
+            generator = model.load_engine(
+                config.model_dir,
+                gguf_file=config.gguf_file,
+                device=config.device,
+                step_delay_s=config.step_delay_s,
+                on_step=self.memory.sample,
+            )
+        self.engine_name = name
+        return generator
+
     def _fail(self, reason: str) -> None:
         self.status = "failed"
         self._on_load_failed(" ".join(reason.split()))
@@ -179,7 +220,7 @@ class AgentState:
         if self.batcher is not None:
             self.batcher.stop(timeout_s=0)
 
-    def ready(self) -> tuple[TransformersEngine, Batcher]:
+    def ready(self) -> tuple[TransformersEngine | LlamaEngine, Batcher]:
         """Return the generating engine and its batcher, or raise `ModelLoading` / `WrongTask`."""
         if self.status != "ready" or self.engine is None or self.batcher is None:
             raise ModelLoading()
@@ -190,7 +231,7 @@ class AgentState:
                     self.task, "/embed"
                 )
             )
-        return cast("TransformersEngine", self.engine), self.batcher
+        return cast("TransformersEngine | LlamaEngine", self.engine), self.batcher
 
     def ready_encoder(self) -> EmbeddingBatcher:
         """Return the embedding batcher, or raise `ModelLoading` / `WrongTask`."""

@@ -41,6 +41,9 @@ _REAP_INTERVAL_S = 0.1
 # of the catalog's models (each is imported lazily by `from_pretrained`) and the agent's server.
 _PRELOAD = (
     "instance_agent.model",
+    # llama-cpp-python's bindings: loading libllama starts no thread (ggml's pool starts at the
+    # first decode, in the child); missing where it is not installed, which costs nothing.
+    "instance_agent.llama_engine",
     "instance_agent.app",
     "uvicorn",
     "transformers.models.llama.modeling_llama",

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from instance_agent.engines import EngineName, parse_engine
 from instance_agent.lease import LEASE_ENV, LEASE_HEADER, Lease, parse_lease_s, watch
 from instance_agent.protocol import (
     HEALTH_NOTE_LOADING,
@@ -55,6 +56,7 @@ class Fake:
         self.mem_bytes: int = int(behaviour.get("mem_bytes", 50_000_000))
         self.concurrency = concurrency
         self.max_queue = max_queue
+        self.engine: EngineName | None = None
         self.running = 0
         self.waiting = 0
         self.cond = asyncio.Condition()
@@ -149,6 +151,9 @@ def create_app(fake: Fake, name: str, exit_after_s: float | None = None) -> Star
             },
             "stats": {"batches": fake.requests, "maxBatchSize": 1, "requests": fake.requests},
         }
+        if fake.engine is not None:
+            # The engine the control plane asked for (a real agent reports the one it runs).
+            body["engine"] = fake.engine
         return JSONResponse(body)
 
     async def config(request: Request) -> Response:
@@ -244,6 +249,7 @@ def main() -> int:
     parser.add_argument("--max-queue", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gguf-file")
+    parser.add_argument("--engine", choices=["transformers", "llama.cpp"])
     args = parser.parse_args()
     behaviour = json.loads((Path(args.model_dir) / "fake.json").read_text())
     if behaviour.get("mode") == "load_fail":
@@ -252,6 +258,7 @@ def main() -> int:
     # "start_delay_s": a model that takes a while to load (the port opens only after it).
     time.sleep(float(behaviour.get("start_delay_s", 0.0)))
     fake = Fake(behaviour, args.concurrency, args.max_queue)
+    fake.engine = parse_engine(args.engine)
     exit_after = (
         float(behaviour.get("exit_after_s", 1.0))
         if behaviour.get("mode") == "exit_after_ready"

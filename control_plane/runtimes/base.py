@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from instance_agent.engines import EngineName
 from instance_agent.launch import AgentArgs
 
 
@@ -28,6 +29,8 @@ class InstanceSpec:
     python: str | None = None
     # The memory admission reserved, for runtimes whose scheduler is told it (ray).
     reserve_bytes: int = 0
+    # What generates text (`instance_agent.engines`); None: the agent picks.
+    engine: EngineName | None = None
 
     def agent_args(self, port: int) -> AgentArgs:
         """The agent's `serve` options for this instance, listening on loopback at `port`."""
@@ -39,6 +42,7 @@ class InstanceSpec:
             max_queue=self.max_queue,
             device=self.device,
             gguf_file=self.gguf_file,
+            engine=self.engine,
         )
 
 

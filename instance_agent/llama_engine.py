@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +42,18 @@ MAX_SEQUENCES = 64
 _BATCH_TOKENS = 512
 _MEMORY_SAMPLE_EVERY_STEPS = 16
 
-# llama-cpp-python prints every llama.cpp log line unless its logger says otherwise.
-logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
+_GGML_LOG_ERROR = 3
+_GGML_LOG_CONT = 5
+_log_state = {"last": 0}
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """Pass llama.cpp's errors to stderr; its dozens of lines per load go nowhere."""
+    if level != _GGML_LOG_CONT:
+        _log_state["last"] = level
+    if _log_state["last"] == _GGML_LOG_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
 
 
 @dataclass
@@ -285,6 +296,7 @@ def load_llama_engine(
     if device != "cpu":
         raise LoadFailed(f"the llama.cpp engine runs on the CPU only, not {device}")
     llama_cpp.llama_backend_init()
+    llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     model_params = llama_cpp.llama_model_default_params()
     model_params.n_gpu_layers = 0
     path = str(model_dir / gguf_file).encode()

@@ -42,17 +42,17 @@ def choose_token(
     if not params.do_sample:
         return int(np.argmax(logits))
     candidates = np.arange(logits.shape[0])
-    scores = logits.astype(np.float64) / params.temperature
-    if 0 < params.top_k < scores.shape[0]:
-        best = np.argpartition(-scores, params.top_k - 1)[: params.top_k]
-        candidates, scores = candidates[best], scores[best]
-    order = np.argsort(-scores, kind="stable")
-    candidates, scores = candidates[order], scores[order]
-    finite = np.isfinite(scores)
+    warped = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < warped.shape[0]:
+        best = np.argpartition(-warped, params.top_k - 1)[: params.top_k]
+        candidates, warped = candidates[best], warped[best]
+    order = np.argsort(-warped, kind="stable")
+    candidates, warped = candidates[order], warped[order]
+    finite = np.isfinite(warped)
     if not finite.any():
         return int(candidates[0])
-    candidates, scores = candidates[finite], scores[finite]
-    probs = np.exp(scores - scores[0])
+    candidates, warped = candidates[finite], warped[finite]
+    probs = np.exp(warped - warped[0])
     probs /= probs.sum()
     if params.top_p < 1.0:
         # Keep tokens until the probability before them reaches top_p: at least the first.

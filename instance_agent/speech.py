@@ -127,11 +127,12 @@ class SpeechEngine:
 def load_speech(model_dir: Path, *, device: str = "cpu") -> SpeechEngine:
     """Load a Whisper model directory (safetensors); raise `LoadFailed` on failure."""
     check_model_dir(model_dir)
-    from instance_agent.model import _cpu_threads, _dtype_for, _resolve_device
+    from instance_agent.engines import cpu_threads
+    from instance_agent.model import _dtype_for, _resolve_device
 
     resolved = _resolve_device(device)
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    torch.set_num_threads(_cpu_threads())
+    torch.set_num_threads(cpu_threads())
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     try:
         processor = AutoProcessor.from_pretrained(model_dir, **common)  # type: ignore[no-untyped-call]

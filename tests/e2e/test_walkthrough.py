@@ -105,7 +105,11 @@ def test_curl_walkthrough_with_smollm2(tmp_path: Path) -> None:
             "POST",
             base + "/model/run",
             KEY,
-            {**model, "prompt": "What is the capital of France?", "params": {"max_new_tokens": 32}},
+            {
+                **model,
+                "prompt": "Which city is the capital of France?",
+                "params": {"max_new_tokens": 32},
+            },
             timeout=300,
         )
         assert status == 200 and out["error"] is None, out

@@ -136,8 +136,9 @@ def converters(data_dir: Path) -> list[psutil.Process]:
 
 @pytest.mark.timeout(420)
 async def test_sigkill_before_spawn(db: asyncpg.Connection, db_dsn: str, tmp_path: Path) -> None:
-    # The demo model is a GGUF: before its instance is spawned, the launcher converts it into
-    # the model store (~20 s here), and renews the STARTING row meanwhile.
+    # The demo model is a GGUF: loaded with transformers, the launcher converts it into the
+    # model store before its instance is spawned (~20 s here), and renews the STARTING row
+    # meanwhile (llama.cpp, its default engine, would serve the file as is).
     (tmp_path / "models").mkdir()
     env = {"MLCP_INCLUDE_PACKAGED_MODELS": "true"}
     first = start(
@@ -157,7 +158,7 @@ async def test_sigkill_before_spawn(db: asyncpg.Connection, db_dsn: str, tmp_pat
             "WHERE name = $1",
             DEMO_MODEL,
         )
-        body = {"model": DEMO_MODEL, "expirationPeriodSeconds": 600}
+        body = {"model": DEMO_MODEL, "expirationPeriodSeconds": 600, "engine": "transformers"}
         status, answer = await asyncio.to_thread(
             http, "POST", first.base + "/model/load", ADMIN_KEY, body
         )

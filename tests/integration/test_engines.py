@@ -5,6 +5,7 @@ Fake agents in real subprocesses; what reached the agent is read from its comman
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import sys
@@ -54,7 +55,8 @@ async def eapi(db_dsn: str, tmp_path: Path) -> AsyncIterator[Api]:
 
 async def agent_argv(api: Api, model: str) -> list[str]:
     pid = await instance_pid(api, model)
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    raw = await asyncio.to_thread(Path(f"/proc/{pid}/cmdline").read_bytes)
+    return raw.decode().split("\0")
 
 
 def option(argv: list[str], name: str) -> str | None:

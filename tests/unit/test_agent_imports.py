@@ -1,4 +1,5 @@
-"""Only the engines (instance_agent/model.py, encoder.py) import torch: the rest stays light.
+"""Only the engines (instance_agent/model.py, encoder.py, llama_engine.py) import torch or
+llama-cpp-python: the rest stays light.
 
 Each check runs in a fresh interpreter: this test process may already hold torch.
 """
@@ -12,7 +13,7 @@ import textwrap
 
 import pytest
 
-HEAVY = ("torch", "transformers", "accelerate", "safetensors", "gguf", "tokenizers")
+HEAVY = ("torch", "transformers", "accelerate", "safetensors", "gguf", "tokenizers", "llama_cpp")
 
 
 def _heavy_modules_after(code: str) -> list[str]:
@@ -41,6 +42,9 @@ def _heavy_modules_after(code: str) -> list[str]:
         "instance_agent.handler",
         "instance_agent.user_code",
         "instance_agent.__main__",
+        "instance_agent.engines",
+        "instance_agent.sampling",
+        "instance_agent.launch",
     ],
 )
 def test_importing_stays_light(module: str) -> None:

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-HEAVY = ("torch", "transformers", "accelerate", "safetensors", "gguf", "tokenizers")
+HEAVY = ("torch", "transformers", "accelerate", "safetensors", "gguf", "tokenizers", "llama_cpp")
 
 
 def modules_after(code: str) -> list[str]:

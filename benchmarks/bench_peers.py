@@ -8,8 +8,9 @@
 3. Cold start: /model/load → RUNNING ÷ a bare `import llama_cpp` + load of the same GGUF.
 
 The peer's server runs from a virtual environment in the benchmark's cache that sees this one's
-packages (the same llama-cpp-python build) and adds the server's own (fastapi, ...); if they
-cannot be installed the peer's lines are skipped with the reason, never faked.
+packages through a .pth file (the same llama-cpp-python build) and adds the server's own
+(fastapi, ...); if they cannot be installed the peer's lines are skipped with the reason, never
+faked.
 Run: .venv/bin/python -m benchmarks.bench_peers
 """
 
@@ -21,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 import venv
 from concurrent.futures import ThreadPoolExecutor
@@ -120,7 +122,17 @@ def peer_python() -> tuple[str | None, str]:
     if python.is_file() and subprocess.run([python, "-c", probe], check=False).returncode == 0:
         return str(python), ""
     try:
-        venv.EnvBuilder(system_site_packages=True, with_pip=True, clear=True).create(PEER_VENV)
+        venv.EnvBuilder(with_pip=True, clear=True).create(PEER_VENV)
+        # This environment's packages (llama-cpp-python, the same build) come first; the
+        # server's own are installed beside them, never into this environment.
+        peer_site = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        ours = sysconfig.get_paths()["purelib"]
+        (Path(peer_site) / "mlcp-agent.pth").write_text(ours + "\n")
         done = subprocess.run(
             [python, "-m", "pip", "install", "-q", *PEER_PACKAGES],
             capture_output=True,

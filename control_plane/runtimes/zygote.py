@@ -111,6 +111,12 @@ class Zygote:
                 line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
             except TimeoutError:
                 line = b""
+            except BaseException:
+                # Cancelled while it imports (the control plane stopping within its first
+                # seconds): not ours yet, so `close` would not end it; it must not outlive us.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                raise
             if line.strip() != READY_LINE:
                 await _end(proc)
                 raise ZygoteUnavailable("did not become ready; see " + str(self._log_path))

@@ -184,3 +184,23 @@ async def _reported_threads(log: Path) -> int:
     found = re.search(r"torch threads (\d+)", _text(log))
     assert found, _text(log)[-500:]
     return int(found.group(1))
+
+
+async def test_a_runtime_closed_while_its_zygote_imports_leaves_no_zygote(tmp_path: Path) -> None:
+    rt = ProcessRuntime(tmp_path / "logs", cluster="zygote-early-close")
+    assert rt.zygote is not None
+    rt.warm_up()
+    socket_path = str(rt.zygote.socket_path)
+
+    def zygotes() -> list[psutil.Process]:
+        return [
+            p for p in psutil.process_iter(["cmdline"]) if socket_path in (p.info["cmdline"] or [])
+        ]
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not zygotes():  # started, still importing torch
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    await rt.close()
+    _, alive = psutil.wait_procs(zygotes(), timeout=10)
+    assert alive == []

@@ -17,7 +17,7 @@ from control_plane.settings import Settings
 from db.migrate import migrate
 from tests.docker_engine import agent_image, engine  # noqa: F401  (shared session fixtures)
 from tests.harness import Api, create_database, make_settings, serve
-from tests.ray_cluster import ray_cluster, ray_nodes  # noqa: F401  (shared session fixtures)
+from tests.ray_cluster import ray_cluster, ray_nodes  # noqa: F401  (shared fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""A real multi-node Ray cluster on loopback for the tests marked `ray` (session fixture).
+"""A real multi-node Ray cluster on loopback for the tests marked `ray` (module fixture).
 
 `ray.cluster_utils.Cluster` starts a head and a second node as real raylets on 127.0.0.1, each
 with a small declared `memory` (what admission sees as the node's host memory), one CPU and an
@@ -47,7 +47,9 @@ class RayCluster:
         self.cluster.remove_node(node, allow_graceful=False)
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: its raylets, workers and this process's driver connection are
+# gone before the rest of the suite runs (a 2-core, 24 GiB box runs the whole suite).
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
     import ray
     from ray.cluster_utils import Cluster
@@ -91,7 +93,7 @@ def ray_cluster() -> Iterator[RayCluster]:
 
 @pytest.fixture
 def ray_nodes(ray_cluster: RayCluster) -> Iterator[RayCluster]:
-    """The session's cluster; every mlcp actor a test left is killed after it."""
+    """The module's cluster; every mlcp actor a test left is killed after it."""
     import ray
 
     yield ray_cluster

@@ -54,6 +54,8 @@ def test_grpc_walkthrough(tmp_path: Path) -> None:
         MLCP_MODEL_DIRS=str(tmp_path / "apis"),
         MLCP_GRPC_PORT=str(grpc_port),
         MLCP_INCLUDE_PACKAGED_MODELS="false",
+        # Its instances stop with it, not at their expiry, minutes into the rest of the suite.
+        MLCP_STOP_INSTANCES_ON_EXIT="true",
     )
     try:
         model = "alice/text-generator"

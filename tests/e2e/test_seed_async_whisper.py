@@ -43,6 +43,8 @@ def test_the_seed_program_transcribes_an_mp3(tmp_path: Path) -> None:
         MLCP_ADMIN_KEY=ADMIN_KEY,
         MLCP_MODEL_DIRS=str(models),
         MLCP_INCLUDE_PACKAGED_MODELS="false",
+        # Its instances stop with it, not at their expiry, minutes into the rest of the suite.
+        MLCP_STOP_INSTANCES_ON_EXIT="true",
     )
     try:
         status, body = http("POST", server.base + "/model/job", ADMIN_KEY, {"model": MODEL})

@@ -339,7 +339,9 @@ async def test_a_deploy_under_way_is_resumed_after_a_restart(
     async with serve(settings) as base, aiohttp.ClientSession() as session:
         api = Api(base, session, settings)
         status, got = await api.call("GET", "/apis/resumed", key=key)
-        assert status == 200 and got["status"] in ("building", "benchmarking"), got
+        # "available" already when the stopping worker finished the measurement in its grace
+        # period and this start took the result up; never "failed", never stuck.
+        assert status == 200 and got["status"] in ("building", "benchmarking", "available"), got
         await wait_api(api, "resumed", key, "available")
         status, out = await api.call("POST", "/resumed", key=key, data='"back"')
         assert status == 200 and out["echo"] == "back", out

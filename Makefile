@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install chromium faketime run test test-fast lint typecheck bench image clean gpu-check
+.PHONY: install build-tools chromium faketime run test test-fast lint typecheck bench image clean gpu-check
 
 # MLCP_TORCH=cpu|cuda|auto (default auto): a CUDA build of torch where NVML answers, else the
 # CPU pin; scripts/torch_choice.py decides and installs a CUDA build before the agent extra.
@@ -22,6 +22,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 $(STAMP): pyproject.toml scripts/torch_choice.py
+	@$(MAKE) --no-print-directory build-tools
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) scripts/torch_choice.py install
@@ -33,6 +34,12 @@ $(STAMP): pyproject.toml scripts/torch_choice.py
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# llama-cpp-python builds with cmake and a C++ compiler: Debian's, where they are missing.
+build-tools:
+	@if { ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; } && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++; fi
 
 # The dashboard test drives Debian's chromium through playwright (never a downloaded browser).
 chromium:

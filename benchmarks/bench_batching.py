@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from instance_agent.client import AgentClient, AgentNotReady
+from instance_agent.launch import free_loopback_port
 from instance_agent.protocol import BatchStats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +57,6 @@ def _converted_model() -> Path:
     command += ["--gguf-file", str(_gguf_path()), "--out", str(CACHE_DIR)]
     subprocess.run(command, cwd=REPO_ROOT, env=ENV, check=True, timeout=600)
     return CACHE_DIR
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float = 180) -> None:
@@ -111,7 +104,7 @@ async def _tokens_per_second(url: str, prompts: list[str], repeats: int = 2) -> 
 def main() -> None:
     """Run the benchmark and print the batching figure."""
     model_dir = _converted_model()
-    port = _free_port()
+    port = free_loopback_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "instance_agent", "serve", "--model-dir", str(model_dir)]
     command += ["--model-name", "HuggingFaceTB/SmolLM2-135M-Instruct", "--port", str(port)]

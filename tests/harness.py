@@ -138,6 +138,30 @@ async def serve(settings: Settings) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 15)
 
 
+@contextlib.asynccontextmanager
+async def own_control_plane(
+    server_dsn: str, template: str, data_dir: Path, **overrides: Any
+) -> AsyncIterator[Api]:
+    """A control plane served here on a database of its own (cloned from `template`, with a
+    cluster id of its own), dropped afterwards: for a module whose tests share one server."""
+    name, dsn = await create_database(server_dsn, "mlcp_t", template)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE cluster SET id = $1", uuid.uuid4().hex[:12])
+    finally:
+        await conn.close()
+    settings = make_settings(dsn, data_dir, **overrides)
+    try:
+        async with serve(settings) as base, aiohttp.ClientSession() as session:
+            yield Api(base, session, settings)
+    finally:
+        admin = await asyncpg.connect(server_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
 def app_state(api: Api) -> AppState:
     """The AppState of the control plane `api` talks to (served in this process)."""
     return SERVED_APPS[api.base].state.mlcp  # type: ignore[no-any-return]

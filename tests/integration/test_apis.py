@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import grpc
 import grpc.aio
 import pytest
@@ -26,7 +25,13 @@ from control_plane.settings import Settings
 from tests.api_deploy import deploy, wait_api
 from tests.grpc_stubs import generate
 from tests.handler_projects import grpc_echo_renamed, write_spec
-from tests.harness import Api, app_state, create_database, make_settings, pid_alive, serve
+from tests.harness import (
+    Api,
+    app_state,
+    own_control_plane,
+    pid_alive,
+    serve,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,22 +111,9 @@ def project(
 async def served(
     pg_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Api]:
-    name, dsn = await create_database(pg_dsn, "mlcp_t", template_db)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("UPDATE cluster SET id = $1", uuid.uuid4().hex[:12])
-    finally:
-        await conn.close()
-    settings = make_settings(
-        dsn, tmp_path_factory.mktemp("apis-data"), include_packaged_models=False
-    )
-    async with serve(settings) as base, aiohttp.ClientSession() as session:
-        yield Api(base, session, settings)
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    data = tmp_path_factory.mktemp("apis-data")
+    async with own_control_plane(pg_dsn, template_db, data, include_packaged_models=False) as api:
+        yield api
 
 
 async def user_key(api: Api, name: str) -> str:

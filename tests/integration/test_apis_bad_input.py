@@ -13,14 +13,16 @@ import hashlib
 import io
 import json
 import tarfile
-import uuid
 from collections.abc import AsyncIterator
 
-import aiohttp
-import asyncpg
 import pytest
 
-from tests.harness import ADMIN_KEY, Api, app_state, create_database, make_settings, serve
+from tests.harness import (
+    ADMIN_KEY,
+    Api,
+    app_state,
+    own_control_plane,
+)
 
 CAP = 1 << 20
 MAIN = b"from instance_agent.handler import handler\n\n@handler\ndef h(inputs, _):\n    return 1\n"
@@ -206,25 +208,11 @@ CASES: dict[str, tuple[bytes, str, int, str]] = {
 async def served(
     pg_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Api]:
-    name, dsn = await create_database(pg_dsn, "mlcp_t", template_db)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("UPDATE cluster SET id = $1", uuid.uuid4().hex[:12])
-    finally:
-        await conn.close()
-    settings = make_settings(
-        dsn,
-        tmp_path_factory.mktemp("apis-bad"),
-        include_packaged_models=False,
-        max_project_bytes=CAP,
-    )
-    async with serve(settings) as base, aiohttp.ClientSession() as session:
-        yield Api(base, session, settings)
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    data = tmp_path_factory.mktemp("apis-bad")
+    async with own_control_plane(
+        pg_dsn, template_db, data, include_packaged_models=False, max_project_bytes=CAP
+    ) as api:
+        yield api
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
-import asyncpg
 import grpc
 import grpc.aio
 import pytest
@@ -16,7 +14,12 @@ import pytest
 from tests.api_deploy import deploy, wait_api
 from tests.grpc_stubs import generate
 from tests.handler_projects import grpc_echo_renamed
-from tests.harness import ADMIN_KEY, Api, app_state, create_database, make_settings, serve
+from tests.harness import (
+    ADMIN_KEY,
+    Api,
+    app_state,
+    own_control_plane,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -27,22 +30,9 @@ PACKAGE, PROTO = "mlcp_deployed", "deployed.proto"
 async def served(
     pg_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Api]:
-    name, dsn = await create_database(pg_dsn, "mlcp_t", template_db)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("UPDATE cluster SET id = $1", uuid.uuid4().hex[:12])
-    finally:
-        await conn.close()
-    settings = make_settings(
-        dsn, tmp_path_factory.mktemp("grpc-deploy-data"), include_packaged_models=False
-    )
-    async with serve(settings) as base, aiohttp.ClientSession() as session:
-        yield Api(base, session, settings)
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    data = tmp_path_factory.mktemp("grpc-deploy-data")
+    async with own_control_plane(pg_dsn, template_db, data, include_packaged_models=False) as api:
+        yield api
 
 
 async def user_key(api: Api, name: str) -> str:

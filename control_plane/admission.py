@@ -170,6 +170,7 @@ async def admit(
     device: str = AUTO,
     devices: list[Device] | None = None,
     engine: str | None = None,
+    beside: bool = False,
 ) -> Admission:
     """Plan a load of `model` and, unless `dry_run`, carry out its memory side atomically.
 
@@ -179,6 +180,10 @@ async def admit(
     raises the error it stands for (not on a dry run). Settings of a live instance are the
     caller's to apply once the evictions are gone. `devices` replaces this host's readings
     (host RAM and NVML's GPUs) where given.
+
+    With `beside` (a redeployed API's rollover), the new instance is placed next to the model's
+    live one only where it fits as things are: nothing is evicted for it, and when it does not
+    fit the admission has no row (the caller stops the old instance first, then loads).
     """
     if devices is None:
         devices = capacity.devices(capacity.observe(settings.host_memory_bytes, settings.use_gpus))
@@ -202,9 +207,12 @@ async def admit(
             host=host,
             host_bytes=need.host_bytes,
             hosts=hosts(devices),
+            beside=beside,
         )
         done = Admission(plan, need.device_bytes, kind=kind, host_bytes=need.host_bytes)
         if dry_run or not isinstance(plan, Place | Retune) or need.device_bytes is None:
+            return done
+        if beside and not (isinstance(plan, Place) and isinstance(plan.decision, Fit)):
             return done
         need_bytes = need.device_bytes
         if isinstance(plan, Retune):
@@ -231,6 +239,7 @@ async def admit(
             "load requested",
             need.host_bytes,
             engine,
+            model.source_path if model.source_kind == "apis" else None,
         )
         if row is None:
             # Only a live row written without the admission lock could be in the way.

@@ -6,9 +6,10 @@ before a row or a version folder exists. `store` makes the version (the API's ro
 under `versions/`) and `advance` runs in the background: the environment is built (building),
 the catalog row `owner/name` points at the version and the model job queue measures it
 (benchmarking), then available, or failed with the reason. A live instance of the previous
-version is rolled over: one instance per model is what the database allows (its unique index),
-so it is stopped once the new version is available and the new one is started in its place,
-with the same concurrency and expiry; the API's reason says so.
+version is rolled over (`_roll_over`), with the same concurrency and expiry: the database allows
+one live instance per model and API version, so the new version's starts beside it where memory
+allows and takes the calls once RUNNING, and the old one drains and stops; else the old one
+stops first. The API's reason says which happened.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from control_plane.errors import (
     UnsupportedMediaType,
 )
 from control_plane.lifecycle import State
+from control_plane.reconciler import GONE_REASON
 from control_plane.schemas import LoadRequest
 from control_plane.state import AppState
 from db import api_queries as aq
 from db import queries
-from db.rows import ApiRow, ModelJobRow
+from db.rows import ApiRow, InstanceRow, ModelJobRow
 from instance_agent.environment import Requirements, RequirementsRefused, read_requirements
 from instance_agent.project import (
     RESERVED_NAMES,
@@ -266,7 +268,7 @@ async def _advance(state: AppState, row: ApiRow) -> None:
         live = await queries.latest_model_job(state.pool, row.model, ["queued", "benchmarking"])
         model = await queries.get_model(state.pool, row.model)
         if live is None and model is not None and model.required_ram_bytes is not None:
-            await _set(state, row, "available", None)
+            await _available(state, row)  # a rollover under way at the stop is finished
             return
         await _benchmark(state, row, live)
         return
@@ -300,6 +302,11 @@ async def _benchmark(state: AppState, row: ApiRow, job: ModelJobRow | None) -> N
     if job.state == "failed":
         await _set(state, row, "failed", f"benchmark failed: {job.reason or 'no reason given'}")
         return
+    await _available(state, row)
+
+
+async def _available(state: AppState, row: ApiRow) -> None:
+    """The measured version: roll a live instance over to it, then mark it available."""
     reason = await _roll_over(state, row)
     if state.grpc is not None:
         await state.grpc.refresh()  # a project with a .proto is served over gRPC at once
@@ -317,26 +324,120 @@ def prune_versions(root: Path, owner: str, name: str, current: int) -> None:
             bundle.remove(entry)
 
 
+# How long the previous version keeps its route after the new one runs: every control plane
+# refreshes its table of routes each second (scheduler.LOOPS["routes"]), so by then all of them
+# send new calls to the new instance and only calls already under way reach the old one.
+ROUTE_SWITCH_S = 1.5
+# How long a rollover waits for the new version's instance to leave STARTING; its start has its
+# own deadline (lifecycle.health_timeout_s), this only bounds a launch nobody finishes.
+START_WAIT_S = 600.0
+START_POLL_S = 0.2
+
+
 async def _roll_over(state: AppState, row: ApiRow) -> str | None:
-    """Replace a live instance of an earlier version by one of this version; what was done."""
-    live = await queries.latest_instance_for_model(state.pool, row.model)
-    if live is None or live.state not in (State.STARTING, State.RUNNING):
-        return None
+    """Replace the live instances of earlier versions by one of this version; what was done.
+
+    Where memory allows, the new instance starts beside the old one, which serves every call
+    until the new one is RUNNING; then the routes switch and the old one drains its calls and
+    stops. Otherwise the old one stops first and the new one starts in its place. Run again on
+    a resumed deploy, it finishes what a control plane killed midway left: a new instance
+    already started is waited for (started again once if its launch was lost), then the old
+    ones stop.
+    """
+    for attempt in range(2):
+        live = await queries.live_instances_for_model(state.pool, row.model)
+        serving = [i for i in live if i.state in (State.STARTING, State.RUNNING)]
+        old = [i for i in serving if i.api_version != row.version]
+        new = next((i for i in serving if i.api_version == row.version), None)
+        if not old:
+            return None if new is None else _rolled(row, None)
+        template = old[-1]
+        if new is None:
+            from control_plane.loading import load_beside  # loading imports the supervisor's world
+
+            await _set(
+                state,
+                row,
+                "benchmarking",
+                f"rolling over: version {row.version}'s instance is starting beside the "
+                "previous one, which serves calls meanwhile",
+            )
+            request = LoadRequest(row.model, template.concurrency, template.expiration_s)
+            try:
+                new = await load_beside(state, request, template.owner_key_id)
+            except MlcpError as exc:
+                return (
+                    f"version {row.version} is available, but its instance could not start "
+                    f"beside the previous one ({exc.message}); the previous one keeps serving"
+                )
+            if new is None:
+                return await _stop_then_start(state, row, template, old)
+        started = await _wait_started(state, new.id)
+        if started is not None and started.state == State.RUNNING:
+            await state.supervisor.refresh_routes()
+            await asyncio.sleep(ROUTE_SWITCH_S)
+            for previous in old:
+                await state.supervisor.stop(
+                    previous, f"replaced by version {row.version}", drain=True
+                )
+            return _rolled(row, template)
+        why = "it did not start" if started is None else (started.reason or started.state)
+        if attempt == 0 and started is not None and started.reason == GONE_REASON:
+            continue  # its launcher died with a control plane before it ran: start it again
+        return (
+            f"version {row.version} is available, but its instance failed to start ({why}); "
+            "the previous version's instance keeps serving"
+        )
+    return None
+
+
+def _rolled(row: ApiRow, previous: InstanceRow | None) -> str:
+    was = (
+        "the previous one"
+        if previous is None or previous.api_version is None
+        else f"version {previous.api_version}'s"
+    )
+    return (
+        f"rolled over to version {row.version}: its instance started beside {was}, took the "
+        "calls once RUNNING, then the previous one drained its calls and stopped"
+    )
+
+
+async def _wait_started(state: AppState, instance_id: int) -> InstanceRow | None:
+    """The instance once it left STARTING (None if it never did within START_WAIT_S)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_WAIT_S
+    while loop.time() < deadline:
+        current = await queries.get_instance(state.pool, instance_id)
+        if current is None or current.state != State.STARTING:
+            return current
+        await asyncio.sleep(START_POLL_S)
+    return None
+
+
+async def _stop_then_start(
+    state: AppState, row: ApiRow, template: InstanceRow, old: list[InstanceRow]
+) -> str:
+    """Not enough memory for both at once: stop the old instance, then start this version's."""
     sup = state.supervisor
-    await sup.stop(live, f"replaced by version {row.version}", drain=True)
+    for previous in old:
+        await sup.stop(previous, f"replaced by version {row.version}", drain=True)
     from control_plane.loading import load  # loading imports the supervisor's world
 
     try:
         await load(
-            state, LoadRequest(row.model, live.concurrency, live.expiration_s), live.owner_key_id
+            state,
+            LoadRequest(row.model, template.concurrency, template.expiration_s),
+            template.owner_key_id,
         )
     except MlcpError as exc:
         # The version itself is fine (it was just measured): it loads on its next call.
         return (
-            f"version {row.version} is available; the previous instance was stopped, but "
-            f"starting this version's failed: {exc.message}"
+            f"version {row.version} is available; there was not memory enough to start it "
+            "beside the previous instance, so that one was stopped, but starting this "
+            f"version's failed: {exc.message}"
         )
     return (
-        f"rolled over to version {row.version}: the previous instance was stopped, then this "
-        "version's started (one instance per API at a time)"
+        f"rolled over to version {row.version}: there was not memory enough for both at once, "
+        "so the previous instance was stopped, then this version's started"
     )

@@ -155,6 +155,42 @@ async def load(
     return LoadOutcome("started", admission.row)
 
 
+async def load_beside(
+    state: AppState, request: LoadRequest, owner: int | None
+) -> InstanceRow | None:
+    """Start a second instance of `request.model` beside its live one (a redeployed API rolling
+    over to its new version), where it fits without evicting anything; None where it does not.
+
+    The model's catalog row already names the new version's files, so that is what it runs.
+    """
+    model = check_runnable(await queries.get_model(state.pool, request.model), request.model)
+    try:
+        engine = engine_for(model, None)
+    except EngineNotInstalled as exc:
+        raise EngineUnavailable(str(exc)) from exc
+    sup = state.supervisor
+    await state.activity.flush(state.pool)
+    admission = await admit(
+        state.pool,
+        state.settings,
+        sup.runtime.name,
+        model,
+        request.concurrency,
+        request.expiration_s,
+        owner,
+        await queries.database_now(state.pool),
+        devices=await admission_devices(state),
+        engine=engine,
+        beside=True,
+    )
+    if isinstance(admission.plan, NotMeasured | QueueBenchmark):
+        raise NotBenchmarked(f"model {model.name} has not been benchmarked")
+    if admission.row is None:
+        return None
+    sup.launch(admission.row, model)
+    return admission.row
+
+
 async def _check_instance_limit(state: AppState, model: str, owner: int, most: int) -> None:
     # Loading a model that has a live instance starts none (a retune, or the shared instance).
     # Two loads by one key at once on two control planes may both pass: a bound of one extra.

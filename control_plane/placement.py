@@ -302,15 +302,20 @@ def plan_load(
     host: Device | None = None,
     host_bytes: int = 0,
     hosts: Sequence[Device] = (),
+    beside: bool = False,
 ) -> LoadPlan:
     """What a load of `model` needing `need_bytes` does, given every reservation held now.
 
     The same plan answers a dry run and the real call: a live model grows in place (on its own
     device, beside everything else there), a new one is placed where it fits best. `devices`
     are those of the kind the need was measured on; for GPUs, `host` and `host_bytes` add the
-    host memory the instance holds beside its VRAM.
+    host memory the instance holds beside its VRAM. With `beside` (a redeployed API rolling
+    over), the model's live instances are held like any other's and a second one is placed.
     """
-    own = next((r for r in reservations if r.model == model), None)
+    # The newest of the model's instances: while an API rolls over, the new version's, not the
+    # previous one draining beside it.
+    mine = [] if beside else [r for r in reservations if r.model == model]
+    own = max(mine, key=lambda r: r.instance_id, default=None)
     if own is not None and own.state == "STOPPING":
         return Stopping(own.instance_id)
     if own is not None:

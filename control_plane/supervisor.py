@@ -153,6 +153,9 @@ class Supervisor:
         self.model_store = model_store
         self.max_queue = max_queue
         self._routes: dict[str, Route] = {}
+        # Local route changes, counted, and the count at each model's last one (refresh_routes).
+        self._route_changes = 0
+        self._route_changed: dict[str, int] = {}
         # Told each instance's model and load time once it runs (the load-duration metric).
         self.on_loaded: Callable[[str, float], None] = lambda model, seconds: None
         self._running_events: dict[str, asyncio.Event] = {}
@@ -175,13 +178,27 @@ class Supervisor:
         return sorted(self._routes)
 
     async def refresh_routes(self) -> None:
-        """Reload the routing table from the database (instances other nodes started too)."""
+        """Reload the routing table from the database (instances other nodes started too).
+
+        Rows come oldest first, so a model with two RUNNING instances (an API rolling over)
+        is routed to the newest.
+        """
+        began = self._route_changes
         rows = await queries.live_instances(self.pool)
-        self._routes = {
+        routes = {
             r.model: Route(r.id, r.model, r.endpoint)
             for r in rows
             if r.state == State.RUNNING and r.endpoint
         }
+        # A change made here while the rows were read is newer than they are: it stays (else a
+        # stale read could route an API's calls back to the version it just rolled over from).
+        for model, change in self._route_changed.items():
+            if change > began:
+                if (local := self._routes.get(model)) is None:
+                    routes.pop(model, None)
+                else:
+                    routes[model] = local
+        self._routes = routes
         for model in set(self._running_events) & set(self._routes):
             self._running_events.pop(model).set()
 
@@ -210,13 +227,24 @@ class Supervisor:
                     self._set_route(row)
         return route
 
+    def _changed(self, model: str) -> None:
+        self._route_changes += 1
+        self._route_changed[model] = self._route_changes
+
     def _set_route(self, row: InstanceRow) -> None:
+        """Route to a RUNNING row, unless a newer instance of its model is routed to (a
+        redeployed API's new version, RUNNING beside the one it replaces); unroute a row that
+        no longer runs."""
+        current = self._routes.get(row.model)
+        self._changed(row.model)
         if row.state == State.RUNNING and row.endpoint:
+            if current is not None and current.instance_id > row.id:
+                return
             self._routes[row.model] = Route(row.id, row.model, row.endpoint)
             event = self._running_events.pop(row.model, None)
             if event is not None:
                 event.set()
-        elif (current := self._routes.get(row.model)) and current.instance_id == row.id:
+        elif current is not None and current.instance_id == row.id:
             del self._routes[row.model]
 
     # -- load ------------------------------------------------------------------------------
@@ -376,7 +404,7 @@ class Supervisor:
         """
         self._set_route(row)
         if drain and row.endpoint and row.handle:
-            await self._drain(row.endpoint)
+            await self._drain(row.endpoint, row.id)
         # NVML reads this host's GPUs only: a GPU of another node is released when it is gone.
         on_gpu = (
             row.device.startswith("cuda") and node_of(row.device) is None and row.reserved_bytes > 0
@@ -389,14 +417,16 @@ class Supervisor:
             await wait_for_recovery(row.device, row.reserved_bytes, free_before, self.read_gpu_free)
         return await self._finish_stop(row.id, row.reason)
 
-    async def _drain(self, endpoint: str) -> None:
+    async def _drain(self, endpoint: str, instance_id: int) -> None:
+        """Until the agent has nothing in flight and neither has this control plane's relay
+        (a call routed here just before the stop may not have reached the agent yet)."""
         deadline = time.monotonic() + DRAIN_S
         while time.monotonic() < deadline:
             try:
                 health = await self.agents.health(endpoint)
             except (AgentUnreachable, AgentNotReady):
                 return  # not serving: nothing to wait for
-            if health["inFlight"] <= 0:
+            if health["inFlight"] <= 0 and self.activity.in_flight(instance_id) <= 0:
                 return
             await asyncio.sleep(0.1)
 
@@ -427,6 +457,7 @@ class Supervisor:
         """
         if (current := self._routes.get(row.model)) and current.instance_id == row.id:
             del self._routes[row.model]
+            self._changed(row.model)
         # Stopping it breaks its open requests; their failure checks must not record the kill
         # ("process is gone") as the reason instead of this one.
         self._failing.add(row.id)

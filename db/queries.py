@@ -239,6 +239,10 @@ async def live_instances(db: Executor) -> list[InstanceRow]:
     return [InstanceRow.of(r) for r in await db.fetch(sql("live_instances"))]
 
 
+async def live_instances_for_model(db: Executor, model: str) -> list[InstanceRow]:
+    return [InstanceRow.of(r) for r in await db.fetch(sql("live_instances_for_model"), model)]
+
+
 async def instance_events(db: Executor, instance_id: int) -> list[InstanceEventRow]:
     return [InstanceEventRow.of(r) for r in await db.fetch(sql("instance_events"), instance_id)]
 
@@ -428,6 +432,7 @@ async def insert_admitted_instance(
     reason: str,
     host_reserved_bytes: int = 0,
     engine: str | None = None,
+    source_path: str | None = None,
 ) -> InstanceRow | None:
     row = await db.fetchrow(
         sql("insert_admitted_instance"),
@@ -441,6 +446,7 @@ async def insert_admitted_instance(
         reason,
         host_reserved_bytes,
         engine,
+        source_path,
     )
     return _instance(row)
 

@@ -172,6 +172,13 @@ WHERE id = ANY($1::bigint[]) AND state = 'STARTING';
 -- Every instance that is starting, running or stopping.
 SELECT * FROM instances WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') ORDER BY id;
 
+-- name: live_instances_for_model
+-- A model's instances that are starting, running or stopping, oldest first (an API being
+-- rolled over has two: the previous version's and the new one's).
+-- $1 = model
+SELECT * FROM instances
+WHERE model = $1 AND state IN ('STARTING', 'RUNNING', 'STOPPING') ORDER BY id;
+
 -- name: instance_events
 -- An instance's state history, oldest first.
 -- $1 = instance_id
@@ -403,14 +410,20 @@ WHERE i.state IN ('STARTING', 'RUNNING', 'STOPPING')
 ORDER BY i.id;
 
 -- name: insert_admitted_instance
--- A new STARTING instance with what admission reserved for it (on its device, and on the host).
+-- A new STARTING instance with what admission reserved for it (on its device, and on the host),
+-- recording the API version whose files it runs when $11 is an API version's folder.
 -- $1 = model, $2 = concurrency, $3 = expiration_s, $4 = runtime, $5 = owner, $6 = device,
--- $7 = reserved_bytes, $8 = reason, $9 = host_reserved_bytes, $10 = engine
+-- $7 = reserved_bytes, $8 = reason, $9 = host_reserved_bytes, $10 = engine, $11 = source_path
 INSERT INTO instances (model, state, reason, concurrency, expiration_s, runtime, owner_key_id,
-                       expires_at, device, reserved_bytes, host_reserved_bytes, engine)
+                       expires_at, device, reserved_bytes, host_reserved_bytes, engine,
+                       api_version)
 VALUES ($1, 'STARTING', $8, $2, $3, $4, $5, now() + make_interval(secs => $3::integer), $6, $7,
-        $9, $10)
-ON CONFLICT (model) WHERE state IN ('STARTING', 'RUNNING', 'STOPPING') DO NOTHING
+        $9, $10,
+        (SELECT v.version FROM apis a
+         JOIN api_versions v ON v.owner = a.owner AND v.name = a.name
+         WHERE a.model = $1 AND v.storage_path = $11::text))
+ON CONFLICT (model, (coalesce(api_version, 0))) WHERE state IN ('STARTING', 'RUNNING', 'STOPPING')
+DO NOTHING
 RETURNING *;
 
 -- name: evict_instance

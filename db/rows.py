@@ -148,6 +148,8 @@ class InstanceRow:
     host_reserved_bytes: int = 0
     launch_seen_at: datetime | None = None
     engine: str | None = None
+    # The API version whose files it runs (None: a catalog model).
+    api_version: int | None = None
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> InstanceRow:

@@ -50,11 +50,14 @@ CREATE TABLE instances (
     -- Renewed by the control plane launching a STARTING instance (supervisor.check).
     launch_seen_at      timestamptz,
     -- What generates text (instance_agent/engines.py); NULL for models that generate none.
-    engine              text CHECK (engine IN ('transformers', 'llama.cpp'))
+    engine              text CHECK (engine IN ('transformers', 'llama.cpp')),
+    -- The API version whose files it runs; NULL for a catalog model (issue 11's rollover).
+    api_version         integer CHECK (api_version >= 1)
 );
 
--- One live instance per model; stopped and failed rows stay as history.
-CREATE UNIQUE INDEX instances_one_live_per_model ON instances (model)
+-- One live instance per model (and API version: a redeploy's instance starts beside the
+-- previous version's); stopped and failed rows stay as history.
+CREATE UNIQUE INDEX instances_one_live_per_model ON instances (model, (coalesce(api_version, 0)))
     WHERE state IN ('STARTING', 'RUNNING', 'STOPPING');
 CREATE INDEX instances_expiry ON instances (expires_at) WHERE state = 'RUNNING';
 

@@ -177,8 +177,8 @@ async def delete_api(request: Request, state: AppState, principal: Principal) ->
     """Stop the API's instance, take it out of the catalog and remove its files."""
     owner, name = _target(request, principal)
     row = await _own(state, principal, owner, name)
-    live = await queries.latest_instance_for_model(state.pool, row.model)
-    if live is not None:
+    # Two while it rolls over to a new version: both stop.
+    for live in await queries.live_instances_for_model(state.pool, row.model):
         await state.supervisor.delete(live)
     await aq.delete_api(state.pool, row.owner, row.name)
     state.api_cache.pop((row.owner, row.name), None)

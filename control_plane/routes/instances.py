@@ -141,6 +141,10 @@ async def delete(request: Request, state: AppState, principal: Principal) -> Res
     if not may_manage(principal, latest):
         raise not_yours(body.model)
     row = await state.supervisor.delete(latest)
+    # An API rolling over has its previous version's instance live too: it stops as well.
+    for other in await queries.live_instances_for_model(state.pool, body.model):
+        if other.id != latest.id and may_manage(principal, other):
+            await state.supervisor.delete(other)
     return JSONResponse(_status(state, row))
 
 

@@ -140,3 +140,29 @@ def test_dry_run_body_of_a_loaded_model_shows_the_real_plan() -> None:
     full = plan_load(MODEL, 5 * GB, HOST, busy, NOW, dry_run=True)
     body = plan_body(MODEL, 4, Admission(full, 5 * GB))
     assert body["decision"] == "full" and body["retryAfterSeconds"] > 0
+
+
+def test_a_rollover_places_a_second_instance_beside_the_live_one() -> None:
+    # An API redeployed: its live instance (4 GB) is held like any other's.
+    held = [res(7, MODEL, 4)]
+    beside = plan_load(MODEL, 4 * GB, HOST, held, NOW, beside=True)
+    assert kind(beside) == "fits" and isinstance(beside, Place)
+    assert beside.decision == Fit("cpu", 1 * GB)
+    # Not enough for both: the plan would evict the live instance itself, which the rollover
+    # refuses (admission places only a fit beside it), so it stops it first instead.
+    tight = plan_load(MODEL, 6 * GB, HOST, held, NOW, beside=True)
+    assert isinstance(tight, Place) and isinstance(tight.decision, Evict)
+    assert [v.instance_id for v in tight.decision.victims] == [7]
+    # Without `beside`, the same load is the live instance's (retuned, never a second one).
+    assert kind(plan_load(MODEL, 4 * GB, HOST, held, NOW)) == "loaded"
+
+
+def test_during_a_rollover_a_load_is_the_newest_instances() -> None:
+    # The previous version drains (STOPPING) beside the new one (RUNNING): a load retunes the
+    # new one instead of answering that the model is stopping.
+    held = [res(7, MODEL, 1, state="STOPPING"), res(9, MODEL, 1)]
+    plan = plan_load(MODEL, GB, HOST, held, NOW)
+    assert isinstance(plan, Retune) and plan.live.instance_id == 9
+    assert plan_load(MODEL, GB, HOST, list(reversed(held)), NOW) == plan
+    # Only its own newest instance stopping makes the load wait.
+    assert kind(plan_load(MODEL, GB, HOST, [res(9, MODEL, 1, state="STOPPING")], NOW)) == "stopping"

@@ -7,6 +7,7 @@ A request is stored `accepted` and answered 202 only once committed; the worker 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from typing import Any
 
 from benchmarker.model_ids import model_id_problem
 from control_plane import uploads
+from control_plane.async_queue import GroupCommit
 from control_plane.errors import (
     InvalidField,
     InvalidModelId,
@@ -121,16 +123,18 @@ async def submit(state: AppState, key_id: int, sub: Submission) -> AsyncRequestR
     if sub.webhook is not None:
         # Made before the request exists, so its first delivery always has a secret to sign.
         await signing_secret(state, key_id)
-    row = await aq.insert_async_request(
-        state.pool,
-        uuid.uuid4(),
-        key_id,
-        sub.model,
-        data,
-        state.settings.async_max_queued,
-        upload.id if upload is not None else None,
-        sub.webhook,
-        sub.webhook_events,
+    row = await _store(
+        state,
+        aq.NewAsyncRequest(
+            uuid.uuid4(),
+            key_id,
+            sub.model,
+            data,
+            state.settings.async_max_queued,
+            upload.id if upload is not None else None,
+            sub.webhook,
+            sub.webhook_events,
+        ),
     )
     if row is None:
         raise TooManyRequests(
@@ -139,6 +143,14 @@ async def submit(state: AppState, key_id: int, sub: Submission) -> AsyncRequestR
         )
     state.wake_async()
     return row
+
+
+async def _store(state: AppState, new: aq.NewAsyncRequest) -> AsyncRequestRow | None:
+    """Store one request, committed when this returns; the submits of a burst that arrive while
+    one insert runs are stored together by the next (one statement for all of them)."""
+    if state.async_inserts is None:
+        state.async_inserts = GroupCommit(functools.partial(aq.insert_async_requests, state.pool))
+    return await state.async_inserts(new)
 
 
 async def signing_secret(state: AppState, key_id: int) -> str:

@@ -18,10 +18,12 @@ from control_plane.quotas import Limiter
 from control_plane.sessions import Signer
 from control_plane.settings import Settings
 from control_plane.supervisor import Supervisor
+from db.async_queries import NewAsyncRequest
 from db.pool import Pool
-from db.rows import ApiRow
+from db.rows import ApiRow, AsyncRequestRow
 
 if TYPE_CHECKING:
+    from control_plane.async_queue import GroupCommit
     from control_plane.deploys import Deploys
     from control_plane.grpc_front import GrpcFront
 
@@ -45,6 +47,8 @@ class AppState:
     signer: Signer = field(default_factory=Signer)
     # Wakes this control plane's async worker when a request was just stored (else it polls).
     wake_async: Callable[[], None] = lambda: None
+    # Stores submitted async requests, a burst in one statement (async_requests.py).
+    async_inserts: GroupCommit[NewAsyncRequest, AsyncRequestRow | None] | None = None
     metrics: Metrics = field(default_factory=lambda: Metrics("local", enabled=False))
     # Catalog task by model name, for the routes that check it on every request (/v1/*): a
     # model's task comes from its files and does not change while it has a running instance.

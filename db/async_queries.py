@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -14,29 +16,45 @@ def _row(r: Any) -> AsyncRequestRow | None:
     return AsyncRequestRow.of(r) if r else None
 
 
-async def insert_async_request(
-    db: Executor,
-    request_id: UUID,
-    key_id: int,
-    model: str,
-    data: dict[str, Any],
-    max_live: int,
-    upload_id: UUID | None = None,
-    webhook: str | None = None,
-    webhook_events: list[str] | None = None,
-) -> AsyncRequestRow | None:
-    row = await db.fetchrow(
-        sql("insert_async_request"),
-        request_id,
-        key_id,
-        model,
-        data,
-        max_live,
-        upload_id,
-        webhook,
-        webhook_events,
-    )
-    return _row(row)
+@dataclass(frozen=True)
+class NewAsyncRequest:
+    """One request of a burst to store (insert_async_requests)."""
+
+    id: UUID
+    key_id: int
+    model: str
+    input: dict[str, Any]
+    max_live: int
+    upload_id: UUID | None = None
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
+
+
+async def insert_async_requests(
+    db: Executor, burst: Sequence[NewAsyncRequest]
+) -> list[AsyncRequestRow | None]:
+    """Store a burst in one statement; for each, its row, or None where its key was full."""
+    if not burst:
+        return []
+    items = [
+        {
+            "seq": seq,
+            "id": str(r.id),
+            "key_id": r.key_id,
+            "model": r.model,
+            "input": r.input,
+            "upload_id": str(r.upload_id) if r.upload_id is not None else None,
+            "webhook": r.webhook,
+            "webhook_events": r.webhook_events,
+            "max_live": r.max_live,
+        }
+        for seq, r in enumerate(burst)
+    ]
+    stored = {
+        row.id: row
+        for row in map(AsyncRequestRow.of, await db.fetch(sql("insert_async_requests"), items))
+    }
+    return [stored.get(r.id) for r in burst]
 
 
 async def get_async_request(db: Executor, request_id: UUID, key_id: int) -> AsyncRequestRow | None:
@@ -56,8 +74,10 @@ async def cancel_async_request(
     return _row(await db.fetchrow(sql("cancel_async_request"), request_id, key_id))
 
 
-async def claim_async_request(db: Executor, worker_id: str, token: UUID) -> AsyncRequestRow | None:
-    return _row(await db.fetchrow(sql("claim_async_request"), worker_id, token))
+async def claim_async_requests(db: Executor, worker_id: str, limit: int) -> list[AsyncRequestRow]:
+    """Up to `limit` of the fairest due requests, each under a new lease, fairest first."""
+    rows = await db.fetch(sql("claim_async_requests"), worker_id, limit)
+    return [AsyncRequestRow.of(r) for r in rows]
 
 
 async def reclaim_async_requests(db: Executor, lease_s: float) -> list[tuple[UUID, str]]:
@@ -65,14 +85,22 @@ async def reclaim_async_requests(db: Executor, lease_s: float) -> list[tuple[UUI
     return [(r["id"], r["state"]) for r in rows]
 
 
-async def start_async_request(
-    db: Executor, request_id: UUID, token: UUID
-) -> AsyncRequestRow | None:
-    return _row(await db.fetchrow(sql("start_async_request"), request_id, token))
+async def start_async_requests(db: Executor, held: Sequence[tuple[UUID, UUID]]) -> set[UUID]:
+    """Of the (id, lease_token) pairs, the ids that went to 'processing'."""
+    if not held:
+        return set()
+    return {r["id"] for r in await db.fetch(sql("start_async_requests"), *_columns(held))}
 
 
-async def heartbeat_async_request(db: Executor, request_id: UUID, token: UUID) -> bool:
-    return await db.fetchval(sql("heartbeat_async_request"), request_id, token) is not None
+async def heartbeat_async_requests(db: Executor, held: Sequence[tuple[UUID, UUID]]) -> set[UUID]:
+    """Of the (id, lease_token) pairs, the ids whose lease was renewed (still held)."""
+    if not held:
+        return set()
+    return {r["id"] for r in await db.fetch(sql("heartbeat_async_requests"), *_columns(held))}
+
+
+def _columns(held: Sequence[tuple[UUID, UUID]]) -> tuple[list[UUID], list[UUID]]:
+    return [h[0] for h in held], [h[1] for h in held]
 
 
 async def defer_async_request(
@@ -82,16 +110,34 @@ async def defer_async_request(
     return row is not None
 
 
-async def finish_async_request(
-    db: Executor,
-    request_id: UUID,
-    token: UUID,
-    state: str,
-    result: dict[str, Any] | None,
-    reason: str | None,
-) -> bool:
-    row = await db.fetchval(sql("finish_async_request"), request_id, token, state, result, reason)
-    return row is not None
+@dataclass(frozen=True)
+class Outcome:
+    """How one held request ends (finish_async_requests): success with its result, or failed
+    with its reason."""
+
+    id: UUID
+    lease_token: UUID
+    state: str
+    result: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+async def finish_async_requests(db: Executor, outcomes: Sequence[Outcome]) -> set[UUID]:
+    """End held requests in one statement; the ids that ended (the others were cancelled or
+    taken over)."""
+    if not outcomes:
+        return set()
+    items = [
+        {
+            "id": str(o.id),
+            "lease_token": str(o.lease_token),
+            "state": o.state,
+            "result": o.result,
+            "reason": o.reason,
+        }
+        for o in outcomes
+    ]
+    return {r["id"] for r in await db.fetch(sql("finish_async_requests"), items)}
 
 
 async def delete_finished_async_requests(db: Executor, cutoff: datetime) -> list[UUID]:

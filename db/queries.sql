@@ -483,16 +483,29 @@ RETURNING *;
 
 -- async requests -------------------------------------------------------------------------------
 
--- name: insert_async_request
--- Store a request unless its key already has $5 live ones (then no row: the burst bound). Its
--- fair-share rank follows the key's live requests, so a key's requests stay in order.
--- $1 = id, $2 = key_id, $3 = model, $4 = input, $5 = max_live, $6 = upload_id, $7 = webhook,
--- $8 = webhook_events
+-- name: insert_async_requests
+-- Store a burst of requests in one statement ($1: a JSON array of {"seq", "id", "key_id",
+-- "model", "input", "upload_id", "webhook", "webhook_events", "max_live"}); one is stored unless
+-- its key would then have more than its max_live live ones (the burst bound; no row for it).
+-- Its fair-share rank follows its key's live requests and those before it in the burst, so a
+-- key's requests stay in order.
+-- $1 = burst
+WITH burst AS (
+    SELECT b.*, row_number() OVER (PARTITION BY b.key_id ORDER BY b.seq) AS nth
+    FROM jsonb_to_recordset($1::jsonb) AS b(
+        seq integer, id uuid, key_id bigint, model text, input jsonb, upload_id uuid,
+        webhook text, webhook_events text[], max_live integer)
+), live AS (
+    SELECT key_id, count(*) AS n, max(key_rank) AS top
+    FROM async_requests
+    WHERE key_id IN (SELECT key_id FROM burst) AND state IN ('accepted', 'pending', 'processing')
+    GROUP BY key_id
+)
 INSERT INTO async_requests (id, key_id, model, input, key_rank, upload_id, webhook, webhook_events)
-SELECT $1, $2, $3, $4, coalesce(max(key_rank) + 1, 0), $6, $7, $8
-FROM async_requests
-WHERE key_id = $2 AND state IN ('accepted', 'pending', 'processing')
-HAVING count(*) < $5
+SELECT b.id, b.key_id, b.model, b.input, coalesce(l.top, -1) + b.nth, b.upload_id, b.webhook,
+       b.webhook_events
+FROM burst b LEFT JOIN live l ON l.key_id = b.key_id
+WHERE coalesce(l.n, 0) + b.nth <= b.max_live
 RETURNING *;
 
 -- name: get_async_request
@@ -520,54 +533,91 @@ SET state = 'cancelled', reason = 'cancelled by the client', finished_at = now()
 WHERE id = $1 AND key_id = $2 AND state IN ('accepted', 'pending', 'processing')
 RETURNING *;
 
--- name: claim_async_request
--- The fairest due request (lowest rank, then oldest) becomes 'pending' under a new lease until
--- an instance takes it.
--- $1 = worker_id, $2 = lease_token
-UPDATE async_requests
-SET state = 'pending', lease_token = $2, worker_id = $1, heartbeat_at = now(),
-    pending_at = coalesce(pending_at, now())
-WHERE id = (
+-- name: claim_async_requests
+-- Up to $2 of the fairest due requests (lowest rank, then oldest) become 'pending', each under a
+-- new lease, until an instance takes them; fairest first. One statement for the whole batch.
+-- Committed without waiting for the WAL flush (as start and heartbeat are): the claim answers
+-- no client, and a database crash that loses it only hands the requests out again, under the
+-- fence of their lease tokens; a later finish, stored synchronously, flushes it too.
+-- $1 = worker_id, $2 = limit
+WITH relaxed AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true)
+), due AS (
     SELECT id FROM async_requests
     WHERE state IN ('accepted', 'pending') AND lease_token IS NULL AND run_after <= now()
     ORDER BY key_rank, created_at
-    LIMIT 1
+    LIMIT $2
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE async_requests r
+    SET state = 'pending', lease_token = gen_random_uuid(), worker_id = $1, heartbeat_at = now(),
+        pending_at = coalesce(r.pending_at, now())
+    FROM due, relaxed
+    WHERE r.id = due.id
+    RETURNING r.*
 )
-RETURNING *;
+SELECT * FROM claimed ORDER BY key_rank, created_at;
 
 -- name: reclaim_async_requests
 -- Requests whose holder stopped heartbeating: a pending one is queued again, a processing one is
--- retried while attempts remain, else failed with the reason.
+-- retried while attempts remain, else failed with the reason. Rows are locked in id order (as
+-- every statement on several requests does, so none deadlocks another), skipping those a live
+-- holder is renewing.
 -- $1 = lease_s
-UPDATE async_requests
-SET state = CASE WHEN state = 'processing' AND attempts >= max_attempts
+WITH expired AS MATERIALIZED (
+    SELECT id FROM async_requests
+    WHERE state IN ('pending', 'processing') AND lease_token IS NOT NULL
+      AND heartbeat_at < now() - make_interval(secs => $1::double precision)
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE async_requests r
+SET state = CASE WHEN r.state = 'processing' AND r.attempts >= r.max_attempts
                  THEN 'failed' ELSE 'pending' END,
-    reason = CASE WHEN state <> 'processing' THEN reason
-                  WHEN attempts >= max_attempts
-                  THEN 'the control plane processing it stopped, ' || attempts || ' attempts'
+    reason = CASE WHEN r.state <> 'processing' THEN r.reason
+                  WHEN r.attempts >= r.max_attempts
+                  THEN 'the control plane processing it stopped, ' || r.attempts || ' attempts'
                   ELSE 'retrying: the control plane processing it stopped' END,
-    finished_at = CASE WHEN state = 'processing' AND attempts >= max_attempts THEN now() END,
+    finished_at = CASE WHEN r.state = 'processing' AND r.attempts >= r.max_attempts
+                       THEN now() END,
     lease_token = NULL, worker_id = NULL, heartbeat_at = NULL
-WHERE state IN ('pending', 'processing') AND lease_token IS NOT NULL
-  AND heartbeat_at < now() - make_interval(secs => $1::double precision)
-RETURNING id, state;
+FROM expired
+WHERE r.id = expired.id
+RETURNING r.id, r.state;
 
--- name: start_async_request
--- A leased pending request goes to its instance; no row when it was cancelled meanwhile.
--- $1 = id, $2 = lease_token
-UPDATE async_requests
-SET state = 'processing', attempts = attempts + 1, started_at = now(), reason = NULL,
+-- name: start_async_requests
+-- Leased pending requests go to their instance, in one statement (rows locked in id order);
+-- those cancelled meanwhile or taken over are left out of the answer. Committed without waiting
+-- for the WAL flush, as claims are.
+-- $1 = ids, $2 = lease_tokens
+WITH relaxed AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true)
+), locked AS MATERIALIZED (
+    SELECT id FROM async_requests WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+)
+UPDATE async_requests r
+SET state = 'processing', attempts = r.attempts + 1, started_at = now(), reason = NULL,
     heartbeat_at = now()
-WHERE id = $1 AND lease_token = $2 AND state = 'pending'
-RETURNING *;
+FROM unnest($1::uuid[], $2::uuid[]) AS held(id, lease_token), locked, relaxed
+WHERE locked.id = held.id AND r.id = held.id AND r.lease_token = held.lease_token
+  AND r.state = 'pending'
+RETURNING r.id;
 
--- name: heartbeat_async_request
--- Keep the lease; no row when the request was cancelled or taken over.
--- $1 = id, $2 = lease_token
-UPDATE async_requests SET heartbeat_at = now()
-WHERE id = $1 AND lease_token = $2 AND state IN ('pending', 'processing')
-RETURNING id;
+-- name: heartbeat_async_requests
+-- Keep the leases of all the requests one control plane holds, in one statement (rows locked in
+-- id order); those cancelled or taken over are left out of the answer. Committed without waiting
+-- for the WAL flush, as claims are.
+-- $1 = ids, $2 = lease_tokens
+WITH relaxed AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true)
+), locked AS MATERIALIZED (
+    SELECT id FROM async_requests WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+)
+UPDATE async_requests r SET heartbeat_at = now()
+FROM unnest($1::uuid[], $2::uuid[]) AS held(id, lease_token), locked, relaxed
+WHERE locked.id = held.id AND r.id = held.id AND r.lease_token = held.lease_token
+  AND r.state IN ('pending', 'processing')
+RETURNING r.id;
 
 -- name: defer_async_request
 -- Back to the queue with the reason it waits, not spending an attempt, due again in $4 s.
@@ -580,14 +630,25 @@ SET state = 'pending', reason = $3,
 WHERE id = $1 AND lease_token = $2 AND state IN ('pending', 'processing')
 RETURNING id;
 
--- name: finish_async_request
--- 'success' with its result or 'failed' with its reason; no row when cancelled or taken over.
--- $1 = id, $2 = lease_token, $3 = state, $4 = result, $5 = reason
-UPDATE async_requests
-SET state = $3, result = $4, reason = $5, finished_at = now(), lease_token = NULL,
-    heartbeat_at = NULL
-WHERE id = $1 AND lease_token = $2 AND state IN ('pending', 'processing')
-RETURNING id;
+-- name: finish_async_requests
+-- Requests end, in one statement (rows locked in id order): 'success' with its result or
+-- 'failed' with its reason ($1: a JSON array of {"id", "lease_token", "state", "result",
+-- "reason"}); those cancelled or taken over are left out of the answer.
+-- $1 = outcomes
+WITH outcome AS MATERIALIZED (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS f(
+        id uuid, lease_token uuid, state text, result jsonb, reason text)
+    WHERE f.state IN ('success', 'failed')
+), locked AS MATERIALIZED (
+    SELECT id FROM async_requests WHERE id IN (SELECT id FROM outcome) ORDER BY id FOR UPDATE
+)
+UPDATE async_requests r
+SET state = f.state, result = f.result, reason = f.reason, finished_at = now(),
+    lease_token = NULL, heartbeat_at = NULL
+FROM outcome f, locked
+WHERE locked.id = f.id AND r.id = f.id AND r.lease_token = f.lease_token
+  AND r.state IN ('pending', 'processing')
+RETURNING r.id;
 
 -- name: delete_finished_async_requests
 -- Requests finished before the cutoff (the retention period).

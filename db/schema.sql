@@ -192,8 +192,12 @@ CREATE TABLE async_requests (
     finished_at     timestamptz
 );
 
+-- Claimable requests only (queued, no lease), in claim order; and a key's live requests, which
+-- a submit counts (the burst bound, the fair-share rank).
 CREATE INDEX async_requests_claimable ON async_requests (key_rank, created_at)
-    WHERE state IN ('accepted', 'pending');
+    WHERE state IN ('accepted', 'pending') AND lease_token IS NULL;
+CREATE INDEX async_requests_live_by_key ON async_requests (key_id, key_rank)
+    WHERE state IN ('accepted', 'pending', 'processing');
 CREATE INDEX async_requests_leased ON async_requests (heartbeat_at)
     WHERE state IN ('pending', 'processing') AND lease_token IS NOT NULL;
 CREATE INDEX async_requests_by_key ON async_requests (key_id, created_at DESC, id DESC);

@@ -170,6 +170,24 @@ async def test_a_finished_request_cannot_be_cancelled_and_other_keys_see_nothing
     assert status == 200 and body["requests"] == []
 
 
+async def test_a_concurrent_burst_is_stored_together_within_the_bound(aapi: Api) -> None:
+    """Submits arriving at once share inserts; the bound and the key's order still hold."""
+    results = await asyncio.gather(
+        *(
+            aapi.call("POST", "/v1/async/fake/slow", {"input": {"prompt": str(i)}})
+            for i in range(12)
+        )
+    )
+    codes = [status for status, _ in results]
+    assert codes.count(202) == 4 and codes.count(429) == 8, codes
+    accepted = {body["response"]["id"] for status, body in results if status == 202}
+    rows = await app_state(aapi).pool.fetch("SELECT id, key_rank FROM async_requests")
+    assert {str(r["id"]) for r in rows} == accepted, "only the 202s were stored"
+    assert sorted(r["key_rank"] for r in rows) == [0, 1, 2, 3]
+    for rid in accepted:
+        await aapi.call("POST", f"/v1/async/requests/{rid}/cancel")
+
+
 async def test_a_burst_is_bounded_per_key_and_a_second_key_still_gets_served(aapi: Api) -> None:
     codes = []
     for i in range(8):

@@ -5,11 +5,12 @@ blobs and checks its spec and requirements: everything that can be refused is re
 before a row or a version folder exists. `store` makes the version (the API's row, its folder
 under `versions/`) and `advance` runs in the background: the environment is built (building),
 the catalog row `owner/name` points at the version and the model job queue measures it
-(benchmarking), then available, or failed with the reason. A live instance of the previous
-version is rolled over (`_roll_over`), with the same concurrency and expiry: the database allows
-one live instance per model and API version, so the new version's starts beside it where memory
-allows and takes the calls once RUNNING, and the old one drains and stops; else the old one
-stops first. The API's reason says which happened.
+(benchmarking), then available, or failed with the reason. With the docker runtime, a version
+with a Dockerfile has its image built while building (runtimes/docker.py: `project_image`).
+A live instance of the previous version is rolled over (`_roll_over`), with the same
+concurrency and expiry: the database allows one live instance per model and API version, so
+the new version's starts beside it where memory allows and takes the calls once RUNNING, and
+the old one drains and stops; else the old one stops first. The API's reason says which.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from control_plane.errors import (
 )
 from control_plane.lifecycle import State
 from control_plane.reconciler import GONE_REASON
+from control_plane.runtimes.base import BuildsProjectImages, ProjectImageFailed
 from control_plane.schemas import LoadRequest
 from control_plane.state import AppState
 from db import api_queries as aq
@@ -275,7 +277,10 @@ async def _advance(state: AppState, row: ApiRow) -> None:
     try:
         requirements = await anyio.to_thread.run_sync(read_requirements, folder)
         await ensure_env(root, requirements, folder)
-    except (EnvBuildFailed, RequirementsRefused) as exc:
+        runtime = state.supervisor.runtime
+        if isinstance(runtime, BuildsProjectImages) and (folder / "Dockerfile").is_file():
+            await runtime.project_image(folder)  # the image its instances will run in
+    except (EnvBuildFailed, RequirementsRefused, ProjectImageFailed) as exc:
         await _set(state, row, "failed", str(exc))
         return
     if await _set(state, row, "benchmarking", None) is None:

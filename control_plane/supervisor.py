@@ -320,6 +320,7 @@ class Supervisor:
                 reserve_bytes=host_bytes,
                 python=target.python,
                 engine=target.engine,
+                project_dir=target.model_dir if model.source_kind == "apis" else None,
             )
             launch_started = time.monotonic()
             launched = await self.runtime.start(spec)

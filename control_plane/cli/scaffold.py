@@ -109,9 +109,12 @@ and your code finds them at the path in the MODEL_DIR environment variable.
 """
 
 _DOCKERFILE = f"""\
-# This API's container image: mlcp's agent image (built offline by `make image`, no registry),
-# which serves the project mounted into the container. The docker runtime runs instances in that
-# image as it is; layers your code needs would go below.
+# This API's container image. With the docker runtime (MLCP_RUNTIME=docker), each version is
+# built into an image from this file (offline: host network, nothing pulled from a registry;
+# cached by content) and its instances run in it, with the project mounted at /model. It starts
+# FROM mlcp's agent image (built offline by `make image`), which serves the project. That image
+# has no shell, so RUN cannot work here: add files with COPY (the build's context is this
+# folder less model/), settings with ENV; packages go in requirements.txt.
 FROM {AGENT_IMAGE}
 """
 

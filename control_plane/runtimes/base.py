@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from instance_agent.engines import EngineName
 from instance_agent.launch import AgentArgs
@@ -31,6 +31,9 @@ class InstanceSpec:
     reserve_bytes: int = 0
     # What generates text (`instance_agent.engines`); None: the agent picks.
     engine: EngineName | None = None
+    # A deployed handler API's version folder: the docker runtime runs its instance in the
+    # image built from the folder's Dockerfile, when it has one; None: a catalog model.
+    project_dir: Path | None = None
 
     def agent_args(self, port: int) -> AgentArgs:
         """The agent's `serve` options for this instance, listening on loopback at `port`."""
@@ -92,4 +95,17 @@ class Runtime(Protocol):
 
     async def logs(self, handle: str, tail_lines: int) -> str:
         """The instance's last log lines."""
+        ...
+
+
+class ProjectImageFailed(Exception):
+    """A handler project's Dockerfile did not build; the message ends with the build's output."""
+
+
+@runtime_checkable
+class BuildsProjectImages(Protocol):
+    """A runtime that runs a handler API's instances in an image built from its Dockerfile."""
+
+    async def project_image(self, project: Path) -> str:
+        """Build (or find, by content) the project's image; its name. ProjectImageFailed."""
         ...

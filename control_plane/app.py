@@ -188,7 +188,11 @@ def create_app(settings: Settings) -> Starlette:
             )
             # Stops first on the way out: finishes or hands back its job while the pool is open.
             device = benchmark_device(settings.benchmark_device, settings.use_gpus)
-            await stack.enter_async_context(background_worker(pool, settings, device=device))
+            # Measured in a process of the kind its instances run in: forked from the zygote.
+            zygote = runtime.zygote if isinstance(runtime, ProcessRuntime) else None
+            await stack.enter_async_context(
+                background_worker(pool, settings, device=device, zygote=zygote)
+            )
             # Stops before the supervisor: held requests are handed back while instances serve.
             await stack.enter_async_context(async_worker(state, activity.node_id))
             await stack.enter_async_context(webhook_sender(state))

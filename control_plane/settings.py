@@ -28,7 +28,6 @@ class Settings(BenchmarkerSettings):
     # Signs dashboard session cookies; set it on every control plane of a deployment so they accept
     # each other's sessions. Unset: a random secret per process.
     session_secret: SecretStr | None = None
-    runtime: Literal["process", "docker", "ray"] = "process"
     # The Ray cluster the `ray` runtime places instances on (its GCS, `host:port`, as `ray start
     # --head` prints it); unset, the RAY_ADDRESS variable's, else 127.0.0.1:6379.
     ray_address: str | None = None
@@ -81,10 +80,6 @@ class Settings(BenchmarkerSettings):
     # A request to an instance that has stopped answering health checks for this long ends
     # with 504 (the instance is killed after 3 missed checks, ~15 s).
     progress_timeout_s: float = Field(default=5.0, gt=0)
-    # The process runtime forks the real agent from a zygote that has torch and transformers
-    # imported (cold start ÷ a fresh process's import and load, benchmarks/bench_cold_start.py);
-    # false: every instance is a fresh interpreter.
-    zygote: bool = True
     # The docker runtime's agent image: `make image` builds it offline, the Dockerfile with a
     # registry. "bridge" publishes each agent's port on 127.0.0.1 only; "host" shares the host's
     # network (for engines without a bridge, such as CI's).

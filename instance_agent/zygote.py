@@ -12,7 +12,9 @@ parent's OpenMP pool. So the zygote only imports: it never builds a tensor, neve
 (`model.apply_thread_settings`) from its own environment, as a fresh process would.
 
 Wire (one connection per child): the client sends one JSON line
-`{"argv": [...], "env": {...}, "log": "/path", "cwd": "/path"}`; the zygote answers
+`{"argv": [...], "env": {...}, "log": "/path", "cwd": "/path"}` (and optionally
+`"die_with_zygote": true`: the kernel kills that child when the zygote exits, for the
+benchmarker's measuring agents); the zygote answers
 `{"pid": N}`, and later `{"exit": code}` when that child ends (a negative code: killed by that
 signal, as `subprocess` reports it). The zygote exits when its stdin reaches end of file, so it
 never outlives the control plane that started it; its children do, as instances always have.
@@ -20,6 +22,7 @@ never outlives the control plane that started it; its children do, as instances 
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -89,13 +92,25 @@ def _read_request(conn: socket.socket) -> dict[str, Any]:
         and all(isinstance(k, str) and isinstance(v, str) for k, v in request["env"].items())
         and isinstance(request.get("log"), str)
         and isinstance(request.get("cwd"), str)
+        and isinstance(request.get("die_with_zygote", False), bool)
     ):
         raise ValueError("malformed request")
     return request
 
 
-def _become_agent(request: dict[str, Any], close: list[socket.socket]) -> int:
+def _die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when `parent` (the zygote) exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it exited before the prctl took effect
+        os._exit(1)
+
+
+def _become_agent(request: dict[str, Any], close: list[socket.socket], parent: int) -> int:
     """In the forked child: detach, redirect, take the request's environment, serve."""
+    if request.get("die_with_zygote") and sys.platform == "linux":
+        _die_with(parent)
     os.setsid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -123,12 +138,13 @@ def _become_agent(request: dict[str, Any], close: list[socket.socket]) -> int:
 
 
 def _fork(request: dict[str, Any], close: list[socket.socket]) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid != 0:
         return pid
     code = 1
     try:
-        code = _become_agent(request, close)
+        code = _become_agent(request, close, parent)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 2
     except BaseException:

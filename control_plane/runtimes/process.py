@@ -4,7 +4,7 @@ The instance is labelled through its environment (MLCP_INSTANCE=<id>:<generation
 plane that restarts can find its processes again; its output goes to a log file per instance.
 
 The real agent is forked from a zygote that has torch and transformers imported already
-(`control_plane.runtimes.zygote`), which takes the imports out of every cold start; a custom
+(`instance_agent.zygote_client`), which takes the imports out of every cold start; a custom
 agent command (tests' fake agents) or a zygote that cannot start falls back to a fresh
 subprocess. A forked child's /proc environment and command line are the zygote's, so each one
 is also recorded in a small file (`<pid>.json`: label, endpoint, start time) that `list` and
@@ -31,9 +31,9 @@ import psutil
 
 from control_plane.errors import RuntimeFailed
 from control_plane.runtimes.base import Exited, InstanceSpec, Launched, Listed
-from control_plane.runtimes.zygote import Zygote, ZygoteChild, ZygoteUnavailable
 from instance_agent.launch import free_loopback_port, load_failure, serve_command
 from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
+from instance_agent.zygote_client import Zygote, ZygoteChild, ZygoteUnavailable
 
 logger = logging.getLogger(__name__)
 

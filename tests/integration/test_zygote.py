@@ -21,7 +21,7 @@ import pytest
 
 from control_plane.runtimes.base import InstanceSpec, Launched
 from control_plane.runtimes.process import ProcessRuntime
-from control_plane.runtimes.zygote import Zygote
+from instance_agent.zygote_client import Zygote
 from tests.agent_process import AgentProcess
 from tests.tiny_model import build_tiny_model
 

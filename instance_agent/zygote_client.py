@@ -1,7 +1,9 @@
-"""The control plane's side of the agent fork server (`instance_agent.zygote`).
+"""The client side of the agent fork server (`instance_agent.zygote`).
 
 One zygote per process runtime, started in the background when the runtime is warmed up and
 again whenever it is found dead, so a crash costs one slower cold start, never a failed load.
+The benchmarker forks its measuring agents from the same zygote, so a model is measured in the
+very kind of process its instances run in (`benchmarker.measure`).
 Each forked instance is a `ZygoteChild`: its pid at once, its exit code when the zygote reports
 it on the child's own connection. If the zygote dies first the exit code is lost (`orphaned`)
 and the runtime falls back to asking the OS, as for an instance adopted after a restart.
@@ -123,9 +125,23 @@ class Zygote:
             self._proc = proc
             logger.info("agent zygote %d ready", proc.pid)
 
-    async def spawn(self, argv: list[str], env: dict[str, str], log: Path) -> ZygoteChild:
-        """Fork one agent running `serve` with `argv`; a dead zygote is restarted first."""
-        request = {"argv": argv, "env": env, "log": str(log), "cwd": str(Path.cwd())}
+    async def spawn(
+        self, argv: list[str], env: dict[str, str], log: Path, *, die_with_zygote: bool = False
+    ) -> ZygoteChild:
+        """Fork one agent running `serve` with `argv`; a dead zygote is restarted first.
+
+        With `die_with_zygote` the kernel kills the child when the zygote exits (which it does
+        when its owner does): for a measuring agent, which must not outlive its measurer, unlike
+        an instance.
+        """
+        request: dict[str, object] = {
+            "argv": argv,
+            "env": env,
+            "log": str(log),
+            "cwd": str(Path.cwd()),
+        }
+        if die_with_zygote:
+            request["die_with_zygote"] = True
         for attempt in (1, 2):
             await self.ensure_started()
             try:

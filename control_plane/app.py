@@ -12,13 +12,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
 from benchmarker.worker import background_worker
-from control_plane import deploys, handlers, uploads
+from control_plane import agent_http, deploys, handlers, uploads
 from control_plane.activity import Activity
 from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
@@ -32,7 +33,6 @@ from control_plane.grpc_front import GrpcFront
 from control_plane.grpc_services import ServiceTable
 from control_plane.metrics import Metrics, RecordRequests
 from control_plane.outage import DatabaseOutage, is_outage
-from control_plane.proxy import new_session
 from control_plane.quotas import Limiter
 from control_plane.reconciler import reconcile_by_database_clock
 from control_plane.routes import (
@@ -89,6 +89,20 @@ async def unless_outage(what: str, write: Callable[..., Awaitable[object]], *arg
         logger.warning("not written at shutdown (the database is unavailable): %s", what)
 
 
+def _http_session() -> aiohttp.ClientSession:
+    """The session for agents' health checks and webhooks (the relay has its own wire).
+
+    Its keep-alive stays below uvicorn's 5 s in the agent, so the agent never closes a pooled
+    connection just as a request is sent on it.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=0, keepalive_timeout=agent_http.KEEPALIVE_S, force_close=False
+    )
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+    )
+
+
 def create_app(settings: Settings) -> Starlette:
     node = settings.node_name or f"{socket.gethostname()}:{settings.port}"
     metrics = Metrics(node, enabled=settings.metrics)
@@ -104,7 +118,7 @@ def create_app(settings: Settings) -> Starlette:
                 announce_admin_key(secret)
             await refresh_catalog(pool, settings)
 
-            session = new_session()
+            session = _http_session()
             stack.push_async_callback(session.close)
             activity = Activity(node_id=uuid.uuid4().hex)
             runtime = build_runtime(settings, await queries.cluster_id(pool))
@@ -196,6 +210,8 @@ def create_app(settings: Settings) -> Starlette:
             # Stops before the supervisor: held requests are handed back while instances serve.
             await stack.enter_async_context(async_worker(state, activity.node_id))
             await stack.enter_async_context(webhook_sender(state))
+            # Closed first on the way out: relayed requests still open end with the instances up.
+            stack.push_async_callback(state.agents.close)
             yield {STATE_KEY: state}
 
     app = Starlette(

@@ -1,19 +1,23 @@
-"""Forwarding /model/run to an instance agent over a shared aiohttp session.
+"""Forwarding a request to an instance agent, and reading its answer or its event stream.
 
-aiohttp, not httpx: a proxy on httpx's AsyncClient kept 0.03x of direct throughput at 8
-concurrent requests here, aiohttp 0.9x (measured when the proxy was written; bench_proxy.py
-keeps the figure). Connections to each agent are reused.
+The wire is `agent_http` (pooled keep-alive connections, httptools); this module turns the
+agent's answers and errors into ours and its NDJSON stream into event batches.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
-
+from control_plane.agent_http import (
+    AgentHttp,
+    AgentHttpError,
+    AgentResponse,
+    BadAnswer,
+)
 from control_plane.errors import (
     GenerationFailed,
     HandlerBadOutput,
@@ -34,37 +38,17 @@ from control_plane.errors import (
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 2.0
 # A whole non-streaming generation: the agent caps work per request (1024 new tokens), which is
 # ~100 s at the 11 tokens/s measured for SmolLM2 on 2 cores; queueing may double it.
 RUN_TIMEOUT_S = 600.0
 # Streams have no total limit, only a limit on silence between chunks.
 STREAM_IDLE_S = 300.0
-
-RUN_TIMEOUT = aiohttp.ClientTimeout(total=RUN_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S)
-STREAM_TIMEOUT = aiohttp.ClientTimeout(
-    total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=STREAM_IDLE_S
-)
+JSON = b"application/json"
+OCTET_STREAM = b"application/octet-stream"
 
 
 class InstanceGone(InstanceFailed):
     """The model instance failed while serving the request."""
-
-
-# Below uvicorn's 5 s keep-alive in the agent, so the agent never closes a pooled connection just
-# as a request is sent on it: with 30 s, 2 of 24 requests sent ~5 s after the previous one failed
-# (ServerDisconnectedError, ClientOSError: a 502 as if the instance had died); with 4 s, 0 of 24.
-KEEPALIVE_S = 4.0
-
-
-def new_session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, force_close=False)
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        json_serialize=json.dumps,
-        skip_auto_headers=("User-Agent",),
-    )
 
 
 # The agent's error codes (instance_agent/protocol.py) that mean the same here; its messages are
@@ -95,71 +79,90 @@ class RawJson(bytes):
     """A JSON body already encoded: sent as is, as application/json (handler payloads)."""
 
 
-async def _agent_error(resp: aiohttp.ClientResponse) -> MlcpError:
+def _agent_error(status: int, headers: Mapping[str, str], body: bytes) -> MlcpError:
     """Translate an agent's error answer into ours."""
     try:
-        body = await resp.json(content_type=None)
-    except (ValueError, aiohttp.ClientError):
-        body = None
-    message = body.get("error") if isinstance(body, dict) else None
-    code = body.get("code") if isinstance(body, dict) else None
-    known = isinstance(code, str) and (
-        resp.status < 500 or resp.status == 503 or code in _HANDLER_CODES
-    )
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    message = answer.get("error") if isinstance(answer, dict) else None
+    code = answer.get("code") if isinstance(answer, dict) else None
+    known = isinstance(code, str) and (status < 500 or status == 503 or code in _HANDLER_CODES)
     cls = AGENT_ERRORS.get(str(code)) if known else None
     if cls is None or not isinstance(message, str):
         return InvalidAnswer("the model instance answered with an error")
-    retry = resp.headers.get("Retry-After")
+    retry = headers.get("retry-after")
     valid = retry is not None and retry.isascii() and retry.isdigit() and len(retry) < 5
     retry_s = int(retry) if valid and retry is not None else None
     return cls(message, retry_after_s=retry_s)
 
 
+def _encode(payload: dict[str, Any] | bytes) -> tuple[bytes, bytes]:
+    """The body to send and its content type: bytes as they are, RawJson and dicts as JSON."""
+    if isinstance(payload, RawJson):
+        return bytes(payload), JSON
+    if isinstance(payload, bytes):
+        return payload, OCTET_STREAM
+    return json.dumps(payload).encode(), JSON
+
+
+async def _read_all(resp: AgentResponse) -> bytes:
+    """The rest of the body; the connection goes back to the pool, or is closed on failure."""
+    try:
+        data = await resp.read()
+    except BaseException:
+        resp.close()
+        raise
+    resp.release()
+    return data
+
+
 async def run(
-    session: aiohttp.ClientSession,
+    http: AgentHttp,
     endpoint: str,
     payload: dict[str, Any] | bytes,
     path: str = "/run",
 ) -> Any:
     """POST `path` (/run) and return the agent's JSON answer; bytes go as the raw body."""
-    body: dict[str, Any]
-    if isinstance(payload, RawJson):
-        body = {"data": bytes(payload), "headers": {"Content-Type": "application/json"}}
-    elif isinstance(payload, bytes):
-        body = {"data": payload, "headers": {"Content-Type": "application/octet-stream"}}
-    else:
-        body = {"json": payload}
+    body, content_type = _encode(payload)
     try:
-        async with session.post(endpoint + path, **body, timeout=RUN_TIMEOUT) as resp:
-            if resp.status != 200:
-                raise await _agent_error(resp)
-            return await resp.json(content_type=None)
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            resp = await http.post(endpoint, path, body, content_type)
+            data = await _read_all(resp)
     except TimeoutError as exc:
         raise InstanceTimeout(
             f"the model instance did not answer within {RUN_TIMEOUT_S:.0f} s"
         ) from exc
-    except aiohttp.ClientConnectionError as exc:
+    except BadAnswer as exc:
+        raise InvalidAnswer("the model instance sent an invalid answer") from exc
+    except AgentHttpError as exc:
         raise InstanceGone() from exc
-    except (aiohttp.ClientError, ValueError) as exc:
+    if resp.status != 200:
+        raise _agent_error(resp.status, resp.headers, data)
+    try:
+        return json.loads(data)
+    except ValueError as exc:
         raise InvalidAnswer("the model instance sent an invalid answer") from exc
 
 
 async def open_stream(
-    session: aiohttp.ClientSession, endpoint: str, payload: dict[str, Any], path: str = "/stream"
-) -> aiohttp.ClientResponse:
+    http: AgentHttp, endpoint: str, payload: dict[str, Any], path: str = "/stream"
+) -> AgentResponse:
     """POST `path` (/stream); return the open response once the agent accepted the request."""
+    body, content_type = _encode(payload)
     try:
-        resp = await session.post(endpoint + path, json=payload, timeout=STREAM_TIMEOUT)
+        async with asyncio.timeout(STREAM_IDLE_S):
+            resp = await http.post(endpoint, path, body, content_type)
+            if resp.status == 200:
+                return resp
+            data = await _read_all(resp)
     except TimeoutError as exc:
         raise InstanceTimeout("the model instance did not answer in time") from exc
-    except aiohttp.ClientError as exc:
+    except BadAnswer as exc:
+        raise InvalidAnswer("the model instance sent an invalid answer") from exc
+    except AgentHttpError as exc:
         raise InstanceGone() from exc
-    if resp.status != 200:
-        try:
-            raise await _agent_error(resp)
-        finally:
-            resp.release()
-    return resp
+    raise _agent_error(resp.status, resp.headers, data)
 
 
 # A line longer than this is not an event our agent would send (they hold a few tokens).
@@ -194,18 +197,18 @@ def _parse_lines(lines: list[bytes]) -> tuple[list[dict[str, Any]], bool]:
     return events, True
 
 
-async def event_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[dict[str, Any]]]:
+async def event_batches(resp: AgentResponse) -> AsyncIterator[list[dict[str, Any]]]:
     """The agent's NDJSON events, one list per read of whatever has arrived; ends at EOF.
 
     Batching per read, not per line, is what lets the relay send one chunk per read: a chunk per
     token cost the proxy most of its streaming throughput (0.6x of direct with 8 streams of 200
     fast tokens; benchmarks/bench_proxy.py). A line that is not JSON ends the batches with an
-    error event; the caller checks for 'done'.
+    error event; the caller checks for 'done'. A read that waits over STREAM_IDLE_S raises
+    TimeoutError; a broken connection raises `agent_http.AgentHttpError`.
     """
-    content = resp.content
     tail = b""
     while True:
-        data = await content.readany()
+        data = await resp.readany(STREAM_IDLE_S)
         if not data:
             break
         if tail:

@@ -4,7 +4,8 @@ Every route that runs a model comes through here: `call` for a JSON answer, `ope
 `TextStream` or `EventStream` for a streamed one. Both keep the instance's in-flight count (which
 protects it from the reaper and from eviction), cancel the upstream request when the client goes
 away, count requests the instance refused as busy, and have the supervisor check an instance
-that failed mid-request. `proxy.py` is the wire underneath (aiohttp, the agent's NDJSON events).
+that failed mid-request. `proxy.py` is the wire underneath (over `agent_http`; the agent's NDJSON
+events).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 from sse_starlette.sse import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from control_plane import proxy
+from control_plane.agent_http import AgentHttpError, AgentResponse
 from control_plane.errors import InstanceBusy, InstanceFailed, InstanceTimeout
 from control_plane.state import AppState
 from control_plane.supervisor import Route
@@ -101,7 +102,7 @@ async def call(
             try:
                 try:
                     async with state.supervisor.progress_watch(route.instance_id):
-                        answer = await proxy.run(state.session, route.endpoint, payload, path)
+                        answer = await proxy.run(state.agents, route.endpoint, payload, path)
                 except TimeoutError as exc:  # only the watch raises it; proxy.run translates
                     raise InstanceTimeout(_no_progress(state)) from exc
             except BaseException as exc:
@@ -130,7 +131,7 @@ class Upstream:
         self,
         state: AppState,
         route: Route,
-        resp: aiohttp.ClientResponse,
+        resp: AgentResponse,
         on_finish: Callable[[], None] | None = None,
     ) -> None:
         self.state = state
@@ -168,7 +169,7 @@ async def open_stream(
     try:
         try:
             async with state.supervisor.progress_watch(route.instance_id):
-                resp = await proxy.open_stream(state.session, route.endpoint, payload, path)
+                resp = await proxy.open_stream(state.agents, route.endpoint, payload, path)
         except TimeoutError as exc:  # only the watch raises it; proxy translates its own
             raise InstanceTimeout(_no_progress(state)) from exc
     except BaseException as exc:
@@ -223,7 +224,7 @@ async def pieces(upstream: Upstream) -> AsyncGenerator[Piece, None]:
                     return
             if texts:
                 yield "".join(texts), None
-    except (aiohttp.ClientError, TimeoutError):
+    except (AgentHttpError, TimeoutError):
         pass
     finally:
         upstream.finish(completed=completed)

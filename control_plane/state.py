@@ -10,6 +10,7 @@ import aiohttp
 from starlette.requests import Request
 
 from control_plane.activity import Activity
+from control_plane.agent_http import AgentHttp
 from control_plane.auth import Authenticator
 from control_plane.events import EventHub
 from control_plane.metrics import Metrics
@@ -61,6 +62,8 @@ class AppState:
     api_cache: dict[tuple[str, str], tuple[ApiRow | None, float]] = field(default_factory=dict)
     # Deploys of handler APIs under way on this control plane (set by the lifespan).
     deploys: Deploys = field(default_factory=lambda: _deploys())
+    # The relay's connections to instance agents (control_plane/agent_http.py).
+    agents: AgentHttp = field(default_factory=AgentHttp)
 
 
 def _deploys() -> Deploys:

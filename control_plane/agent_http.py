@@ -116,6 +116,8 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._error: AgentHttpError | None = None
         self._keep_alive = False
+        # A second answer began in the bytes of the first: the connection is dropped after it.
+        self._unasked = False
         self.closed = False
         self.idle_since = 0.0
 
@@ -127,8 +129,9 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._complete:
-            # Bytes after a complete answer, before the next request: not HTTP we asked for.
-            self._fail(BadAnswer("the agent sent bytes nobody asked for"))
+            # Bytes after a complete answer, before the next request: nobody asked for them,
+            # so the connection cannot be trusted again (the answer read so far stands).
+            self.close()
             return
         try:
             self._parser.feed_data(data)
@@ -136,6 +139,8 @@ class _Connection(asyncio.Protocol):
             self._fail(BadAnswer("the agent tried to upgrade the connection"))
         except httptools.HttpParserError as exc:
             self._fail(BadAnswer(f"the agent's answer is not HTTP/1.1: {exc}"))
+        if self._unasked:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -145,10 +150,18 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._unasked = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._unasked:
+            return
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if self._unasked:
+            return
         head, self._head = self._head, None
         if head is None or head.done():
             return
@@ -156,6 +169,8 @@ class _Connection(asyncio.Protocol):
         head.set_result(AgentResponse(self, self._parser.get_status_code(), self._headers))
 
     def on_body(self, body: bytes) -> None:
+        if self._unasked:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > READ_BUFFER_BYTES and not self._paused and self.transport:
@@ -164,6 +179,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._unasked:
+            return
         self._complete = True
         self._wake()
 

@@ -106,7 +106,9 @@ async def uvicorn_agent() -> AsyncIterator[str]:
     config = uvicorn.Config(app, log_level="error", timeout_keep_alive=5)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
+    for _ in range(500):
+        if server.started:
+            break
         await asyncio.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -5,11 +5,13 @@
    greedy, 64 tokens, the same chat message; goal >= 0.9.
 2. Aggregate tokens/s at 8 concurrent requests ÷ mlcp's own single stream; goal >= 3.0. The
    peer's aggregate at 8 is printed beside it.
-3. Cold start: /model/load → RUNNING ÷ a bare `import llama_cpp` + load of the same GGUF.
-4. `/model/job` → "Model available" through the control plane (the benchmark job measuring the
+3. Time to first token of a streamed request that arrives while 7 others generate ÷ the time to
+   first token of the same request on the idle instance (concurrency 8 both times); goal <= 2.0:
+   the request joins the running batch at its next decoding step instead of waiting for it.
+4. Cold start: /model/load → RUNNING ÷ a bare `import llama_cpp` + load of the same GGUF.
+5. `/model/job` → "Model available" through the control plane (the benchmark job measuring the
    model's memory, its agent forked from the zygote); goal <= 10 s. The peers serve the GGUF
    with no job at all (0 s), so this line has a goal, not a ratio.
-
 The peer's server runs from a virtual environment in the benchmark's cache that sees this one's
 packages through a .pth file (the same llama-cpp-python build) and adds the server's own
 (fastapi, ...); if they cannot be installed the peer's lines are skipped with the reason, never
@@ -96,6 +98,50 @@ def mlcp_tokens_per_s(cp: ControlPlane, clients: int) -> float:
     with ThreadPoolExecutor(clients) as pool:
         tokens = sum(pool.map(one, range(clients)))
     return tokens / (time.perf_counter() - started)
+
+
+def first_token_s(cp: ControlPlane) -> float:
+    """Seconds from sending a streamed /model/run until its first byte of text arrives."""
+    body = {"model": MODEL, "prompt": QUESTION, "stream": True, "params": {"max_new_tokens": 8}}
+    req = Request(
+        cp.base + "/model/run",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Key {cp.key}"},
+    )
+    started = time.perf_counter()
+    with urlopen(req, timeout=300) as resp:
+        first = resp.read(1)
+        elapsed = time.perf_counter() - started
+        resp.read()
+    assert first, "the stream ended without text"
+    return elapsed
+
+
+def first_token_busy_s(cp: ControlPlane, others: int) -> float:
+    """`first_token_s` while `others` long requests generate on the same instance."""
+    body = {
+        "model": MODEL,
+        "prompt": QUESTION,
+        "params": {"max_new_tokens": 4 * TOKENS, "min_length": 4 * TOKENS},
+    }
+    headers = {"Authorization": f"Key {cp.key}"}
+    with ThreadPoolExecutor(others) as pool:
+        running = [pool.submit(_post, cp.base + "/model/run", body, headers) for _ in range(others)]
+        deadline = time.monotonic() + 60
+        while True:
+            status = cp.call("/model/status", {"model": MODEL})
+            assert isinstance(status, dict), status
+            if int(status.get("inFlight") or 0) >= others:
+                break
+            assert time.monotonic() < deadline, f"{others} requests did not start: {status}"
+            time.sleep(0.01)
+        # Well into their generation, not at its first step.
+        time.sleep(0.3)
+        elapsed = first_token_s(cp)
+        assert all(not f.done() for f in running), "the others ended before the measurement"
+        for future in running:
+            future.result()
+    return elapsed
 
 
 def peer_tokens_per_s(base: str, clients: int) -> float:
@@ -300,6 +346,8 @@ def main() -> None:
     cold: list[float] = []
     bare: list[float] = []
     jobs: list[float] = []
+    idle_ttft: list[float] = []
+    busy_ttft: list[float] = []
     with control_plane([], fake_agent=None, **{**ENV, "MLCP_USE_GPUS": "false"}) as cp:
         wait_zygote(cp)
         for i in range(REPEATS):
@@ -322,6 +370,9 @@ def main() -> None:
         mlcp_tokens_per_s(cp, CONCURRENT)
         for _ in range(REPEATS):
             aggregate.append(mlcp_tokens_per_s(cp, CONCURRENT))
+        for _ in range(REPEATS):
+            idle_ttft.append(first_token_s(cp))
+            busy_ttft.append(first_token_busy_s(cp, CONCURRENT - 1))
         unload(cp)
     ours = statistics.median(single)
     python, why = peer_python()
@@ -348,6 +399,16 @@ def main() -> None:
     agg = statistics.median(aggregate)
     print(
         ratio(f"aggregate at {CONCURRENT} / single stream", agg, ours, "tok/s", "goal >= 3.0"),
+        flush=True,
+    )
+    print(
+        ratio(
+            f"first token while {CONCURRENT - 1} others generate / on an idle instance",
+            statistics.median(busy_ttft),
+            statistics.median(idle_ttft),
+            "s",
+            "goal <= 2.0",
+        ),
         flush=True,
     )
     print(

@@ -6,6 +6,13 @@ request plus up to `concurrency - 1` others with the same sampling settings and 
 batch; requests that arrive meanwhile wait for the next batch. Batching is the point: on a 2-core
 box SmolLM2 gave 11.3 tokens/s for one prompt and 37.6 for eight at once
 (`python -m benchmarks.bench_batching`).
+
+An engine that can take rows into a running batch (`joins_running_batch`, the llama.cpp engine)
+gets a `take_more` callable instead: between its decoding steps it takes waiting requests, in
+order and whatever their sampling settings, while fewer than `concurrency` rows are live, so a
+request that arrives while others generate starts at the next step rather than after them all.
+Such a batch runs until no row is live; `batches` then counts those runs and `maxBatchSize` the
+most rows live at once.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from instance_agent.protocol import InstanceBusy
 from instance_agent.streaming import Row
@@ -33,10 +40,30 @@ BATCH_QUIET_S = 0.02
 BATCH_MAX_WAIT_S = 0.08
 
 
+# Called by a joining engine between decoding steps with `claim`, which sets a row up in the
+# engine and answers True, or answers False when the row does not fit (its KV cache is full);
+# hands over the waiting rows it claimed, oldest first, never more than `concurrency` live.
+TakeMore = Callable[[Callable[[Row], bool]], list[Row]]
+
+
 class Engine(Protocol):
     """Runs one batch to the end, feeding every row its tokens (see `model.TransformersEngine`)."""
 
     def generate(self, rows: Sequence[Row], should_abort: Callable[[], bool]) -> None: ...
+
+
+@runtime_checkable
+class JoiningEngine(Protocol):
+    """Runs a batch that waiting rows join between its steps (see `llama_engine.LlamaEngine`)."""
+
+    joins_running_batch: bool
+
+    def generate(
+        self,
+        rows: Sequence[Row],
+        should_abort: Callable[[], bool],
+        take_more: TakeMore | None = None,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,7 +82,7 @@ class Batcher:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | JoiningEngine,
         *,
         concurrency: int,
         max_queue: int,
@@ -63,6 +90,9 @@ class Batcher:
         batch_max_wait_s: float = BATCH_MAX_WAIT_S,
     ) -> None:
         self._engine = engine
+        self._joining = (
+            engine if isinstance(engine, JoiningEngine) and engine.joins_running_batch else None
+        )
         self._batch_quiet_s = batch_quiet_s
         self._batch_max_wait_s = batch_max_wait_s
         self._concurrency = concurrency
@@ -178,7 +208,54 @@ class Batcher:
                 batch.append(row)
         return batch
 
+    def _take_more(self, claim: Callable[[Row], bool]) -> list[Row]:
+        """Hand a joining engine the oldest waiting rows it can claim (see `TakeMore`)."""
+        with self._lock:
+            self._running = [row for row in self._running if not row.done]
+            taken: list[Row] = []
+            while (
+                not self._stopping
+                and self._pending
+                and len(self._running) < self._concurrency
+                and claim(self._pending[0])
+            ):
+                row = self._pending.popleft()
+                self._running.append(row)
+                taken.append(row)
+            if taken:
+                self._requests += len(taken)
+                self._max_batch_size = max(self._max_batch_size, len(self._running))
+            return taken
+
+    def _work_joining(self, engine: JoiningEngine) -> None:
+        while True:
+            with self._wakeup:
+                while not self._pending and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+                self._batches += 1
+            try:
+                engine.generate([], self._should_abort, self._take_more)
+            except Exception:
+                with self._lock:
+                    batch = list(self._running)
+                logger.exception("generation failed for a batch of %d", len(batch))
+                for row in batch:
+                    row.fail("generation failed")
+            finally:
+                with self._lock:
+                    batch, self._running = self._running, []
+                for row in batch:
+                    if self._stopping:
+                        row.fail(SHUTDOWN_MESSAGE)
+                    else:
+                        row.finish()
+
     def _work(self) -> None:
+        if self._joining is not None:
+            self._work_joining(self._joining)
+            return
         while True:
             with self._wakeup:
                 while not self._pending and not self._stopping:

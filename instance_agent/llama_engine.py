@@ -1,12 +1,15 @@
 """The llama.cpp engine: a GGUF file served as is, several rows decoded in one batch.
 
 The only module that imports `llama_cpp` (llama-cpp-python's low-level bindings; its high-level
-`Llama` decodes one sequence at a time). Each row of a batch is one llama.cpp sequence in a
-KV cache shared by all of them (`kv_unified`), so a decoding step is one `llama_decode` over
-one token per live row; prompts are packed together the same way. Tokens are chosen by
-`instance_agent.sampling`, so every generation parameter means what it means for the
-transformers engine. Chat messages go through the GGUF's own chat template, rendered by
-llama-cpp-python's Jinja2 formatter.
+`Llama` decodes one sequence at a time). Each live row is one llama.cpp sequence in a KV
+cache shared by all of them (`kv_unified`), so a decoding step is one `llama_decode` over one
+token per live row. Batching is continuous: a request that arrives while others generate joins
+at the next step, its prompt prefilled in that same `llama_decode`, and a row that ends gives
+its sequence back at once. Tokens are chosen by `instance_agent.sampling`, each row with its own
+random generator (seeded by its own seed), so every generation parameter means what it means for
+the transformers engine and a row's text does not depend on which rows run beside it. Chat
+messages go through the GGUF's own chat template, rendered by llama-cpp-python's Jinja2
+formatter.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import ctypes
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from instance_agent.batcher import TakeMore
 from instance_agent.engines import LLAMA_CPP, EngineName, cpu_threads
 from instance_agent.protocol import InvalidPrompt, LoadFailed, Prompt
 from instance_agent.sampling import choose_token
@@ -58,11 +63,15 @@ def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 @dataclass
 class _Slot:
-    """One row's llama.cpp sequence: its id, its next position and the ids it has seen."""
+    """One live row's llama.cpp sequence: the ids it has seen and how many are in the cache."""
 
     row: Row
     seq: int
-    seen: list[int] = field(default_factory=list)
+    # KV cells set aside for the row: its prompt and its whole budget.
+    cells: int
+    rng: np.random.Generator
+    seen: list[int]
+    fed: int = 0
     logits: npt.NDArray[np.float32] | None = None
 
 
@@ -71,6 +80,8 @@ class LlamaEngine:
 
     engine: EngineName = LLAMA_CPP
     device = "cpu"
+    # New rows join between decoding steps (`generate`'s `take_more`), each with its own sampler.
+    joins_running_batch = True
 
     def __init__(
         self,
@@ -163,30 +174,64 @@ class LlamaEngine:
                 return buf.raw[:n].decode("utf-8", "replace")
             size = -n
 
-    def generate(self, rows: Sequence[Row], should_abort: Callable[[], bool]) -> None:
-        """Run one batch until every row is finished; the rows receive their text as it comes.
+    def generate(
+        self,
+        rows: Sequence[Row],
+        should_abort: Callable[[], bool],
+        take_more: TakeMore | None = None,
+    ) -> None:
+        """Decode rows until none is left; the rows receive their text as it comes.
 
-        Rows whose prompts and budgets do not fit the KV cache together run in turn.
+        Between decoding steps, rows that finished or were cancelled give their sequence and
+        KV cells back at once, and new rows join: first the waiting ones of `rows`, then those
+        `take_more` hands over (the batcher's queue). A row joins only when its prompt and its
+        whole budget fit the free KV cells; its prompt is then prefilled in the same
+        `llama_decode` as the next token of every running row, at most `_BATCH_TOKENS` tokens a
+        step, so a long prompt never stalls the others for longer than one such chunk.
         """
-        for group in _groups(rows, self.context_tokens):
-            if should_abort():
-                return
-            self._generate_group(group, should_abort)
+        waiting = deque(rows)
+        live: dict[int, _Slot] = {}
+        free_seqs = list(range(MAX_SEQUENCES - 1, -1, -1))
+        free_cells = self.context_tokens
 
-    def _generate_group(self, rows: Sequence[Row], should_abort: Callable[[], bool]) -> None:
+        def claim(row: Row) -> bool:
+            nonlocal free_cells
+            need = len(row.prompt_ids) + row.max_new_tokens
+            if not free_seqs or need > free_cells:
+                return False
+            free_cells -= need
+            seq = free_seqs.pop()
+            live[seq] = _Slot(
+                row, seq, need, np.random.default_rng(row.params.seed), list(row.prompt_ids)
+            )
+            row.start(self.decode)
+            return True
+
+        def release(slot: _Slot) -> None:
+            nonlocal free_cells
+            del live[slot.seq]
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+            free_cells += slot.cells
+            free_seqs.append(slot.seq)
+
         llama_cpp.llama_memory_clear(self._memory, False)
-        params = rows[0].params
-        # Rows batch together only with the same seed (`GenerationParams.sampling_key`).
-        rng = np.random.default_rng(params.seed)
-        slots = [_Slot(row, seq, list(row.prompt_ids)) for seq, row in enumerate(rows)]
-        start = time.monotonic()
-        for row in rows:
-            row.start(self.decode, start)
-        pending = [(slot, list(slot.row.prompt_ids), 0) for slot in slots]
         steps = 0
         try:
-            while pending:
-                if not self._decode(pending):
+            while True:
+                for slot in list(live.values()):
+                    if slot.row.cancelled:
+                        slot.row.drop()
+                    if slot.row.done:
+                        release(slot)
+                while waiting and (waiting[0].cancelled or claim(waiting[0])):
+                    row = waiting.popleft()
+                    if row.cancelled:
+                        row.drop()
+                if take_more is not None and not waiting:
+                    take_more(claim)
+                if not live:
+                    return
+                if not self._step(live.values()):
                     return
                 steps += 1
                 if steps % _MEMORY_SAMPLE_EVERY_STEPS == 1:
@@ -196,68 +241,102 @@ class LlamaEngine:
                 if should_abort():
                     return
                 now = time.monotonic()
-                pending = []
-                for slot in slots:
-                    if slot.logits is None or slot.row.done:
+                for slot in list(live.values()):
+                    if slot.logits is None:
                         continue
-                    token = self._choose(slot, rng)
+                    token = self._choose(slot)
                     slot.logits = None
                     if slot.row.feed(token, is_eos=token in self._end_set, now=now):
-                        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-                        continue
-                    slot.seen.append(token)
-                    pending.append((slot, [token], len(slot.seen) - 1))
+                        release(slot)
+                    else:
+                        slot.seen.append(token)
         finally:
             llama_cpp.llama_memory_clear(self._memory, False)
 
-    def _choose(self, slot: _Slot, rng: np.random.Generator) -> int:
+    def _choose(self, slot: _Slot) -> int:
         assert slot.logits is not None
         row = slot.row
         banned = self._end_ids if row.tokens_generated < row.min_new_tokens else None
-        return choose_token(slot.logits, row.params, slot.seen, banned, rng)
+        return choose_token(slot.logits, row.params, slot.seen, banned, slot.rng)
 
-    def _decode(self, pending: Sequence[tuple[_Slot, list[int], int]]) -> bool:
-        """Feed each slot's tokens from its position; keep the logits of each one's last token.
+    def _step(self, slots: Iterable[_Slot]) -> bool:
+        """One decoding step: prompt chunks of joining rows, then every generating row's token.
 
-        False when llama.cpp cannot (the rows then end with what they have).
+        Each prompt chunk is a `llama_decode` of its own, cut at the same places whatever else
+        runs (every `_BATCH_TOKENS` ids from the prompt's start), and chunks stop once a step
+        has prefilled `_BATCH_TOKENS` ids, so a long prompt delays the others by one chunk at a
+        time. With flash attention, llama.cpp's numbers for a sequence then do not depend on
+        the others: decoding several sequences' tokens in one batch gives each the logits it
+        gets alone, but prompts packed into one batch with other sequences' ids do not (up to
+        1.7 apart on SmolLM2). A slot whose ids are all in the cache afterwards gets the logits
+        of its last one. False when llama.cpp cannot decode (the rows then end with what they
+        have).
+        """
+        generating: list[_Slot] = []
+        prefilled = 0
+        for slot in slots:
+            if slot.fed >= len(slot.row.prompt_ids):
+                generating.append(slot)
+            elif prefilled < _BATCH_TOKENS:
+                end = min(slot.fed + _BATCH_TOKENS, len(slot.seen))
+                if not self._feed([(slot, end)], keep_logits=True):
+                    return False
+                prefilled += end - slot.fed
+                slot.fed = end
+        if not generating:
+            return True
+        if not self._feed([(slot, len(slot.seen)) for slot in generating], keep_logits=False):
+            return False
+        for slot in generating:
+            slot.fed = len(slot.seen)
+        return True
+
+    def _feed(self, chunks: Sequence[tuple[_Slot, int]], *, keep_logits: bool) -> bool:
+        """One `llama_decode` of each slot's ids from `fed` to `end`; the last one's logits.
+
+        A slot fed up to its last id gets that id's logits: a view of llama.cpp's buffer, valid
+        until the next decode, unless `keep_logits` (a copy). False when llama.cpp cannot.
         """
         batch = self._batch
         n = 0
         wanted: list[tuple[int, _Slot]] = []
-        for slot, tokens, first_pos in pending:
-            for offset, token in enumerate(tokens):
-                if n == _BATCH_TOKENS:
-                    if not self._run(n, wanted):
-                        return False
-                    n, wanted = 0, []
-                last = offset == len(tokens) - 1
-                batch.token[n] = token
-                batch.pos[n] = first_pos + offset
+        for slot, end in chunks:
+            for pos in range(slot.fed, end):
+                batch.token[n] = slot.seen[pos]
+                batch.pos[n] = pos
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot.seq
-                batch.logits[n] = last
-                if last:
-                    wanted.append((n, slot))
+                batch.logits[n] = False
                 n += 1
-        return n == 0 or self._run(n, wanted)
+            if end == len(slot.seen):
+                batch.logits[n - 1] = True
+                wanted.append((n - 1, slot))
+        if not self._run(n):
+            return False
+        for index, slot in wanted:
+            pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
+            logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+            slot.logits = logits.copy() if keep_logits else logits
+        return True
 
-    def _run(self, n: int, wanted: list[tuple[int, _Slot]]) -> bool:
+    def _run(self, n: int) -> bool:
         self._batch.n_tokens = n
         code = llama_cpp.llama_decode(self._ctx, self._batch)
         if code != 0:
             logger.error("llama_decode failed with code %d for %d tokens", code, n)
             return False
-        for index, slot in wanted:
-            pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
-            slot.logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
         return True
 
     def warm_up(self) -> None:
         """Decode one token once, so a model that loads but cannot run fails its load."""
-        token = max(llama_cpp.llama_vocab_bos(self._vocab), 0)
-        slot = _Slot(row=None, seq=0)  # type: ignore[arg-type]
+        batch = self._batch
+        batch.token[0] = max(llama_cpp.llama_vocab_bos(self._vocab), 0)
+        batch.pos[0] = 0
+        batch.n_seq_id[0] = 1
+        batch.seq_id[0][0] = 0
+        batch.logits[0] = True
         try:
-            if not self._decode([(slot, [token], 0)]):
+            if not self._run(1):
                 raise LoadFailed("the model cannot generate: llama_decode failed")
         finally:
             llama_cpp.llama_memory_clear(self._memory, False)
@@ -269,20 +348,6 @@ class LlamaEngine:
         llama_cpp.llama_model_free(self._model)
 
 
-def _groups(rows: Sequence[Row], cells: int) -> list[list[Row]]:
-    """Split rows, in order, into groups whose prompts and budgets fit `cells` KV cells."""
-    groups: list[list[Row]] = []
-    used = cells
-    for row in rows:
-        need = len(row.prompt_ids) + row.max_new_tokens
-        if used + need > cells:
-            groups.append([])
-            used = 0
-        groups[-1].append(row)
-        used += need
-    return groups
-
-
 def load_llama_engine(
     model_dir: Path,
     gguf_file: str,
@@ -290,8 +355,13 @@ def load_llama_engine(
     device: str = "cpu",
     step_delay_s: float = 0.0,
     on_step: Callable[[], object] = lambda: None,
+    max_context_tokens: int = MAX_CONTEXT_TOKENS,
 ) -> LlamaEngine:
-    """Load a GGUF file with llama.cpp on the CPU; raise `LoadFailed` on failure."""
+    """Load a GGUF file with llama.cpp on the CPU; raise `LoadFailed` on failure.
+
+    The context (the KV cells all live rows share) is the model's trained length, at most
+    `max_context_tokens`.
+    """
     check_model_dir(model_dir, gguf_file)
     if device != "cpu":
         raise LoadFailed(f"the llama.cpp engine runs on the CPU only, not {device}")
@@ -305,11 +375,14 @@ def load_llama_engine(
         raise LoadFailed(f"llama.cpp could not load {gguf_file}")
     threads = cpu_threads()
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx = min(llama_cpp.llama_model_n_ctx_train(model), MAX_CONTEXT_TOKENS)
+    params.n_ctx = min(llama_cpp.llama_model_n_ctx_train(model), max_context_tokens)
     params.n_batch = params.n_ubatch = _BATCH_TOKENS
     params.n_seq_max = MAX_SEQUENCES
     params.kv_unified = True
     params.n_threads = params.n_threads_batch = threads
+    # Flash attention keeps a sequence's numbers apart from the others' (see `_step`); without
+    # it, SmolLM2's greedy text beside other rows parts from its text alone within 30 tokens.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.no_perf = True
     context = llama_cpp.llama_init_from_model(model, params)
     if not context:

@@ -284,11 +284,23 @@ def with_directories(entries: Iterable[Entry]) -> list[Entry]:
     return out
 
 
+def _is_bytecode(arcname: str) -> bool:
+    return "__pycache__" in PurePosixPath(arcname).parts or arcname.endswith(".pyc")
+
+
 def content_tag(entries: Iterable[Entry]) -> str:
+    """The hash of what an image holds, less bytecode caches.
+
+    Importing a third-party module for the first time writes its `__pycache__`, so counting
+    them would give a new hash (and a new gigabyte build, and the old one removed as stale)
+    whenever anything ran in between. The caches still go into the image as they are; Python
+    checks each against its source before using it.
+    """
     digest = hashlib.sha256(f"mlcp-agent-image {LAYOUT_VERSION}\n".encode())
     digest.update(repr(BASE_CHANGES).encode())
     for entry in entries:
-        digest.update(entry.fingerprint())
+        if not _is_bytecode(entry.arcname):
+            digest.update(entry.fingerprint())
     return digest.hexdigest()[:16]
 
 

@@ -12,7 +12,6 @@ from docker import DockerClient
 
 from control_plane.runtimes.docker import PROJECT_LABEL
 from tests.api_deploy import deploy, wait_api
-from tests.docker_engine import agent_image, engine  # noqa: F401
 from tests.harness import Api, own_control_plane
 from tests.integration.test_apis import owner, project, user_key
 
@@ -40,7 +39,7 @@ async def docked(
     pg_dsn: str,
     template_db: str,
     tmp_path_factory: pytest.TempPathFactory,
-    agent_image: str,  # noqa: F811
+    agent_image: str,
 ) -> AsyncIterator[Api]:
     data = tmp_path_factory.mktemp("docker-apis")
     async with own_control_plane(
@@ -55,7 +54,7 @@ async def docked(
         yield api
 
 
-def project_images(engine: DockerClient) -> dict[str, str]:  # noqa: F811
+def project_images(engine: DockerClient) -> dict[str, str]:
     return {
         tag: image.id
         for image in engine.images.list(filters={"label": f"{PROJECT_LABEL}=true"})
@@ -65,8 +64,8 @@ def project_images(engine: DockerClient) -> dict[str, str]:  # noqa: F811
 
 async def test_a_version_runs_in_the_image_of_its_dockerfile(
     docked: Api,
-    engine: DockerClient,  # noqa: F811
-    agent_image: str,  # noqa: F811
+    engine: DockerClient,
+    agent_image: str,
     tmp_path: Path,
 ) -> None:
     api = docked
@@ -94,7 +93,7 @@ async def test_a_version_runs_in_the_image_of_its_dockerfile(
 
 async def test_a_dockerfile_with_run_fails_the_version_saying_why(
     docked: Api,
-    agent_image: str,  # noqa: F811
+    agent_image: str,
     tmp_path: Path,
 ) -> None:
     api = docked

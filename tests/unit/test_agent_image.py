@@ -108,3 +108,12 @@ def test_content_tag_follows_the_files(tmp_path: Path) -> None:
     assert content_tag(collect_project(tmp_path, "site-packages")) == first
     (package / "__init__.py").write_text("VERSION = 2\n")
     assert content_tag(collect_project(tmp_path, "site-packages")) != first
+
+
+def test_content_tag_ignores_third_party_bytecode_caches() -> None:
+    """A first import writes a library's `__pycache__`; the base image must keep its hash."""
+    source = Entry("site/pkg/mod.py", "data", data=b"x = 1\n")
+    cache = Entry("site/pkg/__pycache__/mod.cpython-311.pyc", "data", data=b"\x00" * 8)
+    stray = Entry("site/pkg/old.pyc", "data", data=b"\x01")
+    assert content_tag([source, cache, stray]) == content_tag([source])
+    assert content_tag([source]) != content_tag([Entry("site/pkg/mod.py", "data", data=b"x=2")])

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from benchmarker.model_store import engine_for
 from control_plane.admission import Admission, admit, plan_body
 from control_plane.cluster import admission_devices
-from control_plane.device_kind import CPU
+from control_plane.device_kind import AUTO, CPU
 from control_plane.errors import (
     BenchmarkFailed,
     EngineInUse,
@@ -112,23 +112,16 @@ async def load(
                 "may be run, but only the key that loaded it (or an admin) may change it"
             )
     sup = state.supervisor
-    # This node's in-flight counts must be in the database before idleness is judged.
-    await state.activity.flush(state.pool)
-    admission = await admit(
-        state.pool,
-        state.settings,
-        sup.runtime.name,
+    admission = await _admit(
+        state,
         model,
-        request.concurrency,
-        request.expiration_s,
+        request,
         owner,
-        # Reservations' idleness is judged by the clock their times were written by.
-        now or await queries.database_now(state.pool),
+        engine,
+        now,
         dry_run=request.dry_run,
         benchmark=request.benchmark,
         device=request.device,
-        devices=await admission_devices(state),
-        engine=engine,
     )
     plan = admission.plan
     if isinstance(plan, NotMeasured | QueueBenchmark) and admission.kind != CPU:
@@ -168,27 +161,48 @@ async def load_beside(
         engine = engine_for(model, None)
     except EngineNotInstalled as exc:
         raise EngineUnavailable(str(exc)) from exc
-    sup = state.supervisor
-    await state.activity.flush(state.pool)
-    admission = await admit(
-        state.pool,
-        state.settings,
-        sup.runtime.name,
-        model,
-        request.concurrency,
-        request.expiration_s,
-        owner,
-        await queries.database_now(state.pool),
-        devices=await admission_devices(state),
-        engine=engine,
-        beside=True,
-    )
+    admission = await _admit(state, model, request, owner, engine, beside=True)
     if isinstance(admission.plan, NotMeasured | QueueBenchmark):
         raise NotBenchmarked(f"model {model.name} has not been benchmarked")
     if admission.row is None:
         return None
-    sup.launch(admission.row, model)
+    state.supervisor.launch(admission.row, model)
     return admission.row
+
+
+async def _admit(
+    state: AppState,
+    model: ModelRow,
+    request: LoadRequest,
+    owner: int | None,
+    engine: str | None,
+    now: datetime | None = None,
+    *,
+    dry_run: bool = False,
+    benchmark: bool = False,
+    device: str = AUTO,
+    beside: bool = False,
+) -> Admission:
+    """Admission for `request` (admission.py), with what every load must give it first."""
+    # This node's in-flight counts must be in the database before idleness is judged.
+    await state.activity.flush(state.pool)
+    return await admit(
+        state.pool,
+        state.settings,
+        state.supervisor.runtime.name,
+        model,
+        request.concurrency,
+        request.expiration_s,
+        owner,
+        # Reservations' idleness is judged by the clock their times were written by.
+        now or await queries.database_now(state.pool),
+        devices=await admission_devices(state),
+        engine=engine,
+        dry_run=dry_run,
+        benchmark=benchmark,
+        device=device,
+        beside=beside,
+    )
 
 
 async def _check_instance_limit(state: AppState, model: str, owner: int, most: int) -> None:

@@ -249,6 +249,26 @@ def weights_bytes(project: Path) -> int | None:
     return sum(sizes) if sizes else None
 
 
+def remove_unlinked_blobs(root: Path, digests: list[str]) -> list[str]:
+    """Remove the blobs among `digests` that no version links; those gone (or already missing).
+
+    A version's weights are hard links to their blobs, so a blob's link count says whether any
+    version (stored, or being unpacked under incoming/) still holds it. One that was copied
+    across file systems holds its own bytes and does not need the blob.
+    """
+    gone: list[str] = []
+    for digest in digests:
+        path = blob_path(root, digest)
+        try:
+            if path.stat().st_nlink > 1:
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        gone.append(digest)
+    return gone
+
+
 def incoming(root: Path) -> Path:
     """A fresh, unique path under `incoming/` for one upload or unpacking."""
     return root / "incoming" / uuid.uuid4().hex

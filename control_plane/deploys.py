@@ -329,6 +329,21 @@ def prune_versions(root: Path, owner: str, name: str, current: int) -> None:
             bundle.remove(entry)
 
 
+async def collect_blobs(state: AppState, grace_s: float | None = None) -> int:
+    """Remove weight blobs no version links and nobody used for `grace_s`; how many went."""
+    grace = state.settings.blob_grace_s if grace_s is None else grace_s
+    unused = await aq.unused_api_blobs(state.pool, grace)
+    if not unused:
+        return 0
+    root = bundle.apis_root(state.settings.data_dir)
+    gone = await anyio.to_thread.run_sync(bundle.remove_unlinked_blobs, root, unused)
+    for digest in gone:
+        await aq.delete_api_blob(state.pool, digest, grace)
+    if gone:
+        logger.info("removed %d weight blob(s) no deployed version uses", len(gone))
+    return len(gone)
+
+
 # How long the previous version keeps its route after the new one runs: every control plane
 # refreshes its table of routes each second (scheduler.LOOPS["routes"]), so by then all of them
 # send new calls to the new instance and only calls already under way reach the old one.

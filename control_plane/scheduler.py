@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from control_plane.async_requests import clean_up as clean_up_async
 from control_plane.bootstrap import refresh_catalog
 from control_plane.cluster import ray_runtime, watch_nodes
+from control_plane.deploys import collect_blobs
 from control_plane.outage import DatabaseOutage, is_outage
 from control_plane.pending_loads import load_pending
 from control_plane.reaper import reap_by_database_clock
@@ -45,6 +46,7 @@ LOOPS: dict[str, tuple[float | None, str]] = {
     "launch-heartbeat": (2.0, "renew the STARTING rows this control plane is launching"),
     "reconciler": (10.0, "adopt instances whose launcher is gone; fail rows whose agent is gone"),
     "async-cleanup": (60.0, "delete async requests and uploads past their retention"),
+    "api-blobs": (300.0, "remove weight blobs no version links, unused for MLCP_BLOB_GRACE_S"),
     "catalog": (None, "rediscover models in MLCP_MODEL_DIRS, the HF cache and packages"),
     "grpc-services": (None, "re-read the services of handler projects with a .proto"),
     "ray-nodes": (None, "read Ray's node table (MLCP_RUNTIME=ray); fail instances of lost nodes"),
@@ -141,6 +143,7 @@ def build_scheduler(state: AppState) -> Scheduler:
         "launch-heartbeat": sup.renew_launches,
         "reconciler": lambda: reconcile_by_database_clock(sup),
         "async-cleanup": lambda: clean_up_async(state, datetime.now(UTC)),
+        "api-blobs": lambda: collect_blobs(state),
         "catalog": lambda: refresh_catalog(pool, state.settings),
     }
     if state.grpc is not None:

@@ -123,6 +123,9 @@ class Settings(BenchmarkerSettings):
     # A deployed handler project (PUT /apis/{name}: its code, unpacked) and each of its weight
     # files (PUT /apis/blobs/{sha256}) may be at most this large, counted while they stream in.
     max_project_bytes: int = Field(default=2 << 30, ge=1)
+    # A weight blob no version links any more is removed once nobody has asked for it or
+    # uploaded it for this long (a deploy asks for its blobs before it sends the project).
+    blob_grace_s: float = Field(default=3600.0, ge=0)
     # Hosts webhooks may be sent to, comma-separated: names matched exactly, IP addresses or
     # CIDR blocks matched against literal addresses. Default loopback only, so a key cannot make
     # the service call an arbitrary host (SSRF).

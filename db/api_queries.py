@@ -75,14 +75,22 @@ async def upsert_api_model(
     await db.execute(sql("upsert_api_model"), model, source_path, param_bytes)
 
 
-async def get_api_blob(db: Executor, sha256: str) -> int | None:
-    """The stored blob's size, or None when it is not stored."""
-    r = await db.fetchrow(sql("get_api_blob"), sha256)
+async def use_api_blob(db: Executor, sha256: str) -> int | None:
+    """The stored blob's size (it counts as used now), or None when it is not stored."""
+    r = await db.fetchrow(sql("use_api_blob"), sha256)
     return int(r["size_bytes"]) if r else None
 
 
 async def insert_api_blob(db: Executor, sha256: str, size_bytes: int) -> bool:
     return bool(await db.fetchval(sql("insert_api_blob"), sha256, size_bytes))
+
+
+async def unused_api_blobs(db: Executor, grace_s: float) -> list[str]:
+    return [str(r["sha256"]) for r in await db.fetch(sql("unused_api_blobs"), float(grace_s))]
+
+
+async def delete_api_blob(db: Executor, sha256: str, grace_s: float) -> None:
+    await db.execute(sql("delete_api_blob"), sha256, float(grace_s))
 
 
 async def get_model_job(db: Executor, job_id: int) -> ModelJobRow | None:

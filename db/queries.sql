@@ -902,20 +902,27 @@ SET task = 'handler', source_kind = 'apis', source_path = EXCLUDED.source_path,
     gguf_file = NULL, param_bytes = EXCLUDED.param_bytes, required_ram_bytes = NULL,
     benchmarked_at = NULL, present = true, updated_at = now();
 
--- name: get_api_blob
--- A stored weights blob, by content hash.
+-- name: use_api_blob
+-- A stored weights blob, by content hash, marked as asked for (not garbage for a while).
 -- $1 = sha256
-SELECT sha256, size_bytes FROM api_blobs WHERE sha256 = $1;
+UPDATE api_blobs SET used_at = now() WHERE sha256 = $1 RETURNING size_bytes;
 
 -- name: insert_api_blob
--- Record a stored blob; true when this call stored it first.
+-- Record a stored blob (or its upload again); true when this call stored it first.
 -- $1 = sha256, $2 = size_bytes
-WITH ins AS (
-    INSERT INTO api_blobs (sha256, size_bytes) VALUES ($1, $2)
-    ON CONFLICT (sha256) DO NOTHING
-    RETURNING 1
-)
-SELECT EXISTS (SELECT 1 FROM ins);
+INSERT INTO api_blobs (sha256, size_bytes) VALUES ($1, $2)
+ON CONFLICT (sha256) DO UPDATE SET used_at = now()
+RETURNING xmax = 0;
+
+-- name: unused_api_blobs
+-- Blobs nobody asked for or uploaded in the last $1 seconds (garbage unless a version links them).
+-- $1 = grace_s
+SELECT sha256 FROM api_blobs WHERE used_at < now() - make_interval(secs => $1) ORDER BY sha256;
+
+-- name: delete_api_blob
+-- Forget a blob whose file is gone, unless it was asked for again in the last $2 seconds.
+-- $1 = sha256, $2 = grace_s
+DELETE FROM api_blobs WHERE sha256 = $1 AND used_at < now() - make_interval(secs => $2);
 
 -- name: get_model_job
 -- One model job by id (a deploy follows the job of its version).

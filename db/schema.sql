@@ -403,7 +403,9 @@ CREATE TABLE api_versions (
 CREATE TABLE api_blobs (
     sha256      text PRIMARY KEY CHECK (sha256 ~ '^[0-9a-f]{64}$'),
     size_bytes  bigint NOT NULL CHECK (size_bytes >= 0),
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- Last asked for (HEAD) or uploaded (PUT): unlinked blobs go MLCP_BLOB_GRACE_S after it.
+    used_at     timestamptz NOT NULL DEFAULT now()
 );
 
 -- Per-key limits (null: the MLCP_DEFAULT_* setting; 0: unlimited), and calls per key per month.

@@ -41,7 +41,7 @@ async def head_blob(request: Request, state: AppState, principal: Principal) -> 
     """200 when the blob is stored (its bytes need not be sent again), else 404."""
     digest = _sha256(request)
     root = bundle.apis_root(state.settings.data_dir)
-    size = await aq.get_api_blob(state.pool, digest)
+    size = await aq.use_api_blob(state.pool, digest)
     if size is None or not bundle.blob_path(root, digest).is_file():
         return Response(status_code=404)
     return Response(status_code=200, headers={"Content-Length": str(size)})

@@ -8,6 +8,7 @@ each test deploys its own APIs under its own keys.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import subprocess
@@ -21,6 +22,8 @@ import grpc
 import grpc.aio
 import pytest
 
+from control_plane import api_bundle as bundle
+from control_plane.deploys import collect_blobs
 from control_plane.settings import Settings
 from tests.api_deploy import deploy, wait_api
 from tests.grpc_stubs import generate
@@ -428,3 +431,45 @@ async def test_the_readme_curl_walkthrough(served: Api, tmp_path: Path) -> None:
         await asyncio.to_thread(curl, "-X", "DELETE", f"{api.base}/apis/sentiment-analyser")
     )
     assert gone == {"name": "sentiment-analyser", "status": "deleted"}
+
+
+async def test_weights_no_version_links_are_collected_after_the_grace(
+    served: Api, tmp_path: Path
+) -> None:
+    """Blobs a version links stay; unlinked ones go once unused for the grace, and come back
+    by upload; a blob asked for within the grace stays."""
+    api = served
+    state = app_state(api)
+    key = await user_key(api, owner())
+    folder = project(tmp_path, "weighty")
+    linked = hashlib.sha256((folder / "model" / "weights.txt").read_bytes()).hexdigest()
+    stray_bytes = f"never deployed {uuid.uuid4().hex}".encode()
+    stray = hashlib.sha256(stray_bytes).hexdigest()
+    assert (await api.call("PUT", f"/apis/blobs/{stray}", key=key, data=stray_bytes))[0] == 201
+    assert (await deploy(api, folder, key, name="weighty"))[0] == 202
+    await wait_api(api, "weighty", key, "available")
+
+    async def stored(digest: str) -> bool:
+        status, _ = await api.call("HEAD", f"/apis/blobs/{digest}", key=key)
+        assert status in (200, 404)
+        return status == 200
+
+    # Within the grace nothing goes, linked or not (other tests may have left older ones).
+    await collect_blobs(state, grace_s=3600)
+    assert await stored(stray) and await stored(linked)
+    assert await collect_blobs(state, grace_s=0) >= 1
+    assert not await stored(stray) and await stored(linked)
+    row = "SELECT count(*) FROM api_blobs WHERE sha256 = $1"
+    assert await state.pool.fetchval(row, stray) == 0
+    # Deleting the API unlinks its weights: they go at the next pass, files and rows.
+    assert (await api.call("DELETE", "/apis/weighty", key=key))[0] == 200
+    assert await collect_blobs(state, grace_s=0) >= 1
+    assert not await stored(linked)
+    assert not bundle.blob_path(bundle.apis_root(api.settings.data_dir), linked).exists()
+    # Deploying them again uploads them again, and the API answers.
+    assert (await deploy(api, folder, key, name="weighty"))[0] == 202
+    await wait_api(api, "weighty", key, "available")
+    assert await stored(linked)
+    status, out = await api.call("POST", "/weighty", key=key, data='"x"')
+    assert status == 200, out
+    assert (await api.call("DELETE", "/apis/weighty", key=key))[0] == 200

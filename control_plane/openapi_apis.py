@@ -46,6 +46,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "createdAt": _TS,
             "updatedAt": _TS,
             "instance": {"type": ["object", "null"], "description": "as /model/status"},
+            "instances": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "every live instance as /model/status, with the apiVersion it "
+                "runs (two while a redeploy rolls over)",
+            },
         },
     },
 }

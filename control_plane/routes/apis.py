@@ -26,7 +26,7 @@ from control_plane.schemas import iso, render_status
 from control_plane.state import AppState
 from db import api_queries as aq
 from db import queries
-from db.rows import ApiRow
+from db.rows import ApiRow, InstanceRow
 
 
 def _sha256(request: Request) -> str:
@@ -67,8 +67,10 @@ async def put_blob(request: Request, state: AppState, principal: Principal) -> R
 
 
 async def render_api(state: AppState, row: ApiRow) -> dict[str, Any]:
-    """An API as `GET /apis/{name}` answers it, with its latest instance (or null)."""
+    """An API as `GET /apis/{name}` answers it: its latest instance (or null), and every live
+    one with the version it runs (two while a redeploy rolls over)."""
     instance = await queries.latest_instance_for_model(state.pool, row.model)
+    live = await queries.live_instances_for_model(state.pool, row.model)
     return {
         "name": row.name,
         "owner": row.owner,
@@ -79,13 +81,19 @@ async def render_api(state: AppState, row: ApiRow) -> dict[str, Any]:
         "public": row.public,
         "createdAt": iso(row.created_at),
         "updatedAt": iso(row.updated_at),
-        "instance": None
-        if instance is None
-        else render_status(
-            instance,
-            pending_inferences=state.activity.pending(instance.id),
-            in_flight=state.activity.in_flight(instance.id),
+        "instance": None if instance is None else _instance(state, instance),
+        "instances": [_instance(state, r) for r in live],
+    }
+
+
+def _instance(state: AppState, row: InstanceRow) -> dict[str, Any]:
+    return {
+        **render_status(
+            row,
+            pending_inferences=state.activity.pending(row.id),
+            in_flight=state.activity.in_flight(row.id),
         ),
+        "apiVersion": row.api_version,
     }
 
 

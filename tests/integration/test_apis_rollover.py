@@ -97,7 +97,18 @@ async def test_a_redeploy_rolls_over_without_a_failed_call(rolling: Api, tmp_pat
             await asyncio.sleep(CALL_GAP_S)
         return seen
 
+    async def watch() -> list[list[int | None]]:
+        """The versions GET /apis/{name} says its live instances run, poll by poll."""
+        seen: list[list[int | None]] = []
+        while not stop_calls.is_set():
+            status, body = await api.call("GET", "/apis/roll", key=key)
+            assert status == 200, body
+            seen.append([i["apiVersion"] for i in body["instances"]])
+            await asyncio.sleep(0.1)
+        return seen
+
     clients = [asyncio.create_task(client()) for _ in range(2)]
+    watcher = asyncio.create_task(watch())
     try:
         v2 = project(tmp_path, "roll", version=2)
         assert (await deploy(api, v2, key, name="roll"))[0] == 202
@@ -106,6 +117,10 @@ async def test_a_redeploy_rolls_over_without_a_failed_call(rolling: Api, tmp_pat
     finally:
         stop_calls.set()
         results = await asyncio.gather(*clients)
+        listed = await watcher
+    # While it rolled over, the API listed both instances, each with its version.
+    assert [1, 2] in listed, listed
+    assert listed[-1] == [2], listed
 
     for seen in results:
         assert [s for s in seen if s[0] != 200] == [], "a call failed during the rollover"

@@ -77,6 +77,7 @@ class ModelBenchmark:
         device: str = "cpu",
         measure_fn: Callable[[Target], Awaitable[Profile]] | None = None,
         zygote: Zygote | None = None,
+        check_host_memory: bool = True,
     ) -> None:
         self._db = db
         self._settings = settings
@@ -86,9 +87,13 @@ class ModelBenchmark:
         self._measure = measure_fn or functools.partial(
             measure, command=settings.agent_command, zygote=zygote
         )
+        # False where the measurement runs elsewhere (a Ray task checks the node it runs on).
+        self._check_host_memory = check_host_memory
 
     async def __call__(self, job: ModelJobRow) -> Profile:
         target = await resolve(self._db, self._settings, job.model, self._device)
+        if not self._check_host_memory:
+            return await self._measure(target)
         weights = await asyncio.to_thread(_weights_bytes, target.model_dir)
         available = psutil.virtual_memory().available
         if minimum_bytes(weights) > available:
@@ -308,14 +313,25 @@ async def background_worker(
     name: str = "mlcp-benchmark-worker",
     device: str = "cpu",
     zygote: Zygote | None = None,
+    remote_measure: Callable[[Target], Awaitable[Profile]] | None = None,
 ) -> AsyncIterator[Worker]:
     """Run a worker as a named task for the lifetime of the block (the control plane's lifespan).
 
-    On exit the worker is told to stop, given SHUTDOWN_DEADLINE_S to finish, then cancelled,
-    which stops its measuring child and hands the job back to the queue.
+    `remote_measure` measures elsewhere instead of in a local child (a Ray task on a node of
+    the device kind, benchmarker/ray_measure.py). On exit the worker is told to stop, given
+    SHUTDOWN_DEADLINE_S to finish, then cancelled, which stops its measuring child (or task)
+    and hands the job back to the queue.
     """
     stop = asyncio.Event()
-    worker = Worker(db, ModelBenchmark(db, settings, device=device, zygote=zygote))
+    benchmark = ModelBenchmark(
+        db,
+        settings,
+        device=device,
+        measure_fn=remote_measure,
+        zygote=zygote,
+        check_host_memory=remote_measure is None,
+    )
+    worker = Worker(db, benchmark)
     task = asyncio.create_task(worker.run(stop), name=name)
     try:
         yield worker

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
+from benchmarker.ray_measure import RayMeasure
 from benchmarker.worker import background_worker
 from control_plane import agent_http, deploys, handlers, uploads
 from control_plane.activity import Activity
@@ -25,7 +26,7 @@ from control_plane.async_worker import async_worker
 from control_plane.auth import Authenticator
 from control_plane.bootstrap import bootstrap_admin_key, refresh_catalog
 from control_plane.capacity import benchmark_device
-from control_plane.cluster import ray_runtime_of
+from control_plane.cluster import ray_benchmark_device, ray_runtime_of
 from control_plane.dashboard import routes as dashboard_routes
 from control_plane.errors import MlcpError
 from control_plane.events import EventHub
@@ -201,11 +202,20 @@ def create_app(settings: Settings) -> Starlette:
                 functools.partial(state.limiter.flush, release_all=True),
             )
             # Stops first on the way out: finishes or hands back its job while the pool is open.
-            device = benchmark_device(settings.benchmark_device, settings.use_gpus)
-            # Measured in a process of the kind its instances run in: forked from the zygote.
-            zygote = runtime.zygote if isinstance(runtime, ProcessRuntime) else None
+            remote_measure: RayMeasure | None = None
+            zygote = None
+            if ray is None:
+                device = benchmark_device(settings.benchmark_device, settings.use_gpus)
+                # Measured in a process of the kind its instances run in: forked from the zygote.
+                zygote = runtime.zygote if isinstance(runtime, ProcessRuntime) else None
+            else:
+                # Each job a Ray task on a node of the device kind it measures.
+                device = ray_benchmark_device(settings.benchmark_device, settings.use_gpus, ray)
+                remote_measure = RayMeasure(command=settings.agent_command)
             await stack.enter_async_context(
-                background_worker(pool, settings, device=device, zygote=zygote)
+                background_worker(
+                    pool, settings, device=device, zygote=zygote, remote_measure=remote_measure
+                )
             )
             # Stops before the supervisor: held requests are handed back while instances serve.
             await stack.enter_async_context(async_worker(state, activity.node_id))

@@ -34,6 +34,13 @@ def ray_runtime(state: AppState) -> RayRuntime | None:
     return ray_runtime_of(state.supervisor.runtime)
 
 
+def ray_benchmark_device(setting: str, use_gpus: bool, ray: RayRuntime) -> str:
+    """Where jobs measure on a Ray cluster: `auto` is a GPU where some node has one."""
+    if setting != "auto":
+        return setting
+    return "cuda:0" if use_gpus and any(n.alive and n.gpu_bytes for n in ray.nodes) else "cpu"
+
+
 async def admission_devices(state: AppState) -> list[Device]:
     """The devices a load may be placed on: every node's with Ray, else this host's."""
     ray = ray_runtime(state)

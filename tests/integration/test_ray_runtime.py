@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -461,3 +462,86 @@ async def test_a_sigkilled_control_plane_s_actor_is_adopted_by_the_next(
             stop(second)
     finally:
         await db.close()
+
+
+# -- /model/job as a Ray task --------------------------------------------------------------
+
+
+@pytest.fixture
+async def jobs_api(
+    db_dsn: str, tmp_path: Path, ray_nodes: RayCluster, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[Api]:
+    """A control plane whose jobs measure the real agent (no fake command) as Ray tasks."""
+    from tests.tiny_model import build_tiny_model
+
+    models = tmp_path / "models"
+    build_tiny_model(models / "test" / "tiny")
+    broken = build_tiny_model(models / "test" / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(b"\x00" * weights.stat().st_size)  # no header: the load fails
+    caplog.set_level(logging.INFO, logger="benchmarker.ray_measure")
+    settings = ray_settings(db_dsn, tmp_path, ray_nodes, agent_command=None)
+    async with serve(settings) as base, aiohttp.ClientSession() as session:
+        yield Api(base, session, settings)
+
+
+async def job_until(api: Api, model: str, done: Any, timeout_s: float = 240) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        status, body = await api.call("POST", "/model/job", {"model": model})
+        assert status == 200, body
+        if done(body):
+            return body  # type: ignore[no-any-return]
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.5)
+
+
+async def test_a_job_measures_as_a_ray_task_on_a_node(
+    jobs_api: Api, ray_nodes: RayCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    from control_plane.jobs import MESSAGE_AVAILABLE, MESSAGE_QUEUED
+
+    done = await job_until(jobs_api, "test/tiny", lambda b: b["message"] != MESSAGE_QUEUED)
+    assert done["success"] is True and done["message"] == MESSAGE_AVAILABLE, done
+    pool = app_state(jobs_api).pool
+    profile = await pool.fetchrow("SELECT * FROM model_profiles WHERE model = 'test/tiny'")
+    assert profile["device_kind"] == "cpu" and profile["load_s"] > 0
+    assert [p["concurrency"] for p in profile["phases"]] == [1, 2, 4]
+    assert profile["required_ram_bytes"] > 0
+    status, listed = await jobs_api.call("GET", "/model/list")
+    assert status == 200
+    [item] = [m for m in listed if m["name"] == "test/tiny"]
+    assert item["benchmarked"] is True and item["requiredRAM"] > 0.05
+
+    # The measurement ran on a node of the cluster, in a Ray worker (not this process).
+    measured = [
+        r for r in caplog.records if r.name == "benchmarker.ray_measure" and "measured" in r.msg
+    ]
+    assert len(measured) == 1, [r.getMessage() for r in caplog.records]
+    _model, node, pid = measured[0].args  # type: ignore[misc]
+    assert node in (ray_nodes.head_id, ray_nodes.second_id)
+    assert int(pid) != os.getpid()
+
+
+async def test_a_job_whose_model_fails_to_load_on_its_node_fails_with_the_reason(
+    jobs_api: Api,
+) -> None:
+    pool = app_state(jobs_api).pool
+    status, body = await jobs_api.call("POST", "/model/job", {"model": "test/broken"})
+    assert status == 200 and body["success"] is True, body
+    # The first attempt fails on its node and is retried (a load error); the wait before the
+    # retry is cut short so the last attempt's outcome is the job's.
+    for _ in range(480):
+        row = await pool.fetchrow("SELECT * FROM model_jobs WHERE model = 'test/broken'")
+        if row["reason"] is not None:
+            break
+        await asyncio.sleep(0.5)
+    assert row["state"] == "queued" and row["error_code"] == "load_error", dict(row)
+    await pool.execute(
+        "UPDATE model_jobs SET max_attempts = 2, run_after = now() WHERE id = $1", row["id"]
+    )
+    failed = await job_until(jobs_api, "test/broken", lambda b: b["success"] is False)
+    assert failed["message"].startswith("Load error"), failed
+    assert "safetensors" in failed["message"].lower() or "header" in failed["message"], failed
+    row = await pool.fetchrow("SELECT * FROM model_jobs WHERE id = $1", row["id"])
+    assert row["state"] == "failed" and row["attempts"] == 2 and row["reason"] == failed["message"]

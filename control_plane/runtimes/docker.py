@@ -168,6 +168,12 @@ def container_config(
         "init": True,
         "detach": True,
     }
+    if spec.python is not None and tuple(command) == DEFAULT_COMMAND:
+        # The project's virtualenv (api_envs.py), built on this host with the interpreter the
+        # image holds at the same path: mounted where it was built, it runs as it does here.
+        env = Path(spec.python).parent.parent
+        config["volumes"][str(env)] = {"bind": str(env), "mode": "ro"}
+        config["entrypoint"] = [spec.python, "-m", "instance_agent"]
     if network == "host":
         config["network_mode"] = "host"
     else:

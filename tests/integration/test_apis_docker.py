@@ -13,7 +13,7 @@ from docker import DockerClient
 from control_plane.runtimes.docker import PROJECT_LABEL
 from tests.api_deploy import deploy, wait_api
 from tests.harness import Api, own_control_plane
-from tests.integration.test_apis import owner, project, user_key
+from tests.integration.test_apis import HANDLER, VENDORED, owner, project, user_key
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(400)]
 
@@ -113,3 +113,27 @@ async def test_a_dockerfile_with_run_fails_the_version_saying_why(
     ] == 202
     failed = await wait_api(api, "nofrom", key, "failed", timeout_s=120)
     assert "is not an image of this Docker engine" in (failed["reason"] or ""), failed
+
+
+async def test_a_project_with_requirements_runs_under_its_environment_in_the_container(
+    docked: Api, tmp_path: Path
+) -> None:
+    """The virtualenv built for requirements.txt is mounted into the agent's container."""
+    api = docked
+    key = await user_key(api, owner())
+    folder = project(
+        tmp_path,
+        "docked-env",
+        requirements="./vendored  # built offline\ntorch\n",
+        files=VENDORED,
+        main=HANDLER.format(version="__import__('mlcp_test_vendored').GREETING"),
+    )
+    assert (await deploy(api, folder, key, name="docked-env"))[0] == 202
+    await wait_api(api, "docked-env", key, "available", timeout_s=300)
+    status, out = await api.call("POST", "/docked-env", key=key, data='"x"')
+    assert status == 200 and out["version"] == "hi from vendored", out
+    envs = (api.settings.data_dir / "apis" / "envs").resolve()
+    assert Path(out["python"]).parent.parent.parent == envs, out
+    got = (await api.call("GET", "/apis/docked-env", key=key))[1]
+    assert got["instance"]["runtime"] == "docker", got
+    assert (await api.call("DELETE", "/apis/docked-env", key=key))[0] == 200

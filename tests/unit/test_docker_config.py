@@ -137,3 +137,24 @@ def test_container_exit_reason(
     state: dict[str, object], tail: list[str], reason: str | None
 ) -> None:
     assert container_exit_reason(state, tail) == reason
+
+
+def test_a_project_environment_is_mounted_where_it_was_built_and_runs_the_agent() -> None:
+    env = "/data/apis/envs/ab12"
+    config = container_config(
+        spec(python=f"{env}/bin/python"), cluster="c1", image="img:1", network="host", host_port=1
+    )
+    assert config["entrypoint"] == [f"{env}/bin/python", "-m", "instance_agent"]
+    assert config["volumes"][env] == {"bind": env, "mode": "ro"}
+    # A test's own agent command is left as it is.
+    config = container_config(
+        spec(python=f"{env}/bin/python"),
+        cluster="c1",
+        image="img:1",
+        network="host",
+        host_port=1,
+        command=("python", "/model/fake_agent.py"),
+    )
+    assert (
+        config["entrypoint"] == ["python", "/model/fake_agent.py"] and env not in config["volumes"]
+    )

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -264,7 +264,10 @@ class RayMeasure:
         command: list[str] | None = None,
         concurrencies: tuple[int, ...] = CONCURRENCIES,
         timeout_s: float = TASK_TIMEOUT_S,
+        reachable: Callable[[], bool] | None = None,
     ) -> None:
+        # Whether the cluster's GCS answers now: no Ray call is left waiting on a dead one.
+        self.reachable = reachable
         self.command = command
         self.concurrencies = concurrencies
         self.timeout_s = timeout_s
@@ -316,7 +319,9 @@ class RayMeasure:
     async def _node(self, model: str, kind: str, need_bytes: int) -> str:
         import ray
 
-        if not ray.is_initialized():
+        if not ray.is_initialized() or (
+            self.reachable is not None and not await asyncio.to_thread(self.reachable)
+        ):
             raise LoadFailed("Load error: not connected to the Ray cluster")
         table = await _blocking("list its nodes", ray.nodes)
         nodes = node_entries(table)

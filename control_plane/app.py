@@ -211,7 +211,9 @@ def create_app(settings: Settings) -> Starlette:
             else:
                 # Each job a Ray task on a node of the device kind it measures.
                 device = ray_benchmark_device(settings.benchmark_device, settings.use_gpus, ray)
-                remote_measure = RayMeasure(command=settings.agent_command)
+                remote_measure = RayMeasure(
+                    command=settings.agent_command, reachable=ray.gcs_reachable
+                )
             await stack.enter_async_context(
                 background_worker(
                     pool, settings, device=device, zygote=zygote, remote_measure=remote_measure

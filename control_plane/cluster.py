@@ -11,9 +11,10 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from control_plane import capacity
+from control_plane.device_names import node_of
 from control_plane.errors import MlcpError
 from control_plane.lifecycle import State
-from control_plane.nodes import NODE_LOST, lost
+from control_plane.nodes import lost
 from control_plane.placement import Device
 from control_plane.runtimes.base import Runtime
 from control_plane.state import AppState
@@ -63,7 +64,8 @@ async def watch_nodes(state: AppState) -> list[int]:
     failed: list[int] = []
     for row in await queries.live_instances(state.pool):
         if row.state in (State.STARTING, State.RUNNING) and lost(row.device, nodes):
-            logger.warning("instance %s of %s: its node is lost", row.id, row.model)
-            await state.supervisor.fail_and_stop(row, NODE_LOST)
+            reason = ray.loss_reason(node_of(row.device))
+            logger.warning("instance %s of %s: %s", row.id, row.model, reason)
+            await state.supervisor.fail_and_stop(row, reason)
             failed.append(row.id)
     return failed

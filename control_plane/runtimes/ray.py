@@ -47,7 +47,13 @@ NAMESPACE = "mlcp"
 DEFAULT_ADDRESS = "127.0.0.1:6379"
 KILLED = "the instance's Ray actor was killed (ray.kill)"
 GONE = "the instance's Ray actor is gone"
+RESTARTED = "the Ray cluster restarted (a new head, a new cluster: the actor is gone)"
 CONNECT_TIMEOUT_S = 5.0
+# The GCS port is tried before each Ray call: a call left waiting on a dead GCS aborts this
+# process when a new head answers on the address (Ray checks the cluster id and crashes).
+PROBE_TIMEOUT_S = 0.5
+# ray.init and ray.shutdown in a thread under a limit: on a dead GCS they may block for minutes.
+REJOIN_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 10.0
 NODES_TIMEOUT_S = 5.0
 # A node table older than this is not placed on (the scheduled read runs every 2 s).
@@ -160,6 +166,11 @@ class RayRuntime:
         self._node_of: dict[str, str] = {}  # handle → node id
         self._gpu_bytes: dict[str, dict[int, int]] = {}
         self._actor_class: Any = None
+        # Disconnected from a cluster that stopped answering: no Ray call until it is back.
+        self.down = False
+        # Nodes of a cluster that was replaced by a new one (their instances' reason: RESTARTED).
+        self.replaced_nodes: set[str] = set()
+        self._rejoin = asyncio.Lock()
 
     # -- connection ------------------------------------------------------------------------
 
@@ -204,10 +215,17 @@ class RayRuntime:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _call(self, what: str, fn: Callable[[], T], timeout_s: float = CALL_TIMEOUT_S) -> T:
-        """Run a blocking Ray call in a thread under a deadline; Ray's errors translated."""
+        """Run a blocking Ray call in a thread under a deadline; Ray's errors translated.
+
+        Not while the cluster is away (`down`): the call would wait on the dead GCS.
+        """
+        if self.down:
+            raise ClusterUnavailable(f"the Ray cluster at {self.address} is unreachable")
         try:
             loop = asyncio.get_running_loop()
-            return await asyncio.wait_for(loop.run_in_executor(self._threads, fn), timeout_s)
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._threads, self._probed, fn), timeout_s
+            )
         except RuntimeFailed:
             raise
         except TimeoutError as exc:
@@ -216,10 +234,72 @@ class RayRuntime:
             logger.warning("ray: could not %s: %s", what, exc)
             raise ClusterUnavailable(f"the Ray cluster could not {what}") from exc
 
+    def _probed(self, fn: Callable[[], T]) -> T:
+        if not self.gcs_reachable():
+            raise ClusterUnavailable(f"the Ray cluster at {self.address} is unreachable")
+        return fn()
+
     # -- nodes -----------------------------------------------------------------------------
 
+    def gcs_reachable(self) -> bool:
+        """Whether the GCS port accepts a connection now (a plain TCP connect, no Ray call)."""
+        try:
+            host, port = split_address(self.address)
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    async def _leave(self) -> None:
+        """The GCS is gone: disconnect this driver before a new head can answer on the address."""
+        self.down = True
+        logger.warning("ray: the cluster at %s is unreachable; disconnected", self.address)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, ray.shutdown), REJOIN_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("ray: disconnecting from the lost cluster did not finish")
+
+    async def _come_back(self) -> None:
+        """Join the cluster again once its GCS answers; a new cluster replaces the old nodes."""
+        if not self.gcs_reachable():
+            raise ClusterUnavailable(f"the Ray cluster at {self.address} is unreachable")
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, self.connect), REJOIN_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise ClusterUnavailable(
+                f"the Ray cluster at {self.address} did not let this control plane join again"
+            ) from exc
+        before = {n.node_id for n in self.nodes}
+        self.down = False
+        self._actors.clear()
+        self._actor_class = None
+        table = parse_node_table(await self._call("list its nodes", ray.nodes, NODES_TIMEOUT_S))
+        if before and not before & {n.node_id for n in table}:
+            self.replaced_nodes |= before
+            self._gpu_bytes.clear()
+            logger.warning("ray: joined the cluster at %s again: it restarted", self.address)
+        else:
+            logger.warning("ray: joined the cluster at %s again", self.address)
+
+    def loss_reason(self, node_id: str | None) -> str:
+        """Why an instance of a node no longer in the table is gone."""
+        return RESTARTED if node_id in self.replaced_nodes else NODE_LOST
+
     async def refresh_nodes(self) -> list[Node]:
-        """Read Ray's node table (and each GPU node's GPU memory once); keep it as `nodes`."""
+        """Read Ray's node table (and each GPU node's GPU memory once); keep it as `nodes`.
+
+        The GCS port is tried first: a cluster gone disconnects this driver (ClusterUnavailable
+        until it is back); one that answers again is joined again, and a new cluster's nodes
+        replace the old ones (whose instances `watch_nodes` then fails as RESTARTED).
+        """
+        async with self._rejoin:
+            if self.down:
+                await self._come_back()
+            elif not await asyncio.to_thread(self.gcs_reachable):
+                await self._leave()
+                raise ClusterUnavailable(f"the Ray cluster at {self.address} is unreachable")
         table = parse_node_table(await self._call("list its nodes", ray.nodes, NODES_TIMEOUT_S))
         for node in table:
             if node.alive and node.gpus and node.node_id not in self._gpu_bytes:
@@ -342,7 +422,7 @@ class RayRuntime:
             if actor is None:
                 node = self._node_of.get(handle)
                 if node is not None and self.node_alive(node) is False:
-                    return Exited(NODE_LOST)
+                    return Exited(self.loss_reason(node))
                 return Exited(GONE)
             try:
                 code = ray.get(actor.poll.remote(), timeout=CALL_TIMEOUT_S)

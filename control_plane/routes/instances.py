@@ -6,7 +6,7 @@ Loads go through control_plane/loading.py, runs through control_plane/relay.py.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -223,7 +223,7 @@ async def _run_handler(
     )
 
 
-async def _bytez_events(pieces: AsyncIterator[relay.Piece]) -> AsyncIterator[dict[str, str]]:
+async def _bytez_events(pieces: AsyncIterator[relay.Piece]) -> AsyncGenerator[dict[str, str], None]:
     """`data` per text chunk, then a `done` event with the token counts, or `error`."""
     async for text, last in pieces:
         if text:

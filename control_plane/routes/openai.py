@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -194,7 +194,7 @@ def _chunks(gen: Generation, kind: str) -> relay.EventRenderer:
             payload["usage"] = None
         return {"data": json.dumps(payload, ensure_ascii=False)}
 
-    async def render(pieces: AsyncIterator[relay.Piece]) -> AsyncIterator[dict[str, str]]:
+    async def render(pieces: AsyncIterator[relay.Piece]) -> AsyncGenerator[dict[str, str], None]:
         if chat:
             yield chunk("", None, role=True)
         async for text, last in pieces:

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from control_plane import relay
 from control_plane.reaper import reap
 from tests.fake_agent import write_fake_model
 from tests.harness import (
@@ -126,6 +127,28 @@ async def test_stream_plain_text_and_sse(fapi: Api) -> None:
     assert "data: tok0 " in raw and "event: done" in raw
     body_status = await wait_status(fapi, "fake/slow", "RUNNING")
     assert body_status["inferences"] == 2
+
+
+async def test_sse_streams_ping_while_the_instance_is_silent(
+    fapi: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `: ping` comment every PING_S keeps a silent stream open; events stay whole."""
+    monkeypatch.setattr(relay, "PING_S", 0.1)
+    await load(fapi, "fake/slow")
+    await wait_status(fapi, "fake/slow", "RUNNING")
+    headers = {**fapi.headers(), "Accept": "text/event-stream"}
+    body = {"model": "fake/slow", "prompt": "x", "stream": True}
+    async with fapi.session.post(fapi.base + "/model/run", json=body, headers=headers) as resp:
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert resp.headers["X-Accel-Buffering"] == "no"
+        raw = (await resp.read()).decode()
+    blocks = raw.split("\r\n\r\n")
+    assert blocks[-1] == "", raw
+    pings = [b for b in blocks if b == ": ping"]
+    assert len(pings) >= 5, raw  # ~3 s of tokens 0.3 s apart
+    data = [b.removeprefix("data: ") for b in blocks if b.startswith("data: ")]
+    assert "".join(data) == "".join(f"tok{i} " for i in range(10)), raw
+    assert any(b.startswith("event: done\r\ndata: {") for b in blocks), raw
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ class GrpcFront:
         self._state = state
         self.table = table
         self.compiler = ProjectCompiler()
-        self._channels: dict[int, tuple[str, grpc.aio.Channel]] = {}
+        self._channels: dict[int, _Upstream] = {}
         self._closing: set[asyncio.Task[None]] = set()
         limit = state.settings.grpc_max_message_bytes
         self._server = grpc.aio.server(
@@ -190,8 +190,8 @@ class GrpcFront:
     async def stop(self) -> None:
         """Stop taking calls, end open ones after a grace period, close upstream channels."""
         await self._server.stop(_GRACE_S)
-        for _, channel in self._channels.values():
-            await channel.close()
+        for upstream in self._channels.values():
+            await upstream.channel.close()
         self._channels.clear()
 
     async def refresh(self) -> None:
@@ -232,11 +232,12 @@ class GrpcFront:
         )
         return await route_to(state, entry.model, wait_s, on_demand)
 
-    async def channel(self, route: Route) -> grpc.aio.Channel:
-        """A channel to the instance's gRPC port, which its /health reports."""
+    async def channel(self, route: Route) -> _Upstream:
+        """The channel to the instance's gRPC port (which its /health reports), one per
+        instance, opened at its first call and kept."""
         known = self._channels.get(route.instance_id)
         if known is not None:
-            return known[1]
+            return known
         try:
             health = await AgentClient(self._state.session, _HEALTH_TIMEOUT_S).health(
                 route.endpoint
@@ -255,16 +256,19 @@ class GrpcFront:
             options=(
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # The front maps every upstream failure itself; grpcio's transparent retries
+                # would only buffer each call (about 0.1 ms a call here).
+                ("grpc.enable_retries", 0),
             ),
         )
-        self._channels[route.instance_id] = (target, channel)
-        return channel
+        upstream = self._channels[route.instance_id] = _Upstream(target, channel)
+        return upstream
 
     def forget(self, route: Route) -> None:
         """Drop the channel of an instance that failed a call (it may be gone)."""
         known = self._channels.pop(route.instance_id, None)
         if known is not None:
-            task = asyncio.ensure_future(known[1].close())
+            task = asyncio.ensure_future(known.channel.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         self._state.supervisor.request_failed(route.instance_id)
@@ -274,11 +278,40 @@ class GrpcFront:
         return self._state
 
 
+class _Upstream:
+    """One instance's channel and its callables by method (a callable is made once, not per
+    call)."""
+
+    __slots__ = ("_streams", "_unaries", "channel", "target")
+
+    def __init__(self, target: str, channel: grpc.aio.Channel) -> None:
+        self.target = target
+        self.channel = channel
+        self._unaries: dict[str, _Unary] = {}
+        self._streams: dict[str, _Stream] = {}
+
+    def unary(self, method: str) -> _Unary:
+        known = self._unaries.get(method)
+        if known is None:
+            known = self._unaries[method] = cast("_Unary", self.channel.unary_unary(method))
+        return known
+
+    def stream(self, method: str) -> _Stream:
+        known = self._streams.get(method)
+        if known is None:
+            known = self._streams[method] = cast("_Stream", self.channel.unary_stream(method))
+        return known
+
+
 class _Relay(grpc.GenericRpcHandler):
-    """Answers every method of every served service; None (UNIMPLEMENTED) for the rest."""
+    """Answers every method of every served service; None (UNIMPLEMENTED) for the rest.
+
+    The method handler of a method is made once per service-table entry and reused until the
+    table serves the method from another entry (or not at all)."""
 
     def __init__(self, front: GrpcFront) -> None:
         self._front = front
+        self._handlers: dict[str, tuple[ServedService, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -288,10 +321,19 @@ class _Relay(grpc.GenericRpcHandler):
         entry = self._front.table.lookup(parts[0]) if parts else None
         if entry is None or method not in entry.methods:
             return None
+        known = self._handlers.get(method)
+        if known is not None and known[0] is entry:
+            return known[1]
         call = _Call(self._front, entry, method)
-        if entry.methods[method]:
-            return grpc.unary_stream_rpc_method_handler(call.stream)
-        return grpc.unary_unary_rpc_method_handler(call.unary)
+        handler: grpc.RpcMethodHandler[Any, Any] = (
+            grpc.unary_stream_rpc_method_handler(call.stream)
+            if entry.methods[method]
+            else grpc.unary_unary_rpc_method_handler(call.unary)
+        )
+        if len(self._handlers) > 10_000:  # methods of services since dropped
+            self._handlers.clear()
+        self._handlers[method] = (entry, handler)
+        return handler
 
 
 class _Call:
@@ -347,17 +389,14 @@ class _Call:
         try:
             route, ticket = await self._admit(context, stream=False)
             with ticket:
-                channel = await self._front.channel(route)
+                upstream = await self._front.channel(route)
         except MlcpError as exc:
             await self._fail(context, route, exc)
             raise
         activity = self._front.state.activity
         activity.begin(route.instance_id)
         completed = False
-        relay = cast(
-            "grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]", channel.unary_unary(self._method)
-        )
-        call = relay(raw, timeout=context.time_remaining())
+        call = upstream.unary(self._method)(raw, timeout=context.time_remaining())
         try:
             reply: bytes = await call
             completed = True
@@ -377,17 +416,14 @@ class _Call:
         try:
             route, ticket = await self._admit(context, stream=True)
             with ticket:
-                channel = await self._front.channel(route)
+                upstream = await self._front.channel(route)
         except MlcpError as exc:
             await self._fail(context, route, exc)
             raise
         activity = self._front.state.activity
         activity.begin(route.instance_id)
         completed = False
-        relay = cast(
-            "grpc.aio.UnaryStreamMultiCallable[bytes, bytes]", channel.unary_stream(self._method)
-        )
-        call = relay(raw, timeout=context.time_remaining())
+        call = upstream.stream(self._method)(raw, timeout=context.time_remaining())
         try:
             async for chunk in call:
                 yield chunk

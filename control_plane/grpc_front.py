@@ -216,6 +216,15 @@ class GrpcFront:
             self._reflection.serve((*_BUILT_IN, *table), _reflection_pool(entries))
             for name in table:
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.drop_idle_channels()
+
+    def drop_idle_channels(self) -> None:
+        """Close the channels of instances no call is routed to or running on (stopped,
+        expired, replaced by a new version): one was kept per instance that ever had a call."""
+        routed = self._state.supervisor.routed_instances()
+        for instance_id in list(self._channels):
+            if instance_id not in routed and not self._state.activity.in_flight(instance_id):
+                self._close(self._channels.pop(instance_id))
 
     async def route(self, entry: ServedService, principal: Principal, wait_s: float) -> Route:
         """The API's instance, loading it if cold (on demand, as the HTTP routes do)."""
@@ -268,10 +277,13 @@ class GrpcFront:
         """Drop the channel of an instance that failed a call (it may be gone)."""
         known = self._channels.pop(route.instance_id, None)
         if known is not None:
-            task = asyncio.ensure_future(known.channel.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close(known)
         self._state.supervisor.request_failed(route.instance_id)
+
+    def _close(self, upstream: _Upstream) -> None:
+        task = asyncio.ensure_future(upstream.channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     @property
     def state(self) -> AppState:

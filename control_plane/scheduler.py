@@ -48,7 +48,7 @@ LOOPS: dict[str, tuple[float | None, str]] = {
     "async-cleanup": (60.0, "delete async requests and uploads past their retention"),
     "api-blobs": (300.0, "remove weight blobs no version links, unused for MLCP_BLOB_GRACE_S"),
     "catalog": (None, "rediscover models in MLCP_MODEL_DIRS, the HF cache and packages"),
-    "grpc-services": (None, "re-read the services of handler projects with a .proto"),
+    "grpc-services": (None, "re-read projects' .proto services; close gone instances' channels"),
     "ray-nodes": (None, "read Ray's node table (MLCP_RUNTIME=ray); fail instances of lost nodes"),
 }
 # How long shutdown lets a pass under way finish (a flush writing counters) before cancelling it.

@@ -170,6 +170,10 @@ class Supervisor:
 
     # -- routing ---------------------------------------------------------------------------
 
+    def routed_instances(self) -> set[int]:
+        """The ids of the instances calls are routed to now."""
+        return {route.instance_id for route in self._routes.values()}
+
     def route(self, model: str) -> Route | None:
         return self._routes.get(model)
 

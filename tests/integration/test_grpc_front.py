@@ -456,3 +456,31 @@ async def test_a_key_over_its_monthly_calls_is_resource_exhausted(
     assert (await stub.Predict(stubs[ECHO].Text(text="c"), metadata=AUTH, timeout=10)).text == (
         "p:c"
     )
+
+
+async def test_the_channel_of_a_stopped_instance_is_closed(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    """One upstream channel per instance that had a call; it goes once the instance does."""
+    state = app_state(front)
+    grpc_front = state.grpc
+    assert grpc_front is not None
+    stub = echo_stub(stubs, ECHO, channel)
+    assert (await stub.Predict(stubs[ECHO].Text(text="a"), metadata=AUTH, timeout=60)).text == (
+        "p:a"
+    )
+    route = state.supervisor.route(ECHO)
+    assert route is not None and route.instance_id in grpc_front._channels
+    grpc_front.drop_idle_channels()  # routed: kept
+    assert route.instance_id in grpc_front._channels
+    assert (await front.call("POST", "/model/delete", {"model": ECHO}))[0] == 200
+    await state.supervisor.refresh_routes()
+    grpc_front.drop_idle_channels()
+    assert route.instance_id not in grpc_front._channels
+    # The next call loads a new instance and opens its own channel.
+    assert (await stub.Predict(stubs[ECHO].Text(text="b"), metadata=AUTH, timeout=60)).text == (
+        "p:b"
+    )
+    again = state.supervisor.route(ECHO)
+    assert again is not None and again.instance_id != route.instance_id
+    assert again.instance_id in grpc_front._channels

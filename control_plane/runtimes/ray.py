@@ -221,6 +221,9 @@ class RayRuntime:
         """
         if self.down:
             raise ClusterUnavailable(f"the Ray cluster at {self.address} is unreachable")
+        return await self._run(what, fn, timeout_s)
+
+    async def _run(self, what: str, fn: Callable[[], T], timeout_s: float) -> T:
         try:
             loop = asyncio.get_running_loop()
             return await asyncio.wait_for(
@@ -272,10 +275,14 @@ class RayRuntime:
                 f"the Ray cluster at {self.address} did not let this control plane join again"
             ) from exc
         before = {n.node_id for n in self.nodes}
-        self.down = False
         self._actors.clear()
         self._actor_class = None
-        table = parse_node_table(await self._call("list its nodes", ray.nodes, NODES_TIMEOUT_S))
+        # Still `down` while the new table is read: an instance check asking about an actor
+        # meanwhile would see the old table and say GONE instead of RESTARTED.
+        try:
+            table = parse_node_table(await self._run("list its nodes", ray.nodes, NODES_TIMEOUT_S))
+        finally:
+            self.down = False
         if before and not before & {n.node_id for n in table}:
             self.replaced_nodes |= before
             self._gpu_bytes.clear()
@@ -421,7 +428,10 @@ class RayRuntime:
             actor = self._find(handle)
             if actor is None:
                 node = self._node_of.get(handle)
-                if node is not None and self.node_alive(node) is False:
+                # A node of a replaced cluster may still be in the table until it is read again.
+                if node is not None and (
+                    node in self.replaced_nodes or self.node_alive(node) is False
+                ):
                     return Exited(self.loss_reason(node))
                 return Exited(GONE)
             try:

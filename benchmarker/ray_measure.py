@@ -59,10 +59,13 @@ ERRORS: dict[str, type[BenchmarkError]] = {
 
 @dataclass(frozen=True)
 class NodeEntry:
+    """One row of Ray's node table; control_plane/nodes.py builds its nodes from these too."""
+
     node_id: str
     alive: bool
-    memory_bytes: int
+    memory_bytes: int  # what Ray grants actors on it (its `memory` resource)
     gpus: int
+    address: str = ""
 
 
 def node_entries(table: Iterable[Mapping[str, Any]]) -> list[NodeEntry]:
@@ -77,6 +80,7 @@ def node_entries(table: Iterable[Mapping[str, Any]]) -> list[NodeEntry]:
                     bool(entry.get("Alive")),
                     int(resources.get("memory", 0)),
                     int(resources.get("GPU", 0)),
+                    str(entry.get("NodeManagerAddress") or ""),
                 )
             )
         except (KeyError, TypeError, ValueError):

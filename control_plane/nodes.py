@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarker.ray_measure import node_entries
 from control_plane.device_names import HOST_DEVICE, node_of, on_node
 from control_plane.placement import Device
 
@@ -39,22 +40,9 @@ class Node:
 
 def parse_node_table(entries: Iterable[Mapping[str, Any]]) -> list[Node]:
     """Nodes from `ray.nodes()`'s entries; malformed entries are left out."""
-    nodes: list[Node] = []
-    for entry in entries:
-        try:
-            resources = entry.get("Resources") or {}
-            nodes.append(
-                Node(
-                    node_id=str(entry["NodeID"]),
-                    address=str(entry.get("NodeManagerAddress") or ""),
-                    alive=bool(entry.get("Alive")),
-                    memory_bytes=int(resources.get("memory", 0)),
-                    gpus=int(resources.get("GPU", 0)),
-                )
-            )
-        except (KeyError, TypeError, ValueError):
-            continue
-    return nodes
+    return [
+        Node(e.node_id, e.address, e.alive, e.memory_bytes, e.gpus) for e in node_entries(entries)
+    ]
 
 
 def cluster_devices(nodes: Iterable[Node]) -> list[Device]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.e2e.server import http, start, stop
+from tests.e2e.server import Server, http, start, stop
 from tests.fake_agent import write_fake_model
 from tests.harness import ADMIN_KEY
 from tests.integration.test_instances import FAKE_AGENT
@@ -53,6 +53,35 @@ def start_cluster() -> subprocess.Popen[str]:
 
 
 @pytest.mark.timeout(240)
+def start_on_ray(tmp_path: Path, address: str, db_dsn: str, **env: str) -> Server:
+    """A control plane subprocess on the Ray cluster at `address`, serving the fake models
+    under tmp_path/models with the fake agent (this process drives other clusters)."""
+    return start(
+        tmp_path / "cp",
+        tmp_path,
+        "cp",
+        MLCP_RUNTIME="ray",
+        MLCP_RAY_ADDRESS=address,
+        MLCP_DATABASE_URL=db_dsn,
+        MLCP_ADMIN_KEY=ADMIN_KEY,
+        MLCP_GRPC_PORT="0",
+        MLCP_INCLUDE_PACKAGED_MODELS="false",
+        MLCP_USE_GPUS="false",
+        MLCP_MODEL_DIRS=str(tmp_path / "models"),
+        MLCP_AGENT_COMMAND=json.dumps(FAKE_AGENT),
+        MLCP_START_TIMEOUT_S="30",
+        **env,
+    )
+
+
+async def mark_all_measured(db_dsn: str) -> None:
+    db = await asyncpg.connect(db_dsn)
+    try:
+        await db.execute("UPDATE models SET required_ram_bytes = 50000000, benchmarked_at = now()")
+    finally:
+        await db.close()
+
+
 async def test_a_cluster_that_goes_away_answers_503_and_instances_keep_serving(
     db_dsn: str, tmp_path: Path
 ) -> None:
@@ -62,27 +91,9 @@ async def test_a_cluster_that_goes_away_answers_503_and_instances_keep_serving(
         address, gcs = (await asyncio.to_thread(helper.stdout.readline)).split()
         for name in ("fake/ok", "fake/other"):
             write_fake_model(tmp_path / "models", name, mode="ok")
-        server = start(
-            tmp_path / "cp",
-            tmp_path,
-            "cp",
-            MLCP_RUNTIME="ray",
-            MLCP_RAY_ADDRESS=address,
-            MLCP_DATABASE_URL=db_dsn,
-            MLCP_ADMIN_KEY=ADMIN_KEY,
-            MLCP_GRPC_PORT="0",
-            MLCP_INCLUDE_PACKAGED_MODELS="false",
-            MLCP_USE_GPUS="false",
-            MLCP_MODEL_DIRS=str(tmp_path / "models"),
-            MLCP_AGENT_COMMAND=json.dumps(FAKE_AGENT),
-            MLCP_START_TIMEOUT_S="30",
-        )
+        server = start_on_ray(tmp_path, address, db_dsn)
         try:
-            db = await asyncpg.connect(db_dsn)
-            await db.execute(
-                "UPDATE models SET required_ram_bytes = 50000000, benchmarked_at = now()"
-            )
-            await db.close()
+            await mark_all_measured(db_dsn)
 
             def call(path: str, body: object) -> tuple[int, object]:
                 status, out = http("POST", server.base + path, ADMIN_KEY, body)

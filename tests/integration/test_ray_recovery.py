@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -24,13 +23,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
-from tests.e2e.server import http, start, stop
+from tests.e2e.server import http, stop
 from tests.fake_agent import write_fake_model
 from tests.harness import ADMIN_KEY, free_port
-from tests.integration.test_instances import FAKE_AGENT
+from tests.integration.test_ray_outage import mark_all_measured, start_on_ray
 from tests.ray_cluster import ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -98,30 +96,9 @@ async def test_a_new_head_on_the_same_address_is_joined_and_lost_instances_fail(
     for name in ("fake/ok", "fake/other"):
         write_fake_model(tmp_path / "models", name, mode="ok")
     with head(port, tmp_path / "ray-a.log") as first:
-        server = start(
-            tmp_path / "cp",
-            tmp_path,
-            "cp",
-            MLCP_RUNTIME="ray",
-            MLCP_RAY_ADDRESS=f"127.0.0.1:{port}",
-            MLCP_RAY_NODES_REFRESH_S="0.5",
-            MLCP_DATABASE_URL=db_dsn,
-            MLCP_ADMIN_KEY=ADMIN_KEY,
-            MLCP_GRPC_PORT="0",
-            MLCP_INCLUDE_PACKAGED_MODELS="false",
-            MLCP_USE_GPUS="false",
-            MLCP_MODEL_DIRS=str(tmp_path / "models"),
-            MLCP_AGENT_COMMAND=json.dumps(FAKE_AGENT),
-            MLCP_START_TIMEOUT_S="30",
-        )
+        server = start_on_ray(tmp_path, f"127.0.0.1:{port}", db_dsn, MLCP_RAY_NODES_REFRESH_S="0.5")
         try:
-            db = await asyncpg.connect(db_dsn)
-            try:
-                await db.execute(
-                    "UPDATE models SET required_ram_bytes = 50000000, benchmarked_at = now()"
-                )
-            finally:
-                await db.close()
+            await mark_all_measured(db_dsn)
 
             def call(path: str, body: object | None = None) -> tuple[int, Any]:
                 method = "GET" if body is None else "POST"

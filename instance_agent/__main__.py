@@ -8,8 +8,11 @@ converted); stderr then holds one line `mlcp-agent: load failed: <reason>`.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -21,10 +24,13 @@ from instance_agent.app import AgentConfig, agent_state, create_app
 from instance_agent.engines import ENGINES
 from instance_agent.protocol import DEFAULT_MAX_NEW_TOKENS_CAP, TASKS
 
+logger = logging.getLogger("uvicorn.error")
+
 EXIT_LOAD_FAILED = 3
 # Streams still open this long after SIGTERM are cancelled; generation itself is aborted at
 # once, so in practice every response has ended well before.
 _GRACEFUL_SHUTDOWN_S = 2
+_SHUTDOWN_POLL_S = 0.005
 
 
 def _positive(text: str) -> int:
@@ -114,15 +120,64 @@ def _fatal(what: str, reason: str) -> None:
 
 
 class _AgentServer(uvicorn.Server):
-    """A uvicorn server that also aborts generation the moment a stop signal arrives."""
+    """A uvicorn server that aborts generation and begins its shutdown the moment a stop signal
+    arrives.
+
+    uvicorn looks at `should_exit` every 0.1 s; an evicted instance's memory is free only once
+    its process is gone, and the load that evicted it waits for that, so the wait is cut short.
+    """
 
     def __init__(self, config: uvicorn.Config, on_exit_signal: threading.Event) -> None:
         super().__init__(config)
         self._on_exit_signal = on_exit_signal
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_exit_signal.set()
         super().handle_exit(sig, frame)
+        if self._loop is not None and self._wake is not None:
+            # A signal handler runs between two bytecodes of the loop's own thread: hand over.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def main_loop(self) -> None:
+        """uvicorn's loop of ticks, woken at once by a stop signal instead of at the next one."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+            should_exit = await self.on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown (stop accepting, let responses end within the graceful timeout,
+        then the lifespan's shutdown) without its fixed 0.1 s pauses: an idle agent is gone
+        ~10 ms after SIGTERM instead of ~105 ms (SIGTERM to exit of a forked SmolLM2 agent)."""
+        logger.info("Shutting down")
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        state = self.server_state
+        try:
+            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
+                # uvicorn offers no event for "no connection or task left": poll it.
+                while (state.connections or state.tasks) and not self.force_exit:  # noqa: ASYNC110
+                    await asyncio.sleep(_SHUTDOWN_POLL_S)
+                for server in self.servers:
+                    await server.wait_closed()
+        except TimeoutError:
+            logger.error("cancelling %d running task(s) at the graceful timeout", len(state.tasks))
+            for task in state.tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
 
 
 def _default_name(model_dir: Path, gguf_file: str | None) -> str:

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +366,29 @@ def test_sigterm_stops_the_agent_promptly_mid_generation(tiny_dir: Path) -> None
         assert lines[-1]["code"] == "generation_failed"
         process.proc.wait(timeout=5)
         assert time.monotonic() - started < 2.5
+    finally:
+        process.stop()
+
+
+def test_sigterm_closes_idle_keep_alive_connections_and_exits_cleanly(tiny_dir: Path) -> None:
+    # The control plane keeps a connection to each agent open between calls: the agent must not
+    # wait for it (a load that evicted this instance waits for its exit) nor exit uncleanly.
+    process = AgentProcess(tiny_dir)
+    try:
+        process.wait_ready()
+        conn = HTTPConnection("127.0.0.1", process.port, timeout=5)
+        conn.request("GET", "/health")
+        reply = conn.getresponse()
+        assert reply.status == 200
+        reply.read()
+        assert reply.getheader("connection", "").lower() != "close"
+        process.proc.send_signal(signal.SIGTERM)
+        # uvicorn raises the signal it caught again once it has shut down.
+        assert process.proc.wait(timeout=5) in (0, -signal.SIGTERM)
+        assert conn.sock is not None
+        assert conn.sock.recv(1) == b""  # the agent closed the idle connection
+        conn.close()
+        assert "Application shutdown complete" in process.output()
     finally:
         process.stop()
 

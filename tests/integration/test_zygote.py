@@ -1,7 +1,8 @@
 """The agent fork server behind the process runtime: real zygote, real forked agents, tiny model.
 
 Behaviour only: a forked instance answers as a fresh process does (same greedy text), a child
-crash leaves the zygote serving, a dead zygote is replaced (its running instances still found),
+crash leaves the zygote serving, each child's own exit is reported (and nothing of it is left
+open in the zygote), a dead zygote is replaced (its running instances still found),
 and every child takes its thread count from its own environment, not the zygote's.
 """
 
@@ -127,6 +128,31 @@ async def test_the_zygote_survives_a_child_crash(runtime: ProcessRuntime, tiny: 
     assert (await run(again.endpoint))["tokens_generated"] == 12
     assert psutil.Process(int(again.handle)).ppid() == before
     await runtime.stop(again.handle, 5)
+
+
+async def test_each_childs_own_exit_is_reported_and_its_watch_is_closed(
+    runtime: ProcessRuntime, tiny: Path
+) -> None:
+    zygote = psutil.Process(zygote_pid(runtime))
+    fds_before = zygote.num_fds()
+    first = await started(runtime, tiny, 4)
+    second = await started(runtime, tiny, 5)
+    os.kill(int(second.handle), signal.SIGKILL)
+    os.kill(int(first.handle), signal.SIGINT)
+    reasons: dict[str, str] = {}
+    for _ in range(200):
+        for launched in (first, second):
+            if launched.handle not in reasons:
+                exited = await runtime.exited(launched.handle)
+                if exited is not None:
+                    reasons[launched.handle] = exited.reason
+        if len(reasons) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert reasons[second.handle] == "instance process was killed by SIGKILL"
+    assert "SIGKILL" not in reasons[first.handle]
+    # Every child's exit watch (its pidfd) and connection are closed once it is reported.
+    assert zygote.num_fds() <= fds_before
 
 
 async def test_a_dead_zygote_is_replaced_and_its_instances_still_found(

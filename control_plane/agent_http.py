@@ -36,6 +36,9 @@ KEEPALIVE_S = 4.0
 CONNECT_TIMEOUT_S = 2.0
 # Reading stops (TCP pushes back on the agent) while this much body waits unread.
 READ_BUFFER_BYTES = 1 << 20
+# A stream's reader often has its last event before the answer's final chunk has arrived;
+# the connection then goes back to the pool once it has, or is closed after this long.
+RELEASE_WAIT_S = 1.0
 # The largest whole body `read` accepts: an agent's JSON answer, never more than this.
 MAX_BODY_BYTES = 256 << 20
 
@@ -87,7 +90,8 @@ class AgentResponse:
         return b"".join(parts)
 
     def release(self) -> None:
-        """Give the connection back if its answer was read whole and it may be reused."""
+        """Give the connection back for reuse once its answer is whole: at once, or when the
+        rest of it arrives within RELEASE_WAIT_S (the rest is dropped unread)."""
         if not self._done:
             self._done = True
             self._conn.finish_response()
@@ -120,6 +124,7 @@ class _Connection(asyncio.Protocol):
         self._unasked = False
         self.closed = False
         self.idle_since = 0.0
+        self._release_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -143,6 +148,9 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         self.closed = True
         self._client.forget(self)
         if not self._complete:
@@ -169,8 +177,8 @@ class _Connection(asyncio.Protocol):
         head.set_result(AgentResponse(self, self._parser.get_status_code(), self._headers))
 
     def on_body(self, body: bytes) -> None:
-        if self._unasked:
-            return
+        if self._unasked or self._release_timer is not None:
+            return  # unasked, or the reader has all it wants: dropped
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > READ_BUFFER_BYTES and not self._paused and self.transport:
@@ -182,6 +190,10 @@ class _Connection(asyncio.Protocol):
         if self._unasked:
             return
         self._complete = True
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+            self._client.give_back(self)
         self._wake()
 
     # -- used by the client and the response ------------------------------------------------
@@ -228,12 +240,19 @@ class _Connection(asyncio.Protocol):
         return data
 
     def finish_response(self) -> None:
-        if self._complete and self._keep_alive and not self.closed and self._error is None:
-            self._client.give_back(self)
-        else:
+        if not self._keep_alive or self.closed or self._error is not None:
             self.close()
+        elif self._complete:
+            self._client.give_back(self)
+        elif self._release_timer is None:
+            # The reader has what it wants (a stream's last event); the answer's final chunk is
+            # on its way. Closing here made the next request connect anew.
+            self._release_timer = asyncio.get_running_loop().call_later(RELEASE_WAIT_S, self.close)
 
     def close(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         if not self.closed:
             self.closed = True
             self._client.forget(self)
@@ -274,6 +293,8 @@ class AgentHttp:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._endpoints: dict[str, tuple[str, int, bytes]] = {}
+        # Connections made so far: with every answer given back, one per concurrent request.
+        self.connects = 0
 
     async def post(
         self,
@@ -339,6 +360,7 @@ class AgentHttp:
             raise ConnectFailed(f"no connection to {key[0]}:{key[1]} in time") from exc
         except OSError as exc:
             raise ConnectFailed(f"no connection to {key[0]}:{key[1]}: {exc}") from exc
+        self.connects += 1
         self._open.add(conn)
         return conn
 

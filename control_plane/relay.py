@@ -315,7 +315,13 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with contextlib.aclosing(self._render(pieces(self._upstream))) as events:
+            # Both generators are closed here, the renderer first: closing `pieces` after its
+            # last piece is what gives a completed stream's agent connection back for reuse;
+            # left to the `finally` below it was closed (and the next request connected anew).
+            async with (
+                contextlib.aclosing(pieces(self._upstream)) as stream,
+                contextlib.aclosing(self._render(stream)) as events,
+            ):
                 with CancelOnDisconnect(receive):
                     await self._relay(events, send)
         finally:

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from control_plane.agent_http import (
+    RELEASE_WAIT_S,
     AgentHttp,
     BadAnswer,
     ConnectFailed,
@@ -218,6 +219,42 @@ async def test_a_connection_idle_past_keepalive_is_not_reused() -> None:
         await resp.read()
         resp.release()
         assert srv.connections == 2
+    await http.close()
+
+
+def chunked_stream(srv: Scripted, *, end: bool) -> Handler:
+    """Answers each request with one chunked event; its final chunk 50 ms later, if `end`."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await srv.read_request(reader)
+            event = b'{"done": true}\n'
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            writer.write(head + b"%x\r\n" % len(event) + event + b"\r\n")
+            await writer.drain()
+            if not end:
+                await reader.read()  # until the client closes
+                return
+            await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    return serve
+
+
+@pytest.mark.parametrize("end", [True, False])
+async def test_a_stream_released_before_its_end_is_reused_once_it_ends(end: bool) -> None:
+    # A stream's reader has its last event before the final chunk arrives; the connection
+    # waits for that chunk (RELEASE_WAIT_S) instead of being closed.
+    http = AgentHttp()
+    async with scripted(lambda srv: chunked_stream(srv, end=end)) as (srv, endpoint):
+        for _ in range(2):
+            resp = await http.post(endpoint, "/stream", b"{}")
+            assert await resp.readany(5.0) == b'{"done": true}\n'
+            resp.release()
+            await asyncio.sleep(RELEASE_WAIT_S + 0.2 if not end else 0.2)
+        assert srv.connections == (1 if end else 2)
+        assert http.connections() == (1 if end else 0)
     await http.close()
 
 

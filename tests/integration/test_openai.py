@@ -106,6 +106,36 @@ async def test_models_lists_only_benchmarked_ones(client: openai.AsyncOpenAI) ->
     assert ids[CHAT].object == "model"
 
 
+async def test_streams_reuse_the_connection_to_the_agent(
+    api: Api, client: openai.AsyncOpenAI
+) -> None:
+    # A completed stream gives its agent connection back; closing it made every streamed
+    # request connect anew, which cost each one's first token a TCP handshake.
+    messages: Any = [{"role": "user", "content": "Once upon a time"}]
+    await client.chat.completions.create(model=CHAT, messages=messages, max_tokens=2)
+    relay = app_state(api).agents
+    made = relay.connects
+    for _ in range(3):
+        stream = await client.chat.completions.create(
+            model=CHAT,
+            messages=messages,
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for _chunk in stream:
+            pass
+        async with api.session.post(
+            api.base + "/model/run",
+            json={"model": CHAT, "prompt": "Once", "stream": True, "params": {"max_new_tokens": 4}},
+            headers={"Authorization": f"Key {ADMIN_KEY}", "Accept": "text/event-stream"},
+        ) as resp:
+            assert resp.status == 200
+            assert "text/event-stream" in resp.headers["Content-Type"]
+            await resp.read()
+    assert relay.connects == made
+
+
 async def test_chat_answer_matches_its_stream_with_usage(client: openai.AsyncOpenAI) -> None:
     messages: Any = [{"role": "user", "content": "Once upon a time"}]
     whole = await client.chat.completions.create(

@@ -249,6 +249,7 @@ async def test_a_control_plane_killed_mid_rollover_leaves_it_for_the_next(
     db = await asyncpg.connect(db_dsn)
     cluster = await db.fetchval("SELECT id FROM cluster")
     servers: list[Server] = []
+    model = ""
     try:
         first = serve_apart(db_dsn, tmp_path, "first")
         servers.append(first)
@@ -304,4 +305,11 @@ async def test_a_control_plane_killed_mid_rollover_leaves_it_for_the_next(
             stop(server)
         for pid in labelled_agents(cluster):  # whatever failed, no agent outlives the test
             os.killpg(pid, signal.SIGKILL)
+        # Agents forked from a zygote carry its environment, not their label, and the second
+        # control plane stops only what it started: version 2's instance was the first one's.
+        for row in await db.fetch(
+            "SELECT handle FROM instances WHERE model = $1 AND handle IS NOT NULL", model
+        ):
+            if pid_alive(int(row["handle"])):
+                os.killpg(int(row["handle"]), signal.SIGKILL)
         await db.close()

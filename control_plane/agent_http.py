@@ -246,8 +246,14 @@ class _Connection(asyncio.Protocol):
             self._client.give_back(self)
         elif self._release_timer is None:
             # The reader has what it wants (a stream's last event); the answer's final chunk is
-            # on its way. Closing here made the next request connect anew.
+            # on its way. Closing here made the next request connect anew. What the reader left
+            # unread is dropped, and reading resumes so that the end can arrive.
             self._release_timer = asyncio.get_running_loop().call_later(RELEASE_WAIT_S, self.close)
+            self._chunks.clear()
+            self._buffered = 0
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
 
     def close(self) -> None:
         if self._release_timer is not None:

@@ -125,6 +125,10 @@ async def test_streams_reuse_the_connection_to_the_agent(
         )
         async for _chunk in stream:
             pass
+        # The agent's final chunk may reach the control plane just after the client has its
+        # last byte; until then the connection is not idle, and a request sent at once would
+        # rightly take another one.
+        await asyncio.sleep(0.05)
         async with api.session.post(
             api.base + "/model/run",
             json={"model": CHAT, "prompt": "Once", "stream": True, "params": {"max_new_tokens": 4}},
@@ -133,6 +137,7 @@ async def test_streams_reuse_the_connection_to_the_agent(
             assert resp.status == 200
             assert "text/event-stream" in resp.headers["Content-Type"]
             await resp.read()
+        await asyncio.sleep(0.05)
     assert relay.connects == made
 
 

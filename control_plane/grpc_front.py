@@ -17,12 +17,18 @@ code) is the only place that knows the messages. The call has the lifecycle of a
 Errors become gRPC statuses by meaning (`status_for`); the instance's own statuses (INTERNAL
 with the handler's exception, RESOURCE_EXHAUSTED with `retry-after`) pass through. Server
 reflection lists the served services, and `grpc.health.v1` answers SERVING for each.
+
+The port itself is `grpc_relay`'s, which passes HTTP/2 frames through: a call to a warm API the
+key may call goes straight to the instance's gRPC port (`GrpcFront.decide` admits it; `_Admitted`
+ends it); every other call (cold, refused, unknown, reflection, health) goes to this module's
+grpc.aio server on a loopback port of its own, which answers it as described above.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -36,7 +42,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from starlette.datastructures import Headers
 
-from control_plane import grpc_services
+from control_plane import grpc_relay, grpc_services
 from control_plane.auth import Principal
 from control_plane.errors import (
     BenchmarkFailed,
@@ -177,7 +183,12 @@ class GrpcFront:
         )
         self._server.add_generic_rpc_handlers((_Relay(self),))
         settings = state.settings
-        self.port = self._server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        # The grpc.aio server answers what the relay does not send straight to an instance.
+        internal = self._server.add_insecure_port("127.0.0.1:0")
+        self._relay = grpc_relay.GrpcRelay(
+            _listen(settings.host, settings.grpc_port), self.decide, ("127.0.0.1", internal), limit
+        )
+        self.port = self._relay.port
         self._served_version = -1
 
     async def start(self) -> None:
@@ -185,11 +196,13 @@ class GrpcFront:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.refresh()
         await self._server.start()
+        await self._relay.start()
         logger.info("gRPC on %s:%d", self._state.settings.host, self.port)
 
     async def stop(self) -> None:
         """Stop taking calls, end open ones after a grace period, close upstream channels."""
-        await self._server.stop(_GRACE_S)
+        await self._relay.stop(_GRACE_S)
+        await self._server.stop(0.1)
         for upstream in self._channels.values():
             await upstream.channel.close()
         self._channels.clear()
@@ -270,8 +283,38 @@ class GrpcFront:
                 ("grpc.enable_retries", 0),
             ),
         )
-        upstream = self._channels[route.instance_id] = _Upstream(target, channel)
+        upstream = self._channels[route.instance_id] = _Upstream((host, port), channel)
         return upstream
+
+    async def decide(self, path: str, fields: list[tuple[str, str]]) -> _Admitted | None:
+        """Admit a call to a warm API straight to its instance (the relay's fast path), or None:
+        the call goes to the grpc.aio server, which loads, refuses or answers it."""
+        parts = grpc_services.split_method(path)
+        entry = self.table.lookup(parts[0]) if parts else None
+        streams = entry.methods.get(path) if entry is not None else None
+        if entry is None or streams is None:
+            return None
+        state = self._state
+        route = state.supervisor.route(entry.model)
+        upstream = self._channels.get(route.instance_id) if route is not None else None
+        if route is None or upstream is None:
+            return None  # cold, or its first call: the grpc.aio path opens the channel
+        headers = Headers(
+            raw=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields if k[0] != ":"]
+        )
+        try:
+            principal = await state.auth.authenticate(headers, "user")
+            if not grpc_services.may_call(entry, principal):
+                return None
+            ticket = await state.limiter.admit(principal, stream=streams)
+        except MlcpError:
+            return None  # refused: the grpc.aio path says why, with the right status
+        now = state.supervisor.route(entry.model)
+        if now is None or now.instance_id != route.instance_id:
+            ticket.refund()  # the instance went while the key was checked
+            return None
+        state.activity.begin(route.instance_id)
+        return _Admitted(self, route, ticket, upstream.address)
 
     def forget(self, route: Route) -> None:
         """Drop the channel of an instance that failed a call (it may be gone)."""
@@ -281,6 +324,7 @@ class GrpcFront:
         self._state.supervisor.request_failed(route.instance_id)
 
     def _close(self, upstream: _Upstream) -> None:
+        self._relay.drop(upstream.address)
         task = asyncio.ensure_future(upstream.channel.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -290,14 +334,62 @@ class GrpcFront:
         return self._state
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The gRPC port's listening socket; a port taken already is a RuntimeError."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from exc
+    return sock
+
+
+class _Admitted:
+    """A call the relay sends straight to the instance: in flight on it until it ends."""
+
+    __slots__ = ("_front", "_route", "_ticket", "address")
+
+    def __init__(
+        self, front: GrpcFront, route: Route, ticket: Ticket, address: tuple[str, int]
+    ) -> None:
+        self._front = front
+        self._route = route
+        self._ticket = ticket
+        self.address = address
+
+    def ended(self, status: int | None) -> None:
+        activity = self._front.state.activity
+        instance_id = self._route.instance_id
+        if status == grpc_relay.RESOURCE_EXHAUSTED:
+            activity.reject(instance_id)  # the instance was full
+        activity.end(instance_id, completed=status == 0)
+        self._ticket.end_stream()
+
+    def failed(self) -> None:
+        self._front.forget(self._route)
+        self._front.state.activity.end(self._route.instance_id, completed=False)
+        self._ticket.end_stream()
+
+
 class _Upstream:
     """One instance's channel and its callables by method (a callable is made once, not per
-    call)."""
+    call), and its gRPC address for the relay."""
 
-    __slots__ = ("_streams", "_unaries", "channel", "target")
+    __slots__ = ("_streams", "_unaries", "address", "channel", "target")
 
-    def __init__(self, target: str, channel: grpc.aio.Channel) -> None:
-        self.target = target
+    def __init__(self, address: tuple[str, int], channel: grpc.aio.Channel) -> None:
+        self.address = address
+        self.target = f"{address[0]}:{address[1]}"
         self.channel = channel
         self._unaries: dict[str, _Unary] = {}
         self._streams: dict[str, _Stream] = {}

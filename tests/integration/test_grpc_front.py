@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from control_plane import h2_wire as h2
 from tests.grpc_stubs import generate
 from tests.handler_projects import cortex_grpc_text_generator, grpc_echo, grpc_echo_renamed
 from tests.harness import (
@@ -47,6 +48,7 @@ MEASURED = "fred/measured-echo"  # mlcp_measured.Echo, benchmarked by a real job
 BRIEF = "gina/brief-echo"  # mlcp_brief.Echo, expires after 1 s idle
 BROKEN = "hank/broken-proto"  # a proto that does not compile: not served
 SEED = "ivan/text-generator"  # the seed's text_generator.Handler over a tiny GPT-2 pipeline
+WIDE = "kim/wide-echo"  # mlcp_wide.Echo, concurrency 8: calls at once on one connection
 AUTH = (("authorization", f"Key {ADMIN_KEY}"),)
 
 
@@ -69,6 +71,7 @@ async def front(
     grpc_echo_renamed(root / "erin" / "busy-echo", "mlcp_busy", "busy.proto", concurrency=1)
     grpc_echo_renamed(root / "fred" / "measured-echo", "mlcp_measured", "measured.proto")
     grpc_echo_renamed(root / "gina" / "brief-echo", "mlcp_brief", "brief.proto", expiration_s=1)
+    grpc_echo_renamed(root / "kim" / "wide-echo", "mlcp_wide", "wide.proto", concurrency=8)
     seed = cortex_grpc_text_generator(root / "ivan" / "text-generator")
     (seed / "text_generator.yaml").rename(seed / "mlcp.yaml")
     broken = grpc_echo(root / "hank" / "broken-proto")
@@ -84,7 +87,7 @@ async def front(
     try:
         async with serve(settings) as base, aiohttp.ClientSession() as session:
             api = Api(base, session, settings)
-            for model in (ECHO, SECOND, DUPLICATE, SLOW, DYING, BUSY, BRIEF, BROKEN, SEED):
+            for model in (ECHO, SECOND, DUPLICATE, SLOW, DYING, BUSY, BRIEF, BROKEN, SEED, WIDE):
                 await mark_measured(api, model, 20_000_000)
             yield api
     finally:
@@ -108,6 +111,7 @@ def stubs(front: Api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Mod
         (BUSY, "busy.proto"),
         (MEASURED, "measured.proto"),
         (BRIEF, "brief.proto"),
+        (WIDE, "wide.proto"),
     ):
         pb2, pb2_grpc = generate(dirs / model, proto, out)
         found[model] = pb2
@@ -275,7 +279,8 @@ async def test_a_server_stream_relays_and_a_cancel_reaches_the_handler(
     assert in_flight(front, ECHO) == 1
     call.cancel()
     for _ in range(200):
-        if marker.exists():
+        # The handler creates the file, then writes it: read it once it says so.
+        if marker.exists() and marker.read_text() == "closed":
             break
         await asyncio.sleep(0.05)
     assert marker.read_text() == "closed"
@@ -473,10 +478,14 @@ async def test_the_channel_of_a_stopped_instance_is_closed(
     assert route is not None and route.instance_id in grpc_front._channels
     grpc_front.drop_idle_channels()  # routed: kept
     assert route.instance_id in grpc_front._channels
+    address = grpc_front._channels[route.instance_id].address
+    assert grpc_front._relay.connections_to(address) == 1
     assert (await front.call("POST", "/model/delete", {"model": ECHO}))[0] == 200
     await state.supervisor.refresh_routes()
     grpc_front.drop_idle_channels()
     assert route.instance_id not in grpc_front._channels
+    # The relay's connection to it goes too (at once, or when the stopped agent closed it).
+    assert grpc_front._relay.connections_to(address) == 0
     # The next call loads a new instance and opens its own channel.
     assert (await stub.Predict(stubs[ECHO].Text(text="b"), metadata=AUTH, timeout=60)).text == (
         "p:b"
@@ -484,3 +493,124 @@ async def test_the_channel_of_a_stopped_instance_is_closed(
     again = state.supervisor.route(ECHO)
     assert again is not None and again.instance_id != route.instance_id
     assert again.instance_id in grpc_front._channels
+
+
+async def test_warm_calls_go_straight_to_the_instance_over_one_connection(
+    front: Api, stubs: dict[str, ModuleType]
+) -> None:
+    """Many clients, one upstream connection: the relay multiplexes their calls on it."""
+    grpc_front = app_state(front).grpc
+    assert grpc_front is not None
+    relay = grpc_front._relay
+    port = grpc_front.port
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(3)]
+    try:
+        stubs_ = [echo_stub(stubs, WIDE, chan) for chan in channels]
+        text = stubs[WIDE].Text
+        assert (await stubs_[0].Predict(text(text="warm"), metadata=AUTH, timeout=60)).text == (
+            "warm"
+        )
+        before = relay.direct_calls
+        replies = await asyncio.gather(
+            *(
+                stubs_[i % 3].Predict(text(text=f"m{i}"), metadata=AUTH, timeout=30)
+                for i in range(48)
+            )
+        )
+        assert [r.text for r in replies] == [f"m{i}" for i in range(48)]
+        assert relay.direct_calls - before == 48
+        route = app_state(front).supervisor.route(WIDE)
+        assert route is not None
+        assert relay.connections_to(grpc_front._channels[route.instance_id].address) == 1
+    finally:
+        for chan in channels:
+            await chan.close()
+
+
+async def test_a_3_mb_message_goes_both_ways_through_the_flow_control_windows(
+    channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    stub = echo_stub(stubs, WIDE, channel)
+    text = stubs[WIDE].Text
+    await stub.Predict(text(text="warm"), metadata=AUTH, timeout=60)
+    big = "".join(chr(97 + i % 26) for i in range(3 * 1024 * 1024))
+    replies = await asyncio.gather(
+        *(stub.Predict(text(text=big), metadata=AUTH, timeout=60) for _ in range(3))
+    )
+    assert all(r.text == big for r in replies)
+
+
+async def test_a_client_whose_connection_closes_mid_stream_frees_the_call(
+    front: Api, stubs: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    grpc_front = app_state(front).grpc
+    assert grpc_front is not None
+    chan = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_front.port}")
+    stub = echo_stub(stubs, ECHO, chan)
+    pb2 = stubs[ECHO]
+    await stub.Predict(pb2.Text(text="warm"), metadata=AUTH, timeout=60)
+    marker = tmp_path / "closed"
+    call = stub.Count(
+        pb2.CountRequest(n=1000, pause_s=0.05, marker=str(marker)), metadata=AUTH, timeout=30
+    )
+    assert (await call.read()).text == "0"
+    assert in_flight(front, ECHO) == 1
+    await chan.close()
+    for _ in range(200):
+        if marker.exists() and marker.read_text() == "closed" and in_flight(front, ECHO) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert marker.read_text() == "closed"
+    assert in_flight(front, ECHO) == 0
+
+
+async def _raw_exchange(port: int, payload: bytes) -> bytes:
+    """What the gRPC port sends back to `payload` until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        got = b""
+        async with asyncio.timeout(5):
+            while chunk := await reader.read(65536):
+                got += chunk
+        return got
+    finally:
+        writer.close()
+
+
+def _goaway_code(wire: bytes) -> int | None:
+    frames = h2.FrameReader(max_frame=1 << 24).feed(wire)
+    codes = [int.from_bytes(p[4:8], "big") for t, _, _, p in frames if t == h2.GOAWAY]
+    return codes[-1] if codes else None
+
+
+async def test_a_client_that_breaks_http2_loses_its_own_connection_only(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    grpc_front = app_state(front).grpc
+    assert grpc_front is not None
+    port = grpc_front.port
+    opening = h2.PREFACE + h2.settings_frame([])
+    # Not HTTP/2 at all (an HTTP/1.1 request): closed, with PROTOCOL_ERROR.
+    got = await _raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _goaway_code(got) == h2.PROTOCOL_ERROR
+    # A header block that does not decode.
+    bad_block = h2.frame(h2.HEADERS, h2.END_HEADERS, 1, bytes.fromhex("bf"))
+    assert _goaway_code(await _raw_exchange(port, opening + bad_block)) == h2.COMPRESSION_ERROR
+    # A frame over the size the relay allows.
+    huge = h2.frame(h2.DATA, 0, 1, b"x" * 20_000)
+    assert _goaway_code(await _raw_exchange(port, opening + huge)) == h2.FRAME_SIZE_ERROR
+    # A stream id that goes backwards, and a SETTINGS frame of a bad length.
+    fields = h2.encode_headers([(":method", "POST"), (":path", "/x.Y/Z")])
+    backwards = h2.frame(h2.HEADERS, h2.END_HEADERS, 5, fields) + h2.frame(
+        h2.HEADERS, h2.END_HEADERS, 3, fields
+    )
+    assert _goaway_code(await _raw_exchange(port, opening + backwards)) == h2.PROTOCOL_ERROR
+    bad_settings = h2.frame(h2.SETTINGS, 0, 0, b"\x00\x04\x00")
+    assert _goaway_code(await _raw_exchange(port, opening + bad_settings)) == h2.FRAME_SIZE_ERROR
+    # The control plane and every other client go on.
+    reply = await echo_stub(stubs, ECHO, channel).Predict(
+        stubs[ECHO].Text(text="still"), metadata=AUTH, timeout=60
+    )
+    assert reply.text == "p:still"

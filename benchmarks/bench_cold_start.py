@@ -10,7 +10,10 @@ Each figure is the median of REPEATS rounds, each beside its own bare loads (the
 stops once the model is loaded, not at the interpreter's exit). The process runtime forks its
 agents from a zygote that has torch and transformers imported (issue 15, goal <= 0.15x); the
 benchmark waits for the zygote to listen before it measures, as a control plane that has been
-up a few seconds has it. Admission needs a benchmark
+up a few seconds has it. The docker runtime claims a warm spare container whose agent has
+them imported (MLCP_DOCKER_SPARES; goal <= 0.4x): the benchmark waits for one to be ready before
+each load, then prints the same load with no spare (every instance in a new container) beside
+it. Admission needs a benchmark
 figure: it is written straight into the control plane's embedded database instead of running
 the (slow) benchmark.
 Run: .venv/bin/python -m benchmarks.bench_cold_start
@@ -236,6 +239,27 @@ def wait_zygote(cp: ControlPlane, timeout_s: float = 180) -> None:
         time.sleep(0.1)
 
 
+def wait_spare(timeout_s: float = 180) -> None:
+    """Until a spare container of the docker runtime is ready (its agent has torch imported),
+    as it is in a control plane that has been up a while and not just claimed one."""
+    import docker
+
+    from instance_agent.spare import READY_LINE
+
+    client = docker.from_env(timeout=10)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for container in client.containers.list(filters={"label": "mlcp.spare=true"}):
+                named = "-spare-" in container.name  # not claimed yet
+                if named and READY_LINE.encode() in container.logs(tail=50):
+                    return
+            time.sleep(0.2)
+    finally:
+        client.close()
+    raise RuntimeError(f"no spare container was ready within {timeout_s} s")
+
+
 def docker_ready() -> bool:
     """Whether a Docker engine answers and the agent image builds (offline, cached)."""
     try:
@@ -275,7 +299,15 @@ def measure_process(cp: ControlPlane, folders: dict[str, Path], out: Samples) ->
 def measure_container(cp: ControlPlane, folders: dict[str, Path], out: Samples) -> None:
     for model, folder in folders.items():
         bare = bare_load_s(folder)
+        wait_spare()
         out.add(f"cold start {SHORT[model]}: container", load_to_running_s(cp, model), bare)
+
+
+def measure_fresh_container(cp: ControlPlane, folders: dict[str, Path], out: Samples) -> None:
+    for model, folder in folders.items():
+        bare = bare_load_s(folder)
+        label = f"cold start {SHORT[model]}: container without a spare"
+        out.add(label, load_to_running_s(cp, model), bare)
 
 
 SHORT = {TINY: "tiny", SMOLLM2: "SmolLM2"}
@@ -297,9 +329,12 @@ def main() -> None:
     plans: list[tuple[str, Measure]] = [("process", measure_process)]
     if docker_ready():
         plans.append(("docker", measure_container))
+        plans.append(("docker-fresh", measure_fresh_container))
     for runtime, measure in plans:
         # Host networking: the engine may run without a bridge (`dockerd --bridge=none`, as CI's).
         run_env = {**env, "MLCP_RUNTIME": runtime, "MLCP_DOCKER_NETWORK": "host"}
+        if runtime == "docker-fresh":  # every instance in a new container, for comparison
+            run_env.update(MLCP_RUNTIME="docker", MLCP_DOCKER_SPARES="0")
         samples = Samples()
         with control_plane([MODELS_ROOT], fake_agent=None, **run_env) as cp:
             mark_benchmarked(cp, list(folders))

@@ -55,6 +55,7 @@ from control_plane.routes import health as health_routes
 from control_plane.routes import metrics as metrics_routes
 from control_plane.routes import uploads as upload_routes
 from control_plane.runtimes import build_runtime
+from control_plane.runtimes.base import WarmsUp
 from control_plane.runtimes.process import ProcessRuntime
 from control_plane.scheduler import build_scheduler
 from control_plane.sessions import Signer
@@ -132,8 +133,9 @@ def create_app(settings: Settings) -> Starlette:
                     # Said plainly, then start-up fails: uvicorn exits non-zero.
                     logger.error("mlcp: %s", exc.message)
                     raise
-            if isinstance(runtime, ProcessRuntime):
-                # Imports torch in the background so the first load already forks.
+            if isinstance(runtime, WarmsUp):
+                # Imports torch in the background (the process runtime's zygote, the docker
+                # runtime's spares) so the first load does not wait for it.
                 runtime.warm_up()
                 stack.push_async_callback(runtime.close)
             supervisor = Supervisor(

@@ -85,6 +85,9 @@ class Settings(BenchmarkerSettings):
     # network (for engines without a bridge, such as CI's).
     docker_image: str = "mlcp-agent:latest"
     docker_network: Literal["bridge", "host"] = "bridge"
+    # Warm containers whose agent has torch imported, claimed by catalog models' CPU instances
+    # (control_plane/runtimes/docker.py); 0: every instance starts a fresh container.
+    docker_spares: int = Field(default=1, ge=0, le=8)
 
     @property
     def http_limits(self) -> HttpLimits:

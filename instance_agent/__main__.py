@@ -1,5 +1,6 @@
-"""Command line: `serve` one model over HTTP, `convert` a GGUF file into a safetensors dir, or
-run the `zygote` that forks agents with torch already imported (`instance_agent.zygote`).
+"""Command line: `serve` one model over HTTP, `convert` a GGUF file into a safetensors dir,
+run the `zygote` that forks agents with torch already imported (`instance_agent.zygote`), or
+wait as a `spare` in a warm container until claimed as an instance (`instance_agent.spare`).
 
 Exit codes: 0 after a clean stop, 2 for bad arguments, 3 when the model cannot be loaded (or
 converted); stderr then holds one line `mlcp-agent: load failed: <reason>`.
@@ -112,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
 
     zygote = commands.add_parser("zygote", help="fork `serve` children with torch imported")
     zygote.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
+
+    spare = commands.add_parser("spare", help="import torch, then wait to be claimed (docker)")
+    spare.add_argument("--host", default="127.0.0.1")
+    spare.add_argument("--port", type=int, required=True)
     return parser
 
 
@@ -265,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         from instance_agent import zygote
 
         return zygote.serve(args.socket)
+    if args.command == "spare":
+        from instance_agent import spare
+
+        return spare.serve(args.host, args.port)
     return serve(args)
 
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from benchmarker.catalog import packaged_models
 from control_plane.runtimes.base import Runtime
 from control_plane.runtimes.process import ProcessRuntime
 from control_plane.settings import Settings
+
+
+def catalog_roots(settings: Settings) -> list[Path]:
+    """The folders catalog models are found in (a docker spare mounts them all)."""
+    roots = [*settings.model_dir_paths, settings.model_store, settings.resolved_hf_cache]
+    if settings.include_packaged_models:
+        roots += [Path(found.source_path) for found in packaged_models()]
+    return roots
 
 
 def build_runtime(settings: Settings, cluster: str) -> Runtime:
@@ -27,6 +38,8 @@ def build_runtime(settings: Settings, cluster: str) -> Runtime:
             network=settings.docker_network,
             command=settings.agent_command,
             lease_grace_s=settings.instance_lease_grace_s,
+            spares=settings.docker_spares,
+            spare_roots=catalog_roots(settings),
         )
     if settings.runtime == "ray":
         # Imported here: only deployments on a Ray cluster load Ray.

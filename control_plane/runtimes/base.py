@@ -109,3 +109,16 @@ class BuildsProjectImages(Protocol):
     async def project_image(self, project: Path) -> str:
         """Build (or find, by content) the project's image; its name. ProjectImageFailed."""
         ...
+
+
+@runtime_checkable
+class WarmsUp(Protocol):
+    """A runtime that prepares in the background what makes its cold starts fast."""
+
+    def warm_up(self) -> None:
+        """Start preparing (a zygote, spare containers); return at once."""
+        ...
+
+    async def close(self) -> None:
+        """Stop and remove what `warm_up` made; instances keep running."""
+        ...

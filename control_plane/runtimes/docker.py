@@ -16,6 +16,18 @@ Network: "bridge" (the default) publishes the agent's port on 127.0.0.1 only, on
 picks; "host" shares the host's network and the agent listens on a free loopback port (CI's engine
 runs with --bridge=none, so tests use it).
 
+Spares (MLCP_DOCKER_SPARES, default 1): warm containers of the agent image whose process has
+imported torch and transformers already (`instance_agent.spare`), which take the imports out of
+a container's cold start. They mount the catalog's model folders (`spare_roots`: MLCP_MODEL_DIRS,
+the model store, the packaged models) read-only at their own paths, since a spare does not know
+its model yet; so only catalog models on the CPU use them (not a deployed API's code or
+environment, not a GPU: device requests are fixed when a container is created). Starting such an
+instance claims a spare: the container is renamed for the instance (a spare's labels cannot
+change, so `list()` reads a claimed one's instance from its name), given the instance's memory
+limit, and told the agent's options; then a new spare is made. A spare lives while its control
+plane holds a connection to it; one left exited by a control plane that died is removed by the
+next one.
+
 The docker SDK is synchronous: each operation runs in a worker thread, every request under the
 client's timeout. Engine errors become `RuntimeFailed` with a fixed message; the engine's own
 text (which names host paths) is only logged.
@@ -24,16 +36,20 @@ text (which names host paths) is only logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import http.client
 import io
+import json
 import logging
 import math
 import re
+import secrets
 import tarfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -53,6 +69,7 @@ from control_plane.runtimes.process import exit_reason
 from instance_agent.launch import free_loopback_port, serve_command
 from instance_agent.lease import DEFAULT_LEASE_GRACE_S, LEASE_ENV
 from instance_agent.nvml import session as nvml_session
+from instance_agent.spare import TOKEN_ENV, TOKEN_HEADER
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -68,6 +85,7 @@ CLUSTER = "mlcp.cluster"
 INSTANCE = "mlcp.instance"
 GENERATION = "mlcp.generation"
 MODEL = "mlcp.model"
+SPARE = "mlcp.spare"
 DEFAULT_COMMAND = ("python", "-m", "instance_agent")
 MODEL_MOUNT = "/model"
 AGENT_PORT = 8000  # inside the container, bridge mode only
@@ -95,6 +113,11 @@ NO_SHELL = (
 )
 _FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)", re.IGNORECASE | re.MULTILINE)
 _RUN = re.compile(r"^\s*RUN\b", re.IGNORECASE | re.MULTILINE)
+# A spare's process answers on its port within this long of its container's start.
+SPARE_CONNECT_S = 60.0
+SPARE_CLAIM_TIMEOUT_S = 5.0
+# After a spare could not be made (no image yet, engine trouble), the next try waits this long.
+SPARE_RETRY_S = 30.0
 
 
 # -- decisions (pure) ------------------------------------------------------------------------
@@ -156,12 +179,7 @@ def container_config(
             MODEL: spec.model,
         },
         "volumes": {str(spec.model_dir.resolve()): {"bind": MODEL_MOUNT, "mode": "ro"}},
-        "environment": {
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            # The agent exits once no control plane renews it (MLCP_INSTANCE_LEASE_GRACE_S).
-            LEASE_ENV: f"{lease_grace_s:g}",
-        },
+        "environment": _base_env(lease_grace_s),
         "user": "0:0",
         # An init process forwards SIGTERM to the agent: as PID 1 it would ignore it until
         # uvicorn installs its handlers, turning every stop during loading into a kill.
@@ -184,6 +202,91 @@ def container_config(
     if device_requests:
         config["device_requests"] = device_requests
     return config
+
+
+def _base_env(lease_grace_s: float) -> dict[str, str]:
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # The agent exits once no control plane renews it (MLCP_INSTANCE_LEASE_GRACE_S).
+        LEASE_ENV: f"{lease_grace_s:g}",
+    }
+
+
+def distinct_roots(roots: Iterable[Path]) -> tuple[Path, ...]:
+    """Existing folders, resolved, less those inside another (one mount covers them)."""
+    found = sorted({r.resolve() for r in roots if r.is_dir()}, key=lambda p: len(p.parts))
+    kept: list[Path] = []
+    for root in found:
+        if not any(root.is_relative_to(k) for k in kept):
+            kept.append(root)
+    return tuple(kept)
+
+
+def spare_fits(spec: InstanceSpec, roots: tuple[Path, ...], command: tuple[str, ...]) -> bool:
+    """Whether a spare can become `spec`'s agent: a catalog model under a mounted folder, on
+    the CPU, run by the image's own agent."""
+    return (
+        command == DEFAULT_COMMAND
+        and spec.python is None
+        and spec.project_dir is None
+        and not spec.device.startswith("cuda")
+        and any(spec.model_dir.resolve().is_relative_to(root) for root in roots)
+    )
+
+
+def spare_name(cluster: str, token: str) -> str:
+    safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", cluster)
+    return f"mlcp-{safe}-spare-{token[:12]}"
+
+
+def instance_of_name(cluster: str, name: str) -> tuple[int, int] | None:
+    """(instance id, generation) of a claimed spare, from the name `container_name` gave it."""
+    safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", cluster)
+    match = re.fullmatch(rf"mlcp-{re.escape(safe)}-(\d+)-(\d+)", name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def spare_config(
+    *,
+    cluster: str,
+    image: str,
+    network: Network,
+    host_port: int,
+    roots: tuple[Path, ...],
+    token: str,
+    lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
+) -> dict[str, Any]:
+    """Keyword arguments for `containers.create` that start a spare agent."""
+    port = host_port if network == "host" else AGENT_PORT
+    host = "127.0.0.1" if network == "host" else "0.0.0.0"
+    config: dict[str, Any] = {
+        "image": image,
+        "entrypoint": list(DEFAULT_COMMAND),
+        "command": ["spare", "--host", host, "--port", str(port)],
+        "name": spare_name(cluster, token),
+        "labels": {MANAGED: "true", CLUSTER: cluster, SPARE: "true"},
+        "volumes": {str(root): {"bind": str(root), "mode": "ro"} for root in roots},
+        "environment": {**_base_env(lease_grace_s), TOKEN_ENV: token},
+        "user": "0:0",
+        "init": True,
+        "detach": True,
+    }
+    if network == "host":
+        config["network_mode"] = "host"
+    else:
+        config["ports"] = {f"{AGENT_PORT}/tcp": ("127.0.0.1",)}
+    return config
+
+
+def claim_argv(spec: InstanceSpec, network: Network, host_port: int) -> list[str]:
+    """The `serve` options a spare is claimed with: the model at its own (mounted) path."""
+    port = host_port if network == "host" else AGENT_PORT
+    args = replace(spec, model_dir=spec.model_dir.resolve()).agent_args(port)
+    argv = serve_command(args, list(DEFAULT_COMMAND))[len(DEFAULT_COMMAND) :]
+    if network == "bridge":
+        argv[argv.index("--host") + 1] = "0.0.0.0"
+    return argv
 
 
 def endpoint_of(attrs: dict[str, Any]) -> str | None:
@@ -329,6 +432,18 @@ def free_gpu_memory() -> dict[int, int] | None:
 # -- the runtime (IO) ------------------------------------------------------------------------
 
 
+@dataclass
+class _Spare:
+    """A spare container this control plane holds (the connection it lives by)."""
+
+    container_id: str
+    endpoint: str
+    token: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    ready: bool = False
+
+
 class DockerRuntime:
     name = "docker"
 
@@ -341,6 +456,8 @@ class DockerRuntime:
         command: list[str] | None = None,
         timeout_s: int = CLIENT_TIMEOUT_S,
         lease_grace_s: float = DEFAULT_LEASE_GRACE_S,
+        spares: int = 0,
+        spare_roots: Iterable[Path] = (),
     ) -> None:
         self.cluster = cluster
         self.lease_grace_s = lease_grace_s
@@ -350,6 +467,161 @@ class DockerRuntime:
         self.timeout_s = timeout_s
         self._client: DockerClient | None = None
         self._connecting = threading.Lock()
+        self.spares = spares if self.command == DEFAULT_COMMAND else 0
+        self.spare_roots = distinct_roots(spare_roots)
+        self._pool: list[_Spare] = []
+        self._refill = asyncio.Event()
+        self._maintainer: asyncio.Task[None] | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
+        # Instances started from a spare so far (the rest were fresh containers).
+        self.claimed = 0
+
+    # -- spares -----------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Make the spares in the background, so the first load already claims one."""
+        if self.spares > 0 and self.spare_roots and self._maintainer is None:
+            self._maintainer = asyncio.create_task(self._maintain())
+
+    def spares_ready(self) -> int:
+        return sum(1 for spare in self._pool if spare.ready)
+
+    async def close(self) -> None:
+        """Remove this control plane's spares; instances keep running (a restart adopts them)."""
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintainer
+        for task in list(self._watchers):
+            task.cancel()
+        spares, self._pool = self._pool, []
+        for spare in spares:
+            spare.writer.close()
+        if spares:
+            ids = [spare.container_id for spare in spares]
+            with contextlib.suppress(RuntimeFailed):
+                await self._run("remove the spare containers", lambda c: _remove_ids(c, ids))
+
+    async def _maintain(self) -> None:
+        with contextlib.suppress(RuntimeFailed):
+            await self._run("remove spares left exited", self._remove_exited_spares)
+        while True:
+            self._refill.clear()
+            while len(self._pool) < self.spares:
+                try:
+                    self._pool.append(await self._make_spare())
+                except (RuntimeFailed, OSError, TimeoutError) as exc:
+                    logger.warning("docker: no spare container (%s); next try in a while", exc)
+                    await asyncio.sleep(SPARE_RETRY_S)
+            await self._refill.wait()
+
+    def _remove_exited_spares(self, client: DockerClient) -> None:
+        for container in client.containers.list(
+            all=True,
+            filters={"label": [f"{SPARE}=true", f"{CLUSTER}={self.cluster}"]},
+            ignore_removed=True,
+        ):
+            unclaimed = instance_of_name(self.cluster, container.name) is None
+            if unclaimed and container.status not in ALIVE:
+                _remove_quietly(container)
+
+    async def _make_spare(self) -> _Spare:
+        token = secrets.token_hex(16)
+        host_port = free_loopback_port() if self.network == "host" else AGENT_PORT
+        config = spare_config(
+            cluster=self.cluster,
+            image=self.image,
+            network=self.network,
+            host_port=host_port,
+            roots=self.spare_roots,
+            token=token,
+            lease_grace_s=self.lease_grace_s,
+        )
+
+        def start(client: DockerClient) -> tuple[str, str]:
+            container = self._create(client, config)
+            try:
+                container.start()
+                container.reload()
+                endpoint = endpoint_of(container.attrs)
+                if endpoint is None:
+                    raise RuntimeFailed("the spare container has no published port")
+            except BaseException:
+                _remove_quietly(container)
+                raise
+            return str(container.id), endpoint
+
+        starting = asyncio.ensure_future(self._run("start a spare container", start))
+        try:
+            container_id, endpoint = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Closing while the engine starts it: the container is removed once it exists.
+            with contextlib.suppress(Exception):
+                made, _ = await starting
+                await self._run("remove a spare", lambda c: _remove_ids(c, [made]))
+            raise
+        try:
+            reader, writer = await _hold(endpoint, token)
+        except BaseException:
+            with contextlib.suppress(RuntimeFailed):
+                await self._run("remove a spare", lambda c: _remove_ids(c, [container_id]))
+            raise
+        spare = _Spare(container_id, endpoint, token, reader, writer)
+        task = asyncio.ensure_future(self._watch(spare))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        return spare
+
+    async def _watch(self, spare: _Spare) -> None:
+        """Note when the spare is ready; drop it if it goes away unclaimed."""
+        with contextlib.suppress(OSError):
+            while line := await spare.reader.readline():
+                if line.strip() == b"ready":
+                    spare.ready = True
+        if spare in self._pool:  # it died (or was removed) before anyone claimed it
+            self._pool.remove(spare)
+            logger.warning("docker: a spare container went away; making another")
+            with contextlib.suppress(RuntimeFailed):
+                await self._run("remove a spare", lambda c: _remove_ids(c, [spare.container_id]))
+            self._refill.set()
+
+    async def _claim(self, spec: InstanceSpec) -> Launched | None:
+        """Start `spec` in a spare, or None (none fits or is there, or the claim failed)."""
+        if not self._pool or not spare_fits(spec, self.spare_roots, self.command):
+            return None
+        self._pool.sort(key=lambda s: not s.ready)
+        spare = self._pool.pop(0)
+        self._refill.set()
+        name = container_name(self.cluster, spec)
+        port = int(spare.endpoint.rsplit(":", 1)[1])
+        body = json.dumps({"argv": claim_argv(spec, self.network, port)}).encode()
+
+        def claim(client: DockerClient) -> None:
+            container = client.containers.get(spare.container_id)
+            try:
+                container.rename(name)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+                # A container of this instance and generation is left from an attempt that
+                # died with its control plane: replaced, as `_create` does.
+                _remove_quietly(client.containers.get(name))
+                container.rename(name)
+            if spec.mem_limit_bytes is not None:
+                container.update(mem_limit=spec.mem_limit_bytes, memswap_limit=spec.mem_limit_bytes)
+            _post_claim(spare.endpoint, spare.token, body)
+
+        try:
+            await self._run("claim a spare container", claim)
+        except RuntimeFailed as exc:
+            logger.warning("docker: claiming a spare failed (%s); starting a fresh container", exc)
+            with contextlib.suppress(RuntimeFailed):
+                await self._run("remove a spare", lambda c: _remove_ids(c, [spare.container_id]))
+            return None
+        finally:
+            spare.writer.close()
+        self.claimed += 1
+        return Launched(handle=spare.container_id, endpoint=spare.endpoint)
 
     def _connect(self) -> DockerClient:
         with self._connecting:  # called from worker threads
@@ -375,6 +647,9 @@ class DockerRuntime:
             raise RuntimeFailed(f"the Docker engine could not {what}") from exc
 
     async def start(self, spec: InstanceSpec) -> Launched:
+        launched = await self._claim(spec)
+        if launched is not None:
+            return launched
         host_port = free_loopback_port() if self.network == "host" else AGENT_PORT
 
         def start(client: DockerClient) -> Launched:
@@ -488,7 +763,12 @@ class DockerRuntime:
                 try:
                     instance_id, generation = int(labels[INSTANCE]), int(labels[GENERATION])
                 except (KeyError, ValueError):
-                    continue
+                    # A claimed spare says which instance it is by its name (labels are fixed
+                    # when a container is created); an unclaimed one is no instance.
+                    named = instance_of_name(self.cluster, container.name)
+                    if named is None:
+                        continue
+                    instance_id, generation = named
                 endpoint = endpoint_of(container.attrs)
                 found.append(Listed(instance_id, generation, str(container.id), endpoint))
             return found
@@ -508,6 +788,63 @@ class DockerRuntime:
 def _tail(container: Container, lines: int = LOG_TAIL_FOR_REASON) -> list[str]:
     raw: bytes = container.logs(stdout=True, stderr=True, tail=lines)
     return raw.decode("utf-8", "replace").splitlines()
+
+
+def _remove_ids(client: DockerClient, ids: list[str]) -> None:
+    for container_id in ids:
+        try:
+            _remove_quietly(client.containers.get(container_id))
+        except docker.errors.NotFound:
+            pass
+
+
+def _post_claim(endpoint: str, token: str, body: bytes) -> None:
+    """Tell a spare which agent to become (in a worker thread); RuntimeFailed if it refuses."""
+    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=SPARE_CLAIM_TIMEOUT_S)
+    try:
+        conn.request(
+            "POST",
+            "/claim",
+            body=body,
+            headers={TOKEN_HEADER.decode(): token, "Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        answer = resp.read(4096)
+    except OSError as exc:
+        raise RuntimeFailed(f"the spare did not take the claim: {exc}") from exc
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeFailed(f"the spare refused the claim: {resp.status} {answer[:200]!r}")
+
+
+async def _hold(endpoint: str, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open the connection a spare lives by (retrying while its process starts)."""
+    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SPARE_CONNECT_S
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            break
+        except OSError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+    writer.write(
+        b"GET /hold HTTP/1.1\r\nHost: spare\r\n"
+        + TOKEN_HEADER
+        + b": "
+        + token.encode()
+        + b"\r\n\r\n"
+    )
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        writer.close()
+        raise RuntimeFailed(f"the spare answered {head[:60]!r}")
+    return reader, writer
 
 
 def _remove_quietly(container: Container) -> None:

@@ -23,7 +23,7 @@ from docker import DockerClient
 from control_plane.errors import RuntimeFailed
 from control_plane.reconciler import reconcile
 from control_plane.runtimes.base import InstanceSpec, Launched
-from control_plane.runtimes.docker import OOM_REASON, DockerRuntime
+from control_plane.runtimes.docker import CLUSTER, OOM_REASON, SPARE, DockerRuntime
 from control_plane.state import AppState
 from db import queries
 
@@ -260,3 +260,112 @@ async def test_restart_adoption_orphans_and_kills(engine: DockerClient, fake_set
                 break
             await asyncio.sleep(0.1)
         assert_gone(engine, handle)
+
+
+async def _spare_ready(runtime: DockerRuntime, timeout_s: float = 120) -> None:
+    for _ in range(int(timeout_s / 0.1)):
+        if runtime.spares_ready() >= 1:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("no spare container became ready")
+
+
+def _spares(engine: DockerClient, cluster: str) -> list[Any]:
+    return engine.containers.list(
+        all=True, filters={"label": [f"{SPARE}=true", f"{CLUSTER}={cluster}"]}
+    )
+
+
+async def test_an_instance_starts_in_a_warm_spare_container(
+    engine: DockerClient, agent_image: str, tiny_models: Path, db_dsn: str, tmp_path: Path
+) -> None:
+    """A spare (torch imported) becomes the instance: renamed, limited, found again by name."""
+    settings = make_settings(
+        db_dsn,
+        tmp_path / "data",
+        runtime="docker",
+        docker_image=agent_image,
+        docker_network="host",
+        docker_spares=1,
+        model_dirs=str(tiny_models),
+        include_packaged_models=False,
+        start_timeout_s=60,
+    )
+    async with serve(settings) as base, aiohttp.ClientSession() as session:
+        api = Api(base, session, settings)
+        state = app_state(api)
+        runtime = state.supervisor.runtime
+        assert isinstance(runtime, DockerRuntime)
+        await _spare_ready(runtime)
+        (spare,) = _spares(engine, runtime.cluster)
+        await mark_measured(api, TINY, 200_000_000)
+        await load(api, TINY)
+        await wait_status(api, TINY, "RUNNING", timeout_s=60)
+        handle = await container_of(api, TINY)
+        assert handle == spare.id and runtime.claimed == 1
+        container = engine.containers.get(handle)
+        instance_id = int(
+            await state.pool.fetchval("SELECT id FROM instances WHERE model = $1", TINY)
+        )
+        assert container.name.startswith(f"mlcp-{runtime.cluster}-{instance_id}-")
+        assert container.attrs["HostConfig"]["Memory"] > 0  # the instance's limit, set at claim
+        # A restarted control plane finds it by its name (a spare's labels name no instance).
+        assert any(found.handle == handle for found in await runtime.list())
+        body = {"model": TINY, "prompt": "The quick brown", "params": {"max_new_tokens": 4}}
+        status, out = await api.call("POST", "/model/run", body)
+        assert status == 200 and out["tokens_generated"] >= 1, out
+        # Another spare takes its place.
+        await _spare_ready(runtime)
+        assert {c.id for c in _spares(engine, runtime.cluster)} - {handle}
+        status, deleted = await api.call("POST", "/model/delete", {"model": TINY})
+        assert status == 200 and deleted["status"] == "STOPPED"
+        assert_gone(engine, handle)
+        cluster = runtime.cluster
+    # The control plane's spares go with it.
+    assert _spares(engine, cluster) == []
+
+
+async def test_a_spare_whose_control_plane_lets_go_exits(
+    engine: DockerClient, agent_image: str, tiny_models: Path
+) -> None:
+    runtime = DockerRuntime(
+        cluster=uuid.uuid4().hex[:12],
+        image=agent_image,
+        network="host",
+        spares=1,
+        spare_roots=[tiny_models],
+    )
+    runtime.warm_up()
+    try:
+        for _ in range(600):
+            if runtime._pool:
+                break
+            await asyncio.sleep(0.1)
+        (spare,) = runtime._pool
+        # Not its token: refused, and the spare stays.
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                spare.endpoint + "/claim",
+                json={"argv": ["serve"]},
+                headers={"x-mlcp-spare-token": "wrong"},
+            ) as resp:
+                assert resp.status == 403
+        assert engine.containers.get(spare.container_id).status == "running"
+        # The hold connection closes (its control plane died): the spare exits by itself (and
+        # this runtime, seeing it go, removes it and makes another).
+        spare.writer.transport.abort()
+
+        def status() -> str:
+            try:
+                return str(engine.containers.get(spare.container_id).status)
+            except docker.errors.NotFound:
+                return "removed"
+
+        for _ in range(100):
+            if status() in ("exited", "removed"):
+                break
+            await asyncio.sleep(0.1)
+        assert status() in ("exited", "removed")
+    finally:
+        await runtime.close()
+    assert _spares(engine, runtime.cluster) == []

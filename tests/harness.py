@@ -60,6 +60,8 @@ def make_settings(db_dsn: str, data_dir: Path, **overrides: Any) -> Settings:
         "include_packaged_models": True,
         # Tests must not leave instances behind; restart tests turn this off.
         "stop_instances_on_exit": True,
+        # A spare container imports torch (seconds of CPU): only the tests of spares make one.
+        "docker_spares": 0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -3,6 +3,7 @@ agent listens, and why a container ended. No engine needed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,12 +11,20 @@ import pytest
 from control_plane.runtimes.base import InstanceSpec
 from control_plane.runtimes.docker import (
     AGENT_PORT,
+    DEFAULT_COMMAND,
     OOM_REASON,
+    claim_argv,
     container_config,
     container_exit_reason,
+    container_name,
+    distinct_roots,
     endpoint_of,
     gpu_request,
+    instance_of_name,
+    spare_config,
+    spare_fits,
 )
+from instance_agent import spare as spare_agent
 
 
 def spec(**overrides: object) -> InstanceSpec:
@@ -158,3 +167,64 @@ def test_a_project_environment_is_mounted_where_it_was_built_and_runs_the_agent(
     assert (
         config["entrypoint"] == ["python", "/model/fake_agent.py"] and env not in config["volumes"]
     )
+
+
+def test_a_spare_fits_a_catalog_model_on_the_cpu_under_a_mounted_folder(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "org" / "name").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    roots = distinct_roots([models, models / "org", tmp_path / "missing"])
+    assert roots == (models.resolve(),)  # a folder inside another, and a missing one, dropped
+    fits = spec(model_dir=models / "org" / "name")
+    assert spare_fits(fits, roots, DEFAULT_COMMAND)
+    assert not spare_fits(spec(model_dir=tmp_path / "elsewhere"), roots, DEFAULT_COMMAND)
+    assert not spare_fits(spec(model_dir=models, device="cuda:0"), roots, DEFAULT_COMMAND)
+    assert not spare_fits(spec(model_dir=models, python="/env/bin/python"), roots, DEFAULT_COMMAND)
+    assert not spare_fits(spec(model_dir=models, project_dir=models), roots, DEFAULT_COMMAND)
+    assert not spare_fits(fits, roots, ("python", "fake_agent.py"))
+
+
+def test_a_spare_container_and_its_claim(tmp_path: Path) -> None:
+    roots = (tmp_path,)
+    config = spare_config(
+        cluster="c1", image="img", network="host", host_port=4321, roots=roots, token="t" * 32
+    )
+    assert config["command"] == ["spare", "--host", "127.0.0.1", "--port", "4321"]
+    assert config["volumes"] == {str(tmp_path): {"bind": str(tmp_path), "mode": "ro"}}
+    assert config["labels"] == {"mlcp.managed": "true", "mlcp.cluster": "c1", "mlcp.spare": "true"}
+    assert config["environment"]["MLCP_SPARE_TOKEN"] == "t" * 32
+    assert instance_of_name("c1", config["name"]) is None  # unclaimed: no instance
+    claimed = spec(model_dir=tmp_path / "m")
+    assert instance_of_name("c1", container_name("c1", claimed)) == (7, 3)
+    assert instance_of_name("c2", container_name("c1", claimed)) is None
+    argv = claim_argv(claimed, "host", 4321)
+    assert argv[:3] == ["serve", "--model-dir", str((tmp_path / "m").resolve())]
+    assert argv[argv.index("--port") + 1] == "4321"
+    assert spare_agent.claim_argv(json.dumps({"argv": argv}).encode()) == argv
+    bridge = claim_argv(claimed, "bridge", 4321)
+    assert bridge[bridge.index("--host") + 1] == "0.0.0.0"
+    assert bridge[bridge.index("--port") + 1] == str(AGENT_PORT)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[]", b'{"argv": []}', b'{"argv": ["zygote", "--socket", "/x"]}', b'{"argv": ["serve", 1]}'],
+)
+def test_a_spare_takes_only_a_serve_claim(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        spare_agent.claim_argv(body)
+
+
+def test_a_spare_reads_whole_requests_only() -> None:
+    assert spare_agent.parse_request(b"GET /hold HTTP/1.1\r\nX-A: b") is None
+    assert spare_agent.parse_request(b"POST /claim HTTP/1.1\r\nContent-Length: 4\r\n\r\nab") is None
+    assert spare_agent.parse_request(b"POST /claim HTTP/1.1\r\nContent-Length: 2\r\n\r\nab") == (
+        "POST",
+        "/claim",
+        {b"content-length": b"2"},
+        b"ab",
+    )
+    with pytest.raises(ValueError):
+        spare_agent.parse_request(b"NONSENSE\r\n\r\n")
+    with pytest.raises(ValueError):
+        spare_agent.parse_request(b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")

@@ -36,6 +36,29 @@ LOST_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection that notes when it holds session state (a LISTEN)."""
+
+    session_state = False
+
+    async def add_listener(self, channel: str, callback: Any) -> None:
+        self.session_state = True
+        await super().add_listener(channel, callback)
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """On release, after asyncpg's own rollback of an open transaction: the server-side reset
+    (advisory locks, cursors, LISTEN, settings) only where a connection may hold such state.
+
+    mlcp's pooled queries make none but a LISTEN: advisory locks are transaction-scoped, settings
+    SET LOCAL, cursors live in transactions. The reset was a second round trip after every
+    query (`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`).
+    """
+    if getattr(conn, "session_state", False):
+        await conn.execute(conn.get_reset_query())
+        conn.session_state = False
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -64,6 +87,8 @@ async def create_pool(dsn: str, *, min_size: int = 0, max_size: int = 10) -> Poo
         server_settings={"timezone": "UTC", "application_name": "mlcp"},
         init=_init_connection,
         connect=_connect_or_unavailable,
+        connection_class=_Connection,
+        reset=_reset,
     )
     return pool
 

@@ -49,10 +49,13 @@ def parse_queries(text: str) -> dict[str, str]:
 
 
 @cache
+def _all_queries() -> dict[str, str]:
+    return parse_queries(resources.files("db").joinpath("queries.sql").read_text("utf-8"))
+
+
 def sql(name: str) -> str:
-    """The SQL text of one named block."""
-    text = resources.files("db").joinpath("queries.sql").read_text("utf-8")
-    return parse_queries(text)[name]
+    """The SQL text of one named block (the file is read and split once)."""
+    return _all_queries()[name]
 
 
 # -- keys ---------------------------------------------------------------------------------------

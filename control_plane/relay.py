@@ -273,8 +273,10 @@ class TextStream(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-# Turns the pieces of one stream into server-sent events ({"data": ..., "event": ...} dicts).
-EventRenderer = Callable[[AsyncIterator[Piece]], AsyncGenerator[dict[str, str], None]]
+# Turns the pieces of one stream into server-sent events ({"data": ..., "event": ...} dicts);
+# a list of them is written at once (one write, one read for the client).
+Event = dict[str, str]
+EventRenderer = Callable[[AsyncIterator[Piece]], AsyncGenerator[Event | list[Event], None]]
 
 
 # A comment line every PING_S while a stream is open, so proxies and clients that drop silent
@@ -327,14 +329,16 @@ class EventStream(Response):
         finally:
             self._upstream.finish(completed=False)
 
-    async def _relay(self, events: AsyncGenerator[dict[str, str], None], send: Send) -> None:
+    async def _relay(self, events: AsyncGenerator[Event | list[Event], None], send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         ping = asyncio.ensure_future(_ping(send))
         try:
             async for event in events:
-                await send(
-                    {"type": "http.response.body", "body": encode_event(event), "more_body": True}
-                )
+                if isinstance(event, list):
+                    body = b"".join([encode_event(e) for e in event])
+                else:
+                    body = encode_event(event)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
         finally:
             ping.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})

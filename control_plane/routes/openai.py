@@ -194,30 +194,39 @@ def _chunks(gen: Generation, kind: str) -> relay.EventRenderer:
             payload["usage"] = None
         return {"data": json.dumps(payload, ensure_ascii=False)}
 
-    async def render(pieces: AsyncIterator[relay.Piece]) -> AsyncGenerator[dict[str, str], None]:
-        if chat:
-            yield chunk("", None, role=True)
+    async def render(
+        pieces: AsyncIterator[relay.Piece],
+    ) -> AsyncGenerator[relay.Event | list[relay.Event], None]:
+        # A chat stream opens with the assistant's role; it goes out with the first piece, in
+        # the same write (written alone, it cost the first token a write and a client read).
+        events: list[relay.Event] = [chunk("", None, role=True)] if chat else []
         async for text, last in pieces:
             if text:
-                yield chunk(text, None)
+                events.append(chunk(text, None))
             if last is None:
+                if events:
+                    yield events[0] if len(events) == 1 else events
+                    events = []
                 continue
             if last.get("done"):
                 reason = last.get("finish_reason")
-                yield chunk(
-                    None if chat else "", reason if reason in ("stop", "length") else "stop"
+                events.append(
+                    chunk(None if chat else "", reason if reason in ("stop", "length") else "stop")
                 )
                 if gen.include_usage:
                     counts = usage(
                         int(last.get("prompt_tokens", 0)), int(last.get("tokens_generated", 0))
                     )
-                    yield {"data": json.dumps({**base, "choices": [], "usage": counts})}
+                    events.append({"data": json.dumps({**base, "choices": [], "usage": counts})})
             else:
                 message = str(last.get("error", "generation failed"))
                 error = {"message": message, "type": "server_error", "param": None}
-                yield {"data": json.dumps({"error": {**error, "code": last.get("code")}})}
-            yield {"data": "[DONE]"}
+                events.append({"data": json.dumps({"error": {**error, "code": last.get("code")}})})
+            events.append({"data": "[DONE]"})
+            yield events
             return
+        if events:
+            yield events
 
     return render
 

@@ -49,6 +49,7 @@ BRIEF = "gina/brief-echo"  # mlcp_brief.Echo, expires after 1 s idle
 BROKEN = "hank/broken-proto"  # a proto that does not compile: not served
 SEED = "ivan/text-generator"  # the seed's text_generator.Handler over a tiny GPT-2 pipeline
 WIDE = "kim/wide-echo"  # mlcp_wide.Echo, concurrency 8: calls at once on one connection
+FAULT = "lee/fault-echo"  # mlcp_fault.Echo, its agent is killed mid-stream
 AUTH = (("authorization", f"Key {ADMIN_KEY}"),)
 
 
@@ -72,6 +73,7 @@ async def front(
     grpc_echo_renamed(root / "fred" / "measured-echo", "mlcp_measured", "measured.proto")
     grpc_echo_renamed(root / "gina" / "brief-echo", "mlcp_brief", "brief.proto", expiration_s=1)
     grpc_echo_renamed(root / "kim" / "wide-echo", "mlcp_wide", "wide.proto", concurrency=8)
+    grpc_echo_renamed(root / "lee" / "fault-echo", "mlcp_fault", "fault.proto")
     seed = cortex_grpc_text_generator(root / "ivan" / "text-generator")
     (seed / "text_generator.yaml").rename(seed / "mlcp.yaml")
     broken = grpc_echo(root / "hank" / "broken-proto")
@@ -87,7 +89,19 @@ async def front(
     try:
         async with serve(settings) as base, aiohttp.ClientSession() as session:
             api = Api(base, session, settings)
-            for model in (ECHO, SECOND, DUPLICATE, SLOW, DYING, BUSY, BRIEF, BROKEN, SEED, WIDE):
+            for model in (
+                ECHO,
+                SECOND,
+                DUPLICATE,
+                SLOW,
+                DYING,
+                BUSY,
+                BRIEF,
+                BROKEN,
+                SEED,
+                WIDE,
+                FAULT,
+            ):
                 await mark_measured(api, model, 20_000_000)
             yield api
     finally:
@@ -112,6 +126,7 @@ def stubs(front: Api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Mod
         (MEASURED, "measured.proto"),
         (BRIEF, "brief.proto"),
         (WIDE, "wide.proto"),
+        (FAULT, "fault.proto"),
     ):
         pb2, pb2_grpc = generate(dirs / model, proto, out)
         found[model] = pb2
@@ -614,3 +629,31 @@ async def test_a_client_that_breaks_http2_loses_its_own_connection_only(
         stubs[ECHO].Text(text="still"), metadata=AUTH, timeout=60
     )
     assert reply.text == "p:still"
+
+
+async def test_an_instance_killed_mid_stream_on_the_direct_path_is_unavailable_then_reloads(
+    front: Api, channel: grpc.aio.Channel, stubs: dict[str, ModuleType]
+) -> None:
+    grpc_front = app_state(front).grpc
+    assert grpc_front is not None
+    stub = echo_stub(stubs, FAULT, channel)
+    pb2 = stubs[FAULT]
+    assert (await stub.Predict(pb2.Text(text="warm"), metadata=AUTH, timeout=60)).text == "warm"
+    before = grpc_front._relay.direct_calls
+    call = stub.Count(pb2.CountRequest(n=1000, pause_s=0.05), metadata=AUTH, timeout=60)
+    assert (await call.read()).text == "0"
+    assert grpc_front._relay.direct_calls == before + 1  # relayed frame by frame
+    state = app_state(front)
+    route = state.supervisor.route(FAULT)
+    assert route is not None and state.activity.in_flight(route.instance_id) == 1
+    pid = await instance_pid(front, FAULT)
+    psutil.Process(pid).kill()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "unavailable" in (info.value.details() or "")
+    assert state.activity.in_flight(route.instance_id) == 0
+    await wait_status(front, FAULT, "FAILED")
+    # The next call loads a new instance and answers.
+    assert (await stub.Predict(pb2.Text(text="again"), metadata=AUTH, timeout=60)).text == "again"

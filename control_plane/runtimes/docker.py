@@ -598,6 +598,9 @@ class DockerRuntime:
 
         def claim(client: DockerClient) -> None:
             container = client.containers.get(spare.container_id)
+            if container.attrs.get("Image") != client.images.get(self.image).id:
+                # The image was rebuilt since the spare was made: its agent is not this one.
+                raise RuntimeFailed(f"the spare runs an older {self.image}")
             try:
                 container.rename(name)
             except docker.errors.APIError as exc:

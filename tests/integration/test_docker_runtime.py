@@ -369,3 +369,44 @@ async def test_a_spare_whose_control_plane_lets_go_exits(
     finally:
         await runtime.close()
     assert _spares(engine, runtime.cluster) == []
+
+
+async def test_a_spare_of_an_image_since_rebuilt_is_not_claimed(
+    engine: DockerClient, agent_image: str, tiny_models: Path, tmp_path: Path
+) -> None:
+    """A spare made before the agent image was rebuilt is dropped; the instance starts fresh."""
+    runtime = DockerRuntime(
+        cluster=uuid.uuid4().hex[:12],
+        image=agent_image,
+        network="host",
+        spares=1,
+        spare_roots=[tiny_models],
+    )
+    runtime.warm_up()
+    rebuilt = f"mlcp-test-rebuilt:{uuid.uuid4().hex[:8]}"
+    launched = None
+    try:
+        for _ in range(600):
+            if runtime._pool:
+                break
+            await asyncio.sleep(0.1)
+        (spare,) = runtime._pool
+        # The same agent under a new image id, as `make image` after a change would leave it.
+        engine.containers.get(spare.container_id).commit(
+            repository=rebuilt.split(":")[0], tag=rebuilt.split(":")[1]
+        )
+        runtime.image = rebuilt
+        model = InstanceSpec(1, 1, TINY, tiny_models / TINY, None, 1, 4)
+        launched = await runtime.start(model)
+        assert runtime.claimed == 0 and launched.handle != spare.container_id
+        assert (
+            engine.containers.get(launched.handle).attrs["Image"] == engine.images.get(rebuilt).id
+        )
+        await wait_healthy(runtime, launched, timeout_s=120)
+        with pytest.raises(docker.errors.NotFound):
+            engine.containers.get(spare.container_id)
+    finally:
+        if launched is not None:
+            await runtime.stop(launched.handle, 5)
+        await runtime.close()
+        engine.images.remove(rebuilt, force=True)

@@ -99,6 +99,9 @@ def control_plane(
             MLCP_DATA_DIR=str(data_dir),
             MLCP_ADMIN_KEY=ADMIN_KEY,
             MLCP_MODEL_DIRS=":".join(str(d) for d in model_dirs or []),
+            # Instances outlive a control plane by design (the next one adopts them, or their
+            # lease ends them after 5 min): a benchmark's would run on beside the next benchmark.
+            MLCP_STOP_INSTANCES_ON_EXIT="true",
             **env,
         )
         if fake_agent is not None:

@@ -23,6 +23,7 @@ sends reaches the control plane's other work.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -107,7 +108,7 @@ class _Sizer:
         return largest
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.Protocol, abc.ABC):
     """What both sides share: frame reading, batched writes, SETTINGS, PING, windows."""
 
     def __init__(self, relay: GrpcRelay) -> None:
@@ -148,6 +149,31 @@ class _Connection(asyncio.Protocol):
         if self._credit >= CONN_WINDOW // 4:
             self.write(h2.window_update(0, self._credit))
             self._credit = 0
+
+    def stream_credit(self, sid: int, ended: bool, pending: int, n: int) -> int:
+        """`n` bytes of the peer's DATA on stream `sid` were passed on: credit the connection,
+        and the stream (unless the peer ended it) once a quarter of its window is due; the
+        stream's credit still due."""
+        self.credit(n)
+        if ended:
+            return 0
+        pending += n
+        if pending >= STREAM_WINDOW // 4:
+            self.write(h2.window_update(sid, pending))
+            return 0
+        return pending
+
+    def send_data(self, sid: int, data: bytes, end: bool, window: int) -> int:
+        """Write as much of `data` as the stream's `window`, the connection's and the peer's
+        frame size allow, END_STREAM with its last byte; the bytes written."""
+        room = min(window, self.send_window, self.peer_max_frame)
+        if data and room <= 0:
+            return 0
+        part = data if len(data) <= room else data[:room]
+        last = end and len(part) == len(data)
+        self.write(h2.frame(h2.DATA, h2.END_STREAM if last else 0, sid, part))
+        self.send_window -= len(part)
+        return len(part)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -245,23 +271,29 @@ class _Connection(asyncio.Protocol):
 
     # -- per side -------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def headers(self, sid: int, flags: int, block: bytes) -> None:
-        raise NotImplementedError
+        """A whole header block on stream `sid` (decoded here, in arrival order)."""
 
+    @abc.abstractmethod
     def data(self, call: _Call, data: bytes, end: bool, frame_payload: bytes) -> None:
-        raise NotImplementedError
+        """A DATA frame's data (padding removed) for `call`."""
 
+    @abc.abstractmethod
     def window(self, call: _Call, increment: int) -> None:
-        raise NotImplementedError
+        """The peer let `call`'s stream take `increment` more bytes."""
 
+    @abc.abstractmethod
     def drain(self, call: _Call) -> None:
-        raise NotImplementedError
+        """Send what waits for this side's windows on `call`."""
 
+    @abc.abstractmethod
     def reset(self, call: _Call, code: int) -> None:
-        raise NotImplementedError
+        """The peer reset `call`'s stream."""
 
+    @abc.abstractmethod
     def goaway_received(self, last_sid: int) -> None:
-        raise NotImplementedError
+        """The peer takes no stream after `last_sid`."""
 
 
 class _Client(_Connection):
@@ -339,15 +371,6 @@ class _Client(_Connection):
 
     def goaway_received(self, last_sid: int) -> None:
         pass  # the client opens no more streams; the open ones finish
-
-    def stream_credit(self, call: _Call, n: int) -> None:
-        """The client's DATA on `call` was passed on: credit the stream and the connection."""
-        self.credit(n)
-        if not call.client_ended:
-            call.client_credit += n
-            if call.client_credit >= STREAM_WINDOW // 4:
-                self.write(h2.window_update(call.csid, call.client_credit))
-                call.client_credit = 0
 
     def go_away(self) -> None:
         """No new streams (the relay is stopping); the open ones finish."""
@@ -452,14 +475,6 @@ class _Upstream(_Connection):
         if not self.calls:
             self.close()
 
-    def stream_credit(self, call: _Call, n: int) -> None:
-        self.credit(n)
-        if not call.up_ended:
-            call.up_credit += n
-            if call.up_credit >= STREAM_WINDOW // 4:
-                self.write(h2.window_update(call.usid, call.up_credit))
-                call.up_credit = 0
-
 
 class _Call:
     """One relayed stream: the client's side, the upstream's side, and what waits between."""
@@ -558,23 +573,18 @@ class _Call:
         queue = self.to_up
         while queue:
             data, end, credit = queue[0]
-            n = len(data)
-            if n:
-                room = min(self.up_window, up.send_window, up.peer_max_frame)
-                if room <= 0:
-                    return
-                if n > room:
-                    up.write(h2.frame(h2.DATA, 0, self.usid, data[:room]))
-                    self.up_window -= room
-                    up.send_window -= room
-                    queue[0] = (data[room:], end, credit)
-                    continue
-            up.write(h2.frame(h2.DATA, h2.END_STREAM if end else 0, self.usid, data))
-            self.sent_end = end
-            self.up_window -= n
-            up.send_window -= n
+            sent = up.send_data(self.usid, data, end, self.up_window)
+            self.up_window -= sent
+            if sent < len(data):
+                if not sent:
+                    return  # a window is full: the peer's WINDOW_UPDATE drains it
+                queue[0] = (data[sent:], end, credit)
+                continue
             queue.popleft()
-            self.client.stream_credit(self, credit)
+            self.sent_end = end
+            self.client_credit = self.client.stream_credit(
+                self.csid, self.client_ended, self.client_credit, credit
+            )
 
     # -- upstream -> client ---------------------------------------------------------------
 
@@ -613,23 +623,18 @@ class _Call:
                 self.replied = True
                 queue.popleft()
             else:
-                n = len(payload)
-                if n:
-                    room = min(self.client_window, client.send_window, client.peer_max_frame)
-                    if room <= 0:
+                sent = client.send_data(self.csid, payload, end, self.client_window)
+                self.client_window -= sent
+                if sent < len(payload):
+                    if not sent:
                         return
-                    if n > room:
-                        client.write(h2.frame(h2.DATA, 0, self.csid, payload[:room]))
-                        self.client_window -= room
-                        client.send_window -= room
-                        queue[0] = (kind, payload[room:], end, credit)
-                        continue
-                client.write(h2.frame(h2.DATA, h2.END_STREAM if end else 0, self.csid, payload))
-                self.client_window -= n
-                client.send_window -= n
+                    queue[0] = (kind, payload[sent:], end, credit)
+                    continue
                 queue.popleft()
                 if self.up is not None:
-                    self.up.stream_credit(self, credit)
+                    self.up_credit = self.up.stream_credit(
+                        self.usid, self.up_ended, self.up_credit, credit
+                    )
             if end:
                 self._close(self.status)
 

@@ -243,6 +243,16 @@ class HpackDecoder:
         self._size += size
         self._evict()
 
+    def _literal(self, block: bytes, pos: int, prefix: int) -> tuple[tuple[str, str], int]:
+        """A literal field: its name by index (or as a string), then its value."""
+        index, pos = _integer(block, pos, prefix)
+        if index:
+            name = self._get(index)[0]
+        else:
+            name, pos = _string(block, pos)
+        value, pos = _string(block, pos)
+        return (name, value), pos
+
     def decode(self, block: bytes) -> list[tuple[str, str]]:
         """The fields of one whole header block, names and values as latin-1 text."""
         out: list[tuple[str, str]] = []
@@ -253,14 +263,8 @@ class HpackDecoder:
                 index, pos = _integer(block, pos, 7)
                 field = self._get(index)
             elif byte & 0x40:  # literal, added to the table
-                index, pos = _integer(block, pos, 6)
-                if index:
-                    name = self._get(index)[0]
-                else:
-                    name, pos = _string(block, pos)
-                value, pos = _string(block, pos)
-                field = (name, value)
-                self._add(name, value)
+                field, pos = self._literal(block, pos, 6)
+                self._add(*field)
             elif byte & 0x20:  # dynamic table size update
                 size, pos = _integer(block, pos, 5)
                 if size > self._limit:
@@ -269,13 +273,7 @@ class HpackDecoder:
                 self._evict()
                 continue
             else:  # literal, not indexed or never indexed
-                index, pos = _integer(block, pos, 4)
-                if index:
-                    name = self._get(index)[0]
-                else:
-                    name, pos = _string(block, pos)
-                value, pos = _string(block, pos)
-                field = (name, value)
+                field, pos = self._literal(block, pos, 4)
             total += 32 + len(field[0]) + len(field[1])
             if total > self.max_list:
                 raise HpackError(f"a header list over {self.max_list} bytes")

@@ -539,17 +539,7 @@ class DockerRuntime:
         )
 
         def start(client: DockerClient) -> tuple[str, str]:
-            container = self._create(client, config)
-            try:
-                container.start()
-                container.reload()
-                endpoint = endpoint_of(container.attrs)
-                if endpoint is None:
-                    raise RuntimeFailed("the spare container has no published port")
-            except BaseException:
-                _remove_quietly(container)
-                raise
-            return str(container.id), endpoint
+            return self._create_and_start(client, config, "spare")
 
         starting = asyncio.ensure_future(self._run("start a spare container", start))
         try:
@@ -674,17 +664,8 @@ class DockerRuntime:
                 free_gpu_bytes=gpus,
                 lease_grace_s=self.lease_grace_s,
             )
-            container = self._create(client, config)
-            try:
-                container.start()
-                container.reload()
-                endpoint = endpoint_of(container.attrs)
-                if endpoint is None:
-                    raise RuntimeFailed("the instance container has no published port")
-            except BaseException:
-                _remove_quietly(container)
-                raise
-            return Launched(handle=str(container.id), endpoint=endpoint)
+            handle, endpoint = self._create_and_start(client, config, "instance")
+            return Launched(handle=handle, endpoint=endpoint)
 
         return await self._run("start the instance container", start)
 
@@ -696,6 +677,22 @@ class DockerRuntime:
             )
         except RuntimeFailed as exc:
             raise ProjectImageFailed(f"the Docker engine could not build the image: {exc}") from exc
+
+    def _create_and_start(
+        self, client: DockerClient, config: dict[str, Any], kind: str
+    ) -> tuple[str, str]:
+        """Create and start a container; its id and where its agent listens (removed on error)."""
+        container = self._create(client, config)
+        try:
+            container.start()
+            container.reload()
+            endpoint = endpoint_of(container.attrs)
+            if endpoint is None:
+                raise RuntimeFailed(f"the {kind} container has no published port")
+        except BaseException:
+            _remove_quietly(container)
+            raise
+        return str(container.id), endpoint
 
     def _create(self, client: DockerClient, config: dict[str, Any]) -> Container:
         try:

@@ -30,6 +30,7 @@ from control_plane.cluster import ray_benchmark_device, ray_runtime_of
 from control_plane.dashboard import routes as dashboard_routes
 from control_plane.errors import MlcpError
 from control_plane.events import EventHub
+from control_plane.fast_lane import LANE_KEY, FastLane
 from control_plane.grpc_front import GrpcFront
 from control_plane.grpc_services import ServiceTable
 from control_plane.metrics import Metrics, RecordRequests
@@ -110,7 +111,7 @@ def create_app(settings: Settings) -> Starlette:
     metrics = Metrics(node, enabled=settings.metrics)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState | FastLane]]:
         async with contextlib.AsyncExitStack() as stack:
             dsn = await stack.enter_async_context(open_database(settings))
             pool = await create_pool(dsn)
@@ -226,38 +227,41 @@ def create_app(settings: Settings) -> Starlette:
             await stack.enter_async_context(webhook_sender(state))
             # Closed first on the way out: relayed requests still open end with the instances up.
             stack.push_async_callback(state.agents.close)
-            yield {STATE_KEY: state}
+            yield {STATE_KEY: state, LANE_KEY: lane}
 
-    app = Starlette(
+    routes = [
+        # /model/run first: Starlette tries routes in order, and it is the hot path.
+        *instances.routes,
+        *health_routes.routes,
+        *models.routes,
+        *keys.routes,
+        *usage.routes,
+        *jobs.routes,
+        *logs.routes,
+        *capacity.routes,
+        *openai.routes,
+        *chat.routes,
+        *upload_routes.routes,
+        *async_requests.routes,
+        *events.routes,
+        *dashboard_routes,
+        *metrics_routes.routes,
+        *apis.routes,
+        # Last: `/{api}` and `/{owner}/{api}` must never shadow a route above.
+        *api_calls.routes,
+    ]
+    exception_handlers: dict[Any, Any] = {
+        MlcpError: handlers.on_mlcp_error,
+        HTTPException: handlers.on_http_exception,
+        **handlers.DATABASE_HANDLERS,
+        ClientDisconnect: handlers.on_client_disconnect,
+        Exception: handlers.on_unexpected,
+    }
+    # The routes that run models, served past the stack below (control_plane/fast_lane.py).
+    lane = FastLane(routes, exception_handlers, metrics if settings.metrics else None)
+    return Starlette(
         middleware=[Middleware(RecordRequests, metrics=metrics)] if settings.metrics else [],
-        routes=[
-            # /model/run first: Starlette tries routes in order, and it is the hot path.
-            *instances.routes,
-            *health_routes.routes,
-            *models.routes,
-            *keys.routes,
-            *usage.routes,
-            *jobs.routes,
-            *logs.routes,
-            *capacity.routes,
-            *openai.routes,
-            *chat.routes,
-            *upload_routes.routes,
-            *async_requests.routes,
-            *events.routes,
-            *dashboard_routes,
-            *metrics_routes.routes,
-            *apis.routes,
-            # Last: `/{api}` and `/{owner}/{api}` must never shadow a route above.
-            *api_calls.routes,
-        ],
-        exception_handlers={
-            MlcpError: handlers.on_mlcp_error,
-            HTTPException: handlers.on_http_exception,
-            **handlers.DATABASE_HANDLERS,
-            ClientDisconnect: handlers.on_client_disconnect,
-            Exception: handlers.on_unexpected,
-        },
+        routes=routes,
+        exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
-    return app

@@ -22,7 +22,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
@@ -211,10 +210,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 def guarded(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
     """The protocol class for uvicorn's `http=` option, with these limits."""
     return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
-
-
-def server_config(app: Any, limits: HttpLimits, **kwargs: Any) -> uvicorn.Config:
-    """A uvicorn Config serving `app` with `limits` (keep-alive idle time included)."""
-    return uvicorn.Config(
-        app, http=guarded(limits), timeout_keep_alive=max(1, int(limits.idle_s)), **kwargs
-    )

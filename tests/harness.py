@@ -19,7 +19,7 @@ import psutil
 import uvicorn
 
 from control_plane.app import create_app
-from control_plane.http_guard import server_config
+from control_plane.fast_lane import server_config
 from control_plane.settings import Settings
 from control_plane.state import AppState
 from instance_agent.launch import free_loopback_port as free_port
@@ -115,7 +115,7 @@ async def serve(settings: Settings) -> AsyncIterator[str]:
     """Run create_app(settings) on a real uvicorn server; yield its base URL."""
     port = free_port()
     app = create_app(settings)
-    # The limits `mlcp serve` runs with (control_plane/http_guard.py), so tests see them too.
+    # The protocol `mlcp serve` runs with (its limits and the fast lane), so tests see them too.
     config = server_config(
         app, settings.http_limits, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
     )

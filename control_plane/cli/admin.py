@@ -38,7 +38,7 @@ def serve() -> None:
     import uvicorn
 
     from control_plane.app import create_app
-    from control_plane.http_guard import server_config
+    from control_plane.fast_lane import server_config
 
     _logging()
     settings = Settings()

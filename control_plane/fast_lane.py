@@ -20,6 +20,7 @@ uvicorn's own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -87,7 +88,8 @@ class FastLane:
         started = time.perf_counter()
         status = 0
         try:
-            request = Request(scope, cycle.receive, cycle.send)  # type: ignore[arg-type]
+            receive = LaneReceive(cycle)
+            request = Request(scope, receive, cycle.send)  # type: ignore[arg-type]
             try:
                 response = await endpoint(request)
             except Exception as exc:
@@ -98,7 +100,7 @@ class FastLane:
                     write_whole(cycle, response)
             else:
                 try:
-                    await response(scope, cycle.receive, cycle.send)  # type: ignore[arg-type]
+                    await response(scope, receive, cycle.send)  # type: ignore[arg-type]
                 except Exception as exc:
                     if cycle.response_started:
                         raise
@@ -119,6 +121,52 @@ class FastLane:
                 # No answer started: the client left first (nginx's 499).
                 seconds = time.perf_counter() - started
                 self._metrics.request(str(model), scope["path"], status or 499, seconds)
+
+
+# The attribute of a lane request's cycle that holds what to call when its client leaves.
+_ON_LOST = "mlcp_on_lost"
+
+
+class LaneReceive:
+    """The cycle's ASGI `receive`, which also says when the client leaves (`on_disconnect`).
+
+    relay.CancelOnDisconnect uses it instead of a watcher task per request: the protocol's
+    `connection_lost` calls back. A request has one or two such blocks at a time.
+    """
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+
+    def __call__(self) -> Awaitable[Any]:
+        return self._cycle.receive()
+
+    def on_disconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` once the client has left (soon, if it has); returns the undo."""
+        cycle = self._cycle
+        if cycle.disconnected:
+            return asyncio.get_running_loop().call_soon(callback).cancel
+        waiting: list[Callable[[], None]] | None = getattr(cycle, _ON_LOST, None)
+        if waiting is None:
+            waiting = []
+            setattr(cycle, _ON_LOST, waiting)
+        waiting.append(callback)
+
+        def undo() -> None:
+            if callback in waiting:
+                waiting.remove(callback)
+
+        return undo
+
+
+def client_left(cycle: RequestResponseCycle | None) -> None:
+    """Tell a lane request's blocks that its client left (from `connection_lost`)."""
+    waiting: list[Callable[[], None]] | None = getattr(cycle, _ON_LOST, None)
+    if waiting:
+        for callback in list(waiting):
+            callback()
+        waiting.clear()
 
 
 def write_whole(cycle: RequestResponseCycle, response: Response) -> None:
@@ -152,6 +200,12 @@ def write_whole(cycle: RequestResponseCycle, response: Response) -> None:
 
 class FastLaneProtocol(GuardedHttpToolsProtocol):
     """uvicorn's protocol with http_guard's limits, starting hot requests on the lane."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:
+            client_left(cycle)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         lane = self.app_state.get(LANE_KEY)

@@ -38,33 +38,50 @@ Piece = tuple[str, dict[str, Any] | None]
 class CancelOnDisconnect:
     """Cancels the running task when the client disconnects inside the block; then says so.
 
-    One watcher task per request. Running the upstream call as a second task and waiting on both
-    with asyncio.wait cost 23 us per request against 12 us for this (uvloop, 2 cores here), and
-    it is the shape asyncio.timeout() uses: cancel the task, then take the cancellation back.
+    Where `receive` can say when the client leaves (`on_disconnect`, the fast lane's), it is
+    told to call back; otherwise one watcher task per request waits on `receive`. Running the
+    upstream call as a second task and waiting on both with asyncio.wait cost 23 us per request
+    against 12 us for the watcher (uvloop, 2 cores here), and it is the shape asyncio.timeout()
+    uses: cancel the task, then take the cancellation back.
     """
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
         self._active = True
         self.disconnected = False
+        self._watcher: asyncio.Future[None] | None = None
+        self._unhook: Callable[[], None] | None = None
 
     def __enter__(self) -> CancelOnDisconnect:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._watcher = asyncio.ensure_future(self._watch())
+        hook: Callable[[Callable[[], None]], Callable[[], None]] | None = getattr(
+            self._receive, "on_disconnect", None
+        )
+        if hook is not None:
+            self._unhook = hook(self._left)
+        else:
+            self._watcher = asyncio.ensure_future(self._watch())
         return self
 
     async def _watch(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass
+        self._left()
+
+    def _left(self) -> None:
         if self._active:
+            self._active = False
             self.disconnected = True
             self._task.cancel()
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
         self._active = False
-        self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._unhook is not None:
+            self._unhook()
         # Swallow only our own cancellation, never one asked for by someone else too.
         return (
             self.disconnected and self._task.uncancel() == 0 and exc_type is asyncio.CancelledError
@@ -289,6 +306,9 @@ SSE_HEADERS = {"Cache-Control": "no-store", "Connection": "keep-alive", "X-Accel
 
 def encode_event(event: Mapping[str, str]) -> bytes:
     """One server-sent event: its `event` name, then a `data:` line per line of its data."""
+    data = event.get("data", "")
+    if "event" not in event and "\n" not in data and "\r" not in data:
+        return ("data: " + data + "\r\n\r\n").encode()  # a JSON chunk: one line
     out = ""
     if "event" in event:
         out += "event: " + _LINE_BREAK.sub("", event["event"]) + "\r\n"

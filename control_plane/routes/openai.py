@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from json.encoder import encode_basestring
 from typing import Any
 
 from starlette.requests import Request
@@ -169,6 +170,12 @@ async def embeddings(request: Request, state: AppState, principal: Principal) ->
     return JSONResponse(render_embeddings(body, answer), headers=ticket.headers)
 
 
+# What json.dumps(..., ensure_ascii=False) gives, without building an encoder per call.
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode
+# Not a character a model id (the Hub's rules) or the fixed fields can hold.
+_MARK = "\u2063mlcp-text\u2063"
+
+
 def _chunks(gen: Generation, kind: str) -> relay.EventRenderer:
     """Renders agent pieces as OpenAI stream chunks, then the usage chunk and `[DONE]`."""
     chat = kind == "chat"
@@ -192,7 +199,18 @@ def _chunks(gen: Generation, kind: str) -> relay.EventRenderer:
         payload: dict[str, Any] = {**base, "choices": [choice]}
         if gen.include_usage:
             payload["usage"] = None
-        return {"data": json.dumps(payload, ensure_ascii=False)}
+        return {"data": _ENCODE(payload)}
+
+    # A text chunk is the same JSON each time but for its text: rendered once around a mark,
+    # then each chunk is the two halves around its JSON-encoded text (one C call, not a dict
+    # and an encoder per token).
+    head, mark, tail = chunk(_MARK, None)["data"].partition(_ENCODE(_MARK))
+    exact = bool(mark) and _ENCODE(_MARK) not in tail
+
+    def text_chunk(text: str) -> dict[str, str]:
+        if not exact:  # the mark was in a fixed field too: rendered whole
+            return chunk(text, None)
+        return {"data": head + encode_basestring(text) + tail}
 
     async def render(
         pieces: AsyncIterator[relay.Piece],
@@ -202,7 +220,7 @@ def _chunks(gen: Generation, kind: str) -> relay.EventRenderer:
         events: list[relay.Event] = [chunk("", None, role=True)] if chat else []
         async for text, last in pieces:
             if text:
-                events.append(chunk(text, None))
+                events.append(text_chunk(text))
             if last is None:
                 if events:
                     yield events[0] if len(events) == 1 else events
@@ -217,7 +235,7 @@ def _chunks(gen: Generation, kind: str) -> relay.EventRenderer:
                     counts = usage(
                         int(last.get("prompt_tokens", 0)), int(last.get("tokens_generated", 0))
                     )
-                    events.append({"data": json.dumps({**base, "choices": [], "usage": counts})})
+                    events.append({"data": _ENCODE({**base, "choices": [], "usage": counts})})
             else:
                 message = str(last.get("error", "generation failed"))
                 error = {"message": message, "type": "server_error", "param": None}

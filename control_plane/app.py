@@ -258,10 +258,14 @@ def create_app(settings: Settings) -> Starlette:
         Exception: handlers.on_unexpected,
     }
     # The routes that run models, served past the stack below (control_plane/fast_lane.py).
-    lane = FastLane(routes, exception_handlers, metrics if settings.metrics else None)
-    return Starlette(
+    lane = FastLane(
+        routes, exception_handlers, metrics if settings.metrics else None, api_calls.routes
+    )
+    app = Starlette(
         middleware=[Middleware(RecordRequests, metrics=metrics)] if settings.metrics else [],
         routes=routes,
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
+    lane.app = app
+    return app

@@ -1,12 +1,14 @@
 """The routes that run models, served by their endpoints without Starlette's stack in between.
 
 A `POST` to one of `metrics.ROUTES` (/model/run, /v1/chat/completions, /v1/completions,
-/v1/embeddings, /chat) is where a user waits on the control plane, so uvicorn's protocol hands
-it straight to the route's own endpoint function: the same `Request`, the same `receive` and
-`send`, the same exception handlers, the same request metrics, but not the four ASGI layers
-(error middleware, metrics middleware, exception middleware, router) each request otherwise
-passes through twice. A whole answer (a `JSONResponse`) is written as one write of status line,
-headers and body instead of two ASGI messages. Streams are sent by their own ASGI `__call__` as
+/v1/embeddings, /chat) or to a deployed API (`/{api}`, `/{owner}/{api}`) is where a user waits on
+the control plane, so uvicorn's protocol hands it straight to the route's own endpoint
+function: the same `Request`, the same `receive` and `send`, the same exception handlers, the
+same request metrics, but not the four ASGI layers (error middleware, metrics middleware,
+exception middleware, router) each request otherwise passes through twice. An API's path is
+the lane's only when its first segment is no other route's (as the router would find it). A
+whole answer (a `JSONResponse`) is written as one write of status line, headers and body instead
+of two ASGI messages. Streams are sent by their own ASGI `__call__` as
 before. Every other request goes through the Starlette app unchanged.
 
 Measured on a 2-core box, two control planes side by side with one fast fake agent each, their
@@ -30,7 +32,7 @@ from typing import Any
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
 from control_plane.http_guard import GuardedHttpToolsProtocol, HttpLimits
@@ -43,7 +45,8 @@ LANE_KEY = "mlcp.fast_lane"
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
-# Responses whose whole body is in `body`: written at once. A subclass may send differently.
+# Responses whose whole body is in `body`: written at once (unless they have a background task
+# to run after it). A subclass may send differently.
 _WHOLE = (Response, JSONResponse)
 
 
@@ -55,9 +58,21 @@ class FastLane:
         routes: Iterable[BaseRoute],
         handlers: Mapping[Any, ExceptionHandler],
         metrics: Metrics | None,
+        api_routes: Iterable[BaseRoute] = (),
     ) -> None:
+        """`api_routes`: the routes of `routes` that match by shape (`/{api}`), tried last."""
+        api = list(api_routes)
         self.endpoints: dict[str, Endpoint] = {}
+        # The first path segment of every other route: a path starting with one of them is
+        # never an API's, whatever its method (the router may answer it 405).
+        self._taken: set[str] = set()
         for route in routes:
+            if route in api:
+                continue
+            first = str(getattr(route, "path", "")).split("/")[1:2] or [""]
+            if "{" in first[0]:
+                raise ValueError(f"only the API routes may start with a parameter: {route}")
+            self._taken.add(first[0])
             if (
                 isinstance(route, Route)
                 and route.path in ROUTES
@@ -65,15 +80,29 @@ class FastLane:
                 and route.path not in self.endpoints
             ):
                 self.endpoints[route.path] = route.endpoint
+        self._api = [r for r in api if isinstance(r, Route) and "POST" in (r.methods or ())]
         self._handlers: dict[Any, ExceptionHandler] = dict(handlers)
         if Exception not in self._handlers:
             raise ValueError("the lane needs a handler for Exception, as the app has")
         self._metrics = metrics
+        # The app, for what a request may ask of it (`request.app`): set once it is made.
+        self.app: Any = None
 
-    def endpoint_for(self, scope: Mapping[str, Any]) -> Endpoint | None:
+    def endpoint_for(self, scope: dict[str, Any]) -> Endpoint | None:
+        """The endpoint a POST is for, its path parameters put in `scope`; None: not the lane's."""
         if scope["method"] != "POST":
             return None
-        return self.endpoints.get(scope["path"])
+        path = scope["path"]
+        endpoint = self.endpoints.get(path)
+        if endpoint is not None or path[1:].partition("/")[0] in self._taken:
+            return endpoint
+        for route in self._api:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                scope["path_params"] = {**scope.get("path_params", {}), **child["path_params"]}
+                scope["endpoint"] = child["endpoint"]
+                return route.endpoint
+        return None
 
     def _handler_for(self, exc: Exception) -> ExceptionHandler:
         # As Starlette looks one up: the nearest class in the exception's MRO.
@@ -85,7 +114,8 @@ class FastLane:
 
     async def serve(self, cycle: RequestResponseCycle, endpoint: Endpoint) -> None:
         """Answer one request; a failure after its answer started closes the connection."""
-        scope = cycle.scope
+        scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
+        scope["app"] = self.app
         started = time.perf_counter()
         status = 0
         try:
@@ -96,7 +126,7 @@ class FastLane:
             except Exception as exc:
                 response = await self._handler_for(exc)(request, exc)
             status = response.status_code
-            if type(response) in _WHOLE:
+            if type(response) in _WHOLE and response.background is None:
                 if not cycle.disconnected:
                     write_whole(cycle, response)
             else:
@@ -117,7 +147,7 @@ class FastLane:
                 cycle.transport.close()
         finally:
             cycle.on_response = lambda: None
-            if self._metrics is not None:
+            if self._metrics is not None and scope["path"] in ROUTES:
                 model = scope.get(MODEL_SCOPE_KEY) or "unknown"
                 # No answer started: the client left first (nginx's 499).
                 seconds = time.perf_counter() - started
@@ -213,7 +243,7 @@ class FastLaneProtocol(GuardedHttpToolsProtocol):
         # `app` is uvicorn's 503 app when its concurrency limit is reached: that answer stands.
         endpoint = None
         if isinstance(lane, FastLane) and app is self.app:
-            endpoint = lane.endpoint_for(cycle.scope)
+            endpoint = lane.endpoint_for(cycle.scope)  # type: ignore[arg-type]
         if lane is None or endpoint is None:
             super()._start_asgi_task(cycle, app)
             return

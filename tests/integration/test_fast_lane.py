@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from control_plane import fast_lane
 from control_plane.app import create_app
 from control_plane.metrics import ROUTES
-from control_plane.routes import instances
+from control_plane.routes import api_calls, instances
 from tests.fake_agent import write_fake_model
 from tests.harness import ADMIN_KEY, Api, app_state, load, make_settings, serve, wait_status
 
@@ -120,13 +120,28 @@ async def test_the_lane_takes_the_routes_that_run_models_and_nothing_else(
     settings: Any,
 ) -> None:
     app = create_app(settings)
-    lane = fast_lane.FastLane(app.routes, {Exception: object()}, None)  # type: ignore[dict-item]
+    handlers: Any = {Exception: object()}
+    lane = fast_lane.FastLane(app.routes, handlers, None, api_calls.routes)
     assert set(lane.endpoints) == set(ROUTES)
     assert lane.endpoint_for({"method": "POST", "path": "/model/run"}) is not None
     assert lane.endpoint_for({"method": "GET", "path": "/model/run"}) is None
     assert lane.endpoint_for({"method": "POST", "path": "/model/load"}) is None
+    # A deployed API's paths, by shape, with their parameters, as the router would give them.
+    scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/sentiment"}
+    assert lane.endpoint_for(scope) is api_calls.one_segment
+    assert scope["path_params"] == {"api": "sentiment"}
+    scope = {"type": "http", "method": "POST", "path": "/alice/sentiment"}
+    assert lane.endpoint_for(scope) is api_calls.two_segments
+    assert scope["path_params"] == {"owner": "alice", "api": "sentiment"}
+    # Paths whose first segment is another route's stay with the router (a 405, a 404...).
+    for path in ("/health", "/usage", "/model/nope", "/apis/x", "/v1/models", "/a/b/c"):
+        assert lane.endpoint_for({"type": "http", "method": "POST", "path": path}) is None, path
+    assert lane.endpoint_for({"type": "http", "method": "GET", "path": "/alice/x"}) is None
     with pytest.raises(ValueError):
-        fast_lane.FastLane(app.routes, {}, None)
+        fast_lane.FastLane(app.routes, {}, None, api_calls.routes)
+    # Without the API routes given as such, a route starting with a parameter is refused.
+    with pytest.raises(ValueError):
+        fast_lane.FastLane(app.routes, handlers, None)
 
 
 async def test_pipelined_requests_are_answered_in_order_on_one_connection(lapi: Api) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +61,30 @@ def serve_command(args: AgentArgs, base: list[str] | None = None) -> list[str]:
     return cmd
 
 
+# Ports handed out by free_loopback_port, and when: not handed out again for RECENT_S. The kernel
+# gives a port just closed to the next bind(0) readily (1.7 repeats in 200 calls in a row here), and
+# a port is only probed, then bound by the agent a moment later: two launches close together could
+# be given one port, and the second agent then fails to bind it.
+RECENT_S = 60.0
+_handed_out: dict[int, float] = {}
+
+
 def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the agent binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port free on 127.0.0.1 now (the agent binds it a moment later), and not one this
+    process handed out in the last RECENT_S seconds."""
+    now = time.monotonic()
+    for port, when in list(_handed_out.items()):
+        if now - when > RECENT_S:
+            del _handed_out[port]
+    port = 0
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            break
+    _handed_out[port] = now
+    return port
 
 
 def load_failure(line: str) -> str | None:

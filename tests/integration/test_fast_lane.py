@@ -27,7 +27,16 @@ from control_plane.app import create_app
 from control_plane.metrics import ROUTES
 from control_plane.routes import api_calls, instances
 from tests.fake_agent import write_fake_model
-from tests.harness import ADMIN_KEY, Api, app_state, load, make_settings, serve, wait_status
+from tests.harness import (
+    ADMIN_KEY,
+    Api,
+    app_state,
+    load,
+    make_settings,
+    mark_measured,
+    serve,
+    wait_status,
+)
 
 FAKE_AGENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "fake_agent.py")]
 OK = "fake/ok"
@@ -50,11 +59,7 @@ async def lapi(db_dsn: str, tmp_path: Path) -> AsyncIterator[Api]:
     async with serve(settings) as base, aiohttp.ClientSession() as session:
         api = Api(base, session, settings)
         for model in (OK, SLOW):
-            await app_state(api).pool.execute(
-                "UPDATE models SET required_ram_bytes = 50000000, benchmarked_at = now()"
-                " WHERE name = $1",
-                model,
-            )
+            await mark_measured(api, model, 50_000_000)
         yield api
 
 
